@@ -1,0 +1,212 @@
+"""slurm-charlie command line.  Parses, calls the library, prints; the only
+place (with hooks.py) that reads argv/environment and picks exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import sys
+from typing import Sequence
+
+from . import PROG, __version__, config, options, validate
+from .errors import CharlieError, UserError, format_message
+
+
+def _render(template: str, **kw) -> str:
+    import jinja2
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("slurm_charlie", "templates"),
+        keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    return env.get_template(template).render(**kw)
+
+
+def c_str(value: str | None) -> str:
+    if value is None:
+        return "NULL"
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_header() -> str:
+    return _render("charlie_options.h.j2", options=options.OPTIONS,
+                   max_dirs=options.MAX_DIRS, c_str=c_str)
+
+
+def render_options_rst() -> str:
+    return _render("options.rst.j2", options=options.OPTIONS)
+
+
+def render_config_rst() -> str:
+    rows = []
+    for k in config.DEFAULTS:
+        default = repr(k.default) if not isinstance(k.default, bool) else str(k.default).lower()
+        if isinstance(k.default, str):
+            default = f'"{k.default}"'
+        choices = f" One of: {', '.join(k.choices)}." if k.choices else ""
+        rows.append(f"   * - ``{k.name}``\n     - ``{default}``\n     - {k.help}.{choices}")
+    return ("Configuration reference\n=======================\n\n"
+            ".. Generated from slurm_charlie/config.py by `slurm-charlie gen config-rst`.\n\n"
+            f"The site config is TOML, read from ``${config.ENV_VAR}`` or else "
+            f"``{config.DEFAULT_PATH}``. Keys with a dot live in the section "
+            "before the dot (``vm.accel`` is ``accel`` under ``[vm]``). Unknown "
+            "keys and wrong types are refused; ``slurm-charlie config check`` "
+            "shows the effective values and where each comes from.\n\n"
+            ".. list-table::\n   :header-rows: 1\n   :widths: 25 25 50\n\n"
+            "   * - Key\n     - Default\n     - Meaning\n" + "\n".join(rows) + "\n\n"
+            "The same, as a commented file (``docs/charlie.toml.example``):\n\n"
+            ".. literalinclude:: charlie.toml.example\n   :language: toml\n")
+
+
+# --- subcommands ----------------------------------------------------------
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cmdline = options.parse_argv(args.options)
+    merged = options.merge(cmdline, options.parse_user_env(os.environ))
+    opts = options.build(merged)
+    cfg = config.load()
+    resolved = validate.resolve(opts, cfg, cwd=os.getcwd(), num_nodes=args.nodes)
+    if args.emit:
+        for name, value in options.to_env(resolved):
+            print(f"{name}={value}")
+    else:
+        for name, value in options.to_env(resolved):
+            print(f"{name}={value}", file=sys.stderr)
+        print(f"{PROG}: options ok", file=sys.stderr)
+    return 0
+
+
+def cmd_prolog(args: argparse.Namespace) -> int:
+    from . import hooks
+    return hooks.prolog_main(os.environ)
+
+
+def cmd_epilog(args: argparse.Namespace) -> int:
+    from . import hooks
+    return hooks.epilog_main(os.environ)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "example":
+        sys.stdout.write(config.render_example())
+        return 0
+    cfg = config.load(path=args.file)
+    print(f"# site config: {cfg.path or '(none: all defaults)'}")
+    width = max(len(k) for k in cfg.values)
+    for name, value in cfg.values.items():
+        print(f"{name:<{width}} = {value!r:<40} # {cfg.sources[name]}")
+    root = cfg["runtime_root"]
+    config.check_root_safe(config.expand_node(root, "NODE"))
+    print(f"{PROG}: config ok", file=sys.stderr)
+    return 0
+
+
+def cmd_gen(args: argparse.Namespace) -> int:
+    out = {"header": render_header, "options-rst": render_options_rst,
+           "config-example": config.render_example,
+           "config-rst": render_config_rst}[args.what]()
+    sys.stdout.write(out)
+    return 0
+
+
+def cmd_install_hooks(args: argparse.Namespace) -> int:
+    from . import install
+    return install.main(args)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from . import sandbox
+    return sandbox.main(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import layout, state
+    cfg = config.load()
+    node = args.node or os.uname().nodename.split(".")[0]
+    root = cfg.runtime_root(node)
+    jobs = layout.list_job_dirs(root)
+    print(f"# {root}: {len(jobs)} job director{'y' if len(jobs) == 1 else 'ies'}")
+    for job in jobs:
+        st = state.read(layout.JobPaths(root, job).state) or {}
+        print(f"{job}\ttype={st.get('type', '?')}\tphase={st.get('phase', '?')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=(
+        "Per-job containers and virtual machines for Slurm."))
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check --charlie-* options as the "
+                       "shim does at submit time")
+    v.add_argument("--emit", action="store_true",
+                   help="print the normalized NAME=VALUE lines for the shim")
+    v.add_argument("--nodes", type=int, help="node count, when known")
+    v.add_argument("options", nargs="*", metavar="--charlie-NAME[=VALUE]",
+                   help="options as given to sbatch/srun/salloc")
+    v.set_defaults(func=cmd_validate)
+
+    sub.add_parser("prolog", help="Slurm Prolog (root)").set_defaults(func=cmd_prolog)
+    sub.add_parser("epilog", help="Slurm Epilog (root)").set_defaults(func=cmd_epilog)
+
+    c = sub.add_parser("config", help="check or show the site config")
+    c.add_argument("action", choices=("check", "example"))
+    c.add_argument("file", nargs="?", help="config file (default: "
+                   f"${config.ENV_VAR} or {config.DEFAULT_PATH})")
+    c.set_defaults(func=cmd_config)
+
+    g = sub.add_parser("gen", help="generated files (C header, docs)")
+    g.add_argument("what", choices=("header", "options-rst", "config-example",
+                                    "config-rst"))
+    g.set_defaults(func=cmd_gen)
+
+    i = sub.add_parser("install-hooks", help="print (or --apply) the Slurm "
+                       "configuration that enables slurm-charlie")
+    i.add_argument("--apply", action="store_true")
+    i.add_argument("--hook-dir", default="/etc/slurm/charlie")
+    i.add_argument("--plugstack", default="/etc/slurm/plugstack.conf")
+    i.add_argument("--so", help="built shim (default: the one next to the package)")
+    i.add_argument("--bin", help="slurm-charlie command to use in hooks "
+                   "(default: this one)")
+    i.add_argument("--conf", help="site config the hooks use "
+                   f"(default: ${config.ENV_VAR} or {config.DEFAULT_PATH})")
+    i.set_defaults(func=cmd_install_hooks)
+
+    s = sub.add_parser("sandbox", help="a real multi-node Slurm on this machine")
+    s.add_argument("action", choices=("up", "down", "status", "env"))
+    s.add_argument("--nodes", type=int, default=3)
+    s.add_argument("--dir", default=None, help="state directory")
+    s.set_defaults(func=cmd_sandbox)
+
+    st = sub.add_parser("status", help="charlie job directories on this node")
+    st.add_argument("--node", help="node name (default: short hostname)")
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "validate":
+            parser.error("unrecognized arguments: " + " ".join(extra))
+        args.options = list(args.options) + extra
+    jobid = os.environ.get("SLURM_JOB_ID") if args.command in ("prolog", "epilog") else None
+    try:
+        return args.func(args)
+    except CharlieError as e:
+        print(format_message(e, jobid), file=sys.stderr)
+        return 1 if isinstance(e, UserError) else 2
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        return 0
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            return 0
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Site configuration: one TOML file, every key listed in DEFAULTS.
+
+Path: $SLURM_CHARLIE_CONF, else /etc/slurm/charlie.toml.  A missing file at
+the default path means "all defaults"; a file named by the variable must
+exist.  Unknown keys and wrong types are refused with the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import tomllib
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ENV_VAR = "SLURM_CHARLIE_CONF"
+DEFAULT_PATH = "/etc/slurm/charlie.toml"
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    name: str             # "section.key" or "key"
+    default: Any
+    type: type
+    help: str
+    choices: tuple = ()
+
+
+DEFAULTS: tuple[Key, ...] = (
+    Key("runtime_root", "/var/spool/slurm-charlie", str,
+        "node-local directory for job directories (not NFS); '%n' becomes the "
+        "node name. It and its parents must not be writable by ordinary users."),
+    Key("image_roots", [], list,
+        "if not empty, images must live below one of these directories"),
+    Key("default_type", "auto", str,
+        "type used when the user gives no --charlie-type",
+        ("auto", "container", "vm", "none")),
+    Key("log_level", "info", str, "debug, info, warning or error",
+        ("debug", "info", "warning", "error")),
+    Key("syslog", True, bool, "also log to syslog (facility daemon)"),
+    Key("log_file", "", str,
+        "node-local log file the hooks append to ('%n' = node name); "
+        "empty: none"),
+    Key("container.runtime", "ch-run", str, "Charliecloud ch-run binary"),
+    Key("container.cache_dir", "/var/cache/slurm-charlie/%n", str,
+        "node-local cache of unpacked container images"),
+    Key("container.cache_max_gib", 50, int, "size bound of the image cache"),
+    Key("container.binds", [], list,
+        "extra SRC[:DST] bind mounts for every container"),
+    Key("vm.qemu", "qemu-system-x86_64", str, "QEMU system emulator"),
+    Key("vm.qemu_img", "qemu-img", str, "qemu-img binary"),
+    Key("vm.accel", "kvm", str, "kvm or tcg (tcg: full emulation, slow)",
+        ("kvm", "tcg")),
+    Key("vm.cpu_model", "", str,
+        "QEMU -cpu model; empty: 'host' with kvm, 'max' with tcg"),
+    Key("vm.memory_overhead_mib", 256, int,
+        "memory kept for QEMU itself out of the job's allocation"),
+    Key("vm.kernel", "", str, "guest kernel for direct boot (empty: boot the image)"),
+    Key("vm.initrd", "", str, "guest initrd for direct boot"),
+    Key("vm.tmp_size_mib", 2048, int, "default size of /ch/tmp in each guest"),
+    Key("vm.subnet", "172.22.0.0/16", str, "private guest network of a job"),
+    Key("vm.nameservers", [], list, "nameservers written to meta/resolv.conf"),
+    Key("timeouts.boot", 300, int, "seconds to wait for a guest to be ready"),
+    Key("timeouts.shutdown", 60, int, "seconds to wait for a clean guest power-off"),
+    Key("timeouts.kill", 10, int, "seconds to wait for killed processes to go"),
+    Key("commit.policy", "allow", str,
+        "allow: --charlie-commit works; deny: refused at submit",
+        ("allow", "deny")),
+)
+
+BY_NAME = {k.name: k for k in DEFAULTS}
+SECTIONS = sorted({k.name.split(".")[0] for k in DEFAULTS if "." in k.name})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    path: str | None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def runtime_root(self, node: str) -> str:
+        return expand_node(self.values["runtime_root"], node)
+
+
+def expand_node(path: str, node: str) -> str:
+    return path.replace("%n", node)
+
+
+def _valid_keys() -> str:
+    return ", ".join(k.name for k in DEFAULTS)
+
+
+def _flatten(data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in SECTIONS:
+                raise ConfigError(path, "unknown section", f"[{key}]",
+                                  hint="valid keys: " + _valid_keys())
+            for sub, subval in value.items():
+                flat[f"{key}.{sub}"] = subval
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check(name: str, value: Any, path: str) -> Any:
+    key = BY_NAME.get(name)
+    if key is None:
+        raise ConfigError(path, "unknown key", name,
+                          hint="valid keys: " + _valid_keys())
+    ok = isinstance(value, key.type) and not (
+        key.type is int and isinstance(value, bool))
+    if ok and key.type is list:
+        ok = all(isinstance(v, str) for v in value)
+    if not ok:
+        want = "list of strings" if key.type is list else key.type.__name__
+        raise ConfigError(path, f"{name}: wrong type, want {want}", repr(value),
+                          hint=f"default is {key.default!r}")
+    if key.choices and value not in key.choices:
+        raise ConfigError(path, f"{name}: not one of {', '.join(key.choices)}",
+                          repr(value))
+    if key.type is int and value < 0:
+        raise ConfigError(path, f"{name}: must not be negative", value)
+    if name in ("runtime_root", "container.cache_dir") and not value.startswith("/"):
+        raise ConfigError(path, f"{name}: must be an absolute path", value)
+    return value
+
+
+def parse(text: str, path: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "not valid TOML", str(e),
+                          hint="see docs/charlie.toml.example") from None
+    values = {k.name: k.default for k in DEFAULTS}
+    sources = {k.name: "default" for k in DEFAULTS}
+    for name, value in _flatten(data, path).items():
+        values[name] = _check(name, value, path)
+        sources[name] = path
+    return Config(MappingProxyType(values), MappingProxyType(sources), path)
+
+
+def config_path(environ: Mapping[str, str]) -> tuple[str, bool]:
+    """(path, explicitly given)"""
+    if environ.get(ENV_VAR):
+        return environ[ENV_VAR], True
+    return DEFAULT_PATH, False
+
+
+def load(environ: Mapping[str, str] | None = None, path: str | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    explicit = path is not None
+    if path is None:
+        path, explicit = config_path(environ)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(path, "site config not found", hint=(
+                f"create it (see docs/charlie.toml.example) or unset {ENV_VAR}"))
+        return Config(MappingProxyType({k.name: k.default for k in DEFAULTS}),
+                      MappingProxyType({k.name: "default" for k in DEFAULTS}),
+                      None)
+    except OSError as e:
+        raise ConfigError(path, "cannot read site config", e.strerror) from None
+    return parse(text, path)
+
+
+def check_root_safe(path: str, what: str = "runtime_root") -> None:
+    """Refuse a root-managed directory that an ordinary user could have
+    prepared or could redirect: every existing component from / down must be
+    a real directory owned by root and not writable by group or others."""
+    if not path.startswith("/"):
+        raise ConfigError(what, "must be an absolute path", path)
+    parts = [p for p in path.split("/") if p]
+    cur = "/"
+    for i in range(len(parts) + 1):
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            return  # the rest will be created by root
+        if stat.S_ISLNK(st.st_mode):
+            raise ConfigError(what, "path contains a symbolic link", cur,
+                              hint=f"point {what} at the real directory")
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(what, "not a directory", cur,
+                              hint=f"remove it or choose another {what}")
+        if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(what, "inside a path an ordinary user can write",
+                              cur, hint=f"choose a {what} whose every parent is "
+                              "owned by root and not group/world-writable "
+                              "(e.g. /var/spool/slurm-charlie)")
+        if i < len(parts):
+            cur = os.path.join(cur, parts[i])
+
+
+def render_example() -> str:
+    """A commented example config holding every key at its default."""
+    def toml_value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(toml_value(x) for x in v) + "]"
+        return str(v)
+
+    lines = ["# slurm-charlie site configuration (TOML).",
+             f"# Read from ${ENV_VAR}, else {DEFAULT_PATH}.",
+             "# Every key is shown at its default; uncomment to change.",
+             "# Generated by `slurm-charlie config example`; do not edit by hand.",
+             ""]
+    section = None
+    for k in DEFAULTS:
+        sec, _, short = k.name.rpartition(".")
+        if sec != section:
+            if sec:
+                lines += ["", f"[{sec}]"]
+            section = sec
+        lines.append(f"# {k.help}")
+        if k.choices:
+            lines.append(f"# one of: {', '.join(k.choices)}")
+        lines.append(f"#{short or k.name} = {toml_value(k.default)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,44 @@
+"""Tell what kind of image a path is, from the file itself (read as the user)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .errors import UserError
+
+#: (offset, magic bytes, image kind, format)
+MAGIC = (
+    (0, b"QFI\xfb", "vm", "qcow2"),
+    (0, b"hsqs", "container", "squashfs"),
+    (0, b"\x1f\x8b", "container", "tar.gz"),
+    (0, b"\xfd7zXZ\x00", "container", "tar.xz"),
+    (257, b"ustar", "container", "tar"),
+)
+RAW_SUFFIXES = (".raw", ".img")
+
+
+def detect(path: str) -> tuple[str, str]:
+    """(kind, format) where kind is 'container' or 'vm'."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError("--charlie-image", f"cannot access: {e.strerror}", path) from None
+    if stat.S_ISDIR(st.st_mode):
+        return "container", "directory"
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError("--charlie-image", "not a file or directory", path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise UserError("--charlie-image", f"cannot read: {e.strerror}", path,
+                        hint="the image must be readable by you") from None
+    for offset, magic, kind, fmt in MAGIC:
+        if head[offset:offset + len(magic)] == magic:
+            return kind, fmt
+    if path.endswith(RAW_SUFFIXES) and st.st_size > 0:
+        return "vm", "raw"
+    raise UserError("--charlie-image", "not a recognised image", path, hint=(
+        "use a directory, .tar/.tar.gz/.tar.xz, squashfs, qcow2, or a raw "
+        "disk named *.raw or *.img"))

@@ -1,0 +1,100 @@
+"""`slurm-charlie install-hooks`: print, or with --apply write, what a site
+needs: the hook directory (dispatchers, 50-charlie hooks, shim, charlie.env),
+the plugstack.conf line, and the slurm.conf lines to add by hand."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+
+from . import config
+from .errors import NodeFault
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE_TREE = os.path.dirname(HERE)
+SHARE = os.path.join(sys.prefix, "share", "slurm-charlie")
+
+
+def _find(rel: str, what: str) -> str:
+    for base in (SOURCE_TREE, SHARE):
+        path = os.path.join(base, rel)
+        if os.path.exists(path):
+            return path
+    raise NodeFault(what, "not found", rel, hint=f"looked in {SOURCE_TREE} "
+                    f"and {SHARE}; build the shim with `make -C spank`")
+
+
+def default_bin() -> str:
+    cand = os.path.join(os.path.dirname(sys.executable), "slurm-charlie")
+    return cand if os.path.exists(cand) else (shutil.which("slurm-charlie") or cand)
+
+
+def plugstack_line(so: str, bin_: str, runtime_root: str, conf: str) -> str:
+    for name, value in (("shim", so), ("bin", bin_), ("runtime_root", runtime_root),
+                        ("conf", conf)):
+        if any(c.isspace() for c in value):
+            raise NodeFault("install-hooks", f"{name} contains white space, "
+                            "which plugstack.conf cannot hold", value)
+    return f"required {so} bin={bin_} runtime_root={runtime_root} conf={conf}"
+
+
+def render_dispatch(kind: str) -> str:
+    from .cli import _render
+    return _render("dispatch.sh.j2", kind=kind)
+
+
+def _write(path: str, text: str, mode: int) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def update_plugstack(path: str, line: str) -> None:
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    kept = [l for l in lines if "charlie.so" not in l]
+    _write(path, "\n".join(kept + [line]) + "\n", 0o644)
+
+
+def main(args: argparse.Namespace) -> int:
+    conf = args.conf or config.config_path(os.environ)[0]
+    cfg = config.load(path=conf) if os.path.exists(conf) else config.load(path=None, environ={})
+    bin_ = os.path.abspath(args.bin or default_bin())
+    hook_dir = os.path.abspath(args.hook_dir)
+    so_src = os.path.abspath(args.so) if args.so else _find("spank/charlie.so", "shim")
+    so = os.path.join(hook_dir, "charlie.so")
+    line = plugstack_line(so, bin_, cfg["runtime_root"], conf)
+    if args.apply:
+        for sub in ("", "prolog.d", "epilog.d"):
+            os.makedirs(os.path.join(hook_dir, sub), mode=0o755, exist_ok=True)
+        shutil.copyfile(so_src, so + ".tmp")
+        os.chmod(so + ".tmp", 0o755)
+        os.replace(so + ".tmp", so)
+        for kind in ("prolog", "epilog"):
+            src = _find(f"{kind}.d/50-charlie", f"{kind} hook")
+            with open(src) as f:
+                _write(os.path.join(hook_dir, f"{kind}.d", "50-charlie"), f.read(), 0o755)
+            _write(os.path.join(hook_dir, kind), render_dispatch(kind), 0o755)
+        _write(os.path.join(hook_dir, "charlie.env"),
+               "# written by slurm-charlie install-hooks; sourced by the hooks\n"
+               f"CHARLIE_BIN={shlex.quote(bin_)}\n"
+               f"SLURM_CHARLIE_CONF={shlex.quote(conf)}\n", 0o644)
+        update_plugstack(args.plugstack, line)
+    verb = "wrote" if args.apply else "would write"
+    print(f"# {verb} hooks, dispatchers and shim in {hook_dir}/")
+    print(f"# plugstack.conf ({args.plugstack}) {'has' if args.apply else 'needs'} this line:")
+    print(line)
+    print("# slurm.conf needs (then restart slurmd and slurmctld):")
+    print(f"Prolog={hook_dir}/prolog")
+    print(f"Epilog={hook_dir}/epilog")
+    print("PrologFlags=Alloc")
+    print(f"# site config: {conf} ({'found' if os.path.exists(conf) else 'absent: defaults apply'})")
+    return 0

@@ -1,0 +1,173 @@
+"""The node-local job directory (contract in docs/admin.rst):
+
+    <runtime_root>/<jobid>/         owned by the job user, 0700
+        meta/  run/  out/  state.json
+
+Root creates and removes it; everything inside is written as the job user.
+Root never follows a path the user controls: creation and removal work
+relative to a file descriptor of the root-owned runtime_root, with
+O_NOFOLLOW, and removal uses shutil.rmtree's fd-based walk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import shutil
+import stat
+
+from .config import check_root_safe
+from .errors import NodeFault
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPaths:
+    root: str
+    job_id: str
+
+    @property
+    def job_dir(self) -> str:
+        return os.path.join(self.root, self.job_id)
+
+    def __getattr__(self, name: str) -> str:
+        sub = _SUBPATHS.get(name)
+        if sub is None:
+            raise AttributeError(name)
+        return os.path.join(self.root, self.job_id, sub)
+
+
+#: attribute -> path inside the job directory
+_SUBPATHS = {
+    "meta": "meta",
+    "run": "run",
+    "out": "out",
+    "state": "state.json",
+    "task_env": "run/task.env",     # read by the shim: CH_* for tasks
+    "error": "run/error",           # read by the shim: why the job failed
+    "log": "out/charlie.log",
+}
+
+
+def check_job_id(job_id: str) -> None:
+    if not job_id.isdigit():
+        raise NodeFault("job id", "not a number", repr(job_id))
+
+
+def _open_root(root: str) -> int:
+    """Create runtime_root if needed (root-owned, 0755) and open it safely."""
+    check_root_safe(root)
+    try:
+        os.makedirs(root, mode=0o755, exist_ok=True)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise NodeFault("runtime_root", f"cannot create or open: {e.strerror}",
+                        root, hint="check runtime_root in the site config and "
+                        "the node's local disk") from None
+    check_root_safe(root)  # again, now that it exists
+    return fd
+
+
+def create_job_dir(paths: JobPaths, uid: int, gid: int) -> None:
+    """Make <root>/<jobid> owned by uid:gid, mode 0700.  Safe to repeat: an
+    existing directory of the same owner is kept, anything else is removed."""
+    check_job_id(paths.job_id)
+    rootfd = _open_root(paths.root)
+    try:
+        try:
+            st = os.lstat(paths.job_id, dir_fd=rootfd)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                _remove_entry(rootfd, paths.job_id)
+        except FileNotFoundError:
+            pass
+        try:
+            os.mkdir(paths.job_id, 0o700, dir_fd=rootfd)
+        except FileExistsError:
+            pass
+        fd = os.open(paths.job_id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                     dir_fd=rootfd)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise NodeFault("job directory", f"cannot create: {e.strerror}",
+                        paths.job_dir, hint="check free space and permissions "
+                        "of runtime_root") from None
+    finally:
+        os.close(rootfd)
+
+
+def _remove_entry(rootfd: int, name: str) -> None:
+    st = os.lstat(name, dir_fd=rootfd)
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=rootfd)
+    else:
+        os.unlink(name, dir_fd=rootfd)
+
+
+def remove_job_dir(paths: JobPaths) -> bool:
+    """Remove the job directory; True if something was removed.  Safe to
+    repeat and safe against symlinks planted by the user."""
+    check_job_id(paths.job_id)
+    try:
+        rootfd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise NodeFault("runtime_root", f"cannot open: {e.strerror}", paths.root)
+    try:
+        _remove_entry(rootfd, paths.job_id)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise NodeFault("job directory", f"cannot remove: {e.strerror}",
+                        paths.job_dir, hint="look for processes still using it "
+                        "(fuser -vm) and mounts below it") from None
+    finally:
+        os.close(rootfd)
+
+
+def list_job_dirs(root: str) -> list[str]:
+    """Job ids that have a directory under root."""
+    try:
+        return sorted((e for e in os.listdir(root) if e.isdigit()), key=int)
+    except FileNotFoundError:
+        return []
+
+
+def open_log_as_root(paths: JobPaths, uid: int) -> int | None:
+    """Open out/charlie.log for appending without following links the user
+    may have planted; None if out/ does not exist yet."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        jfd = os.open(paths.job_dir, flags)
+    except OSError:
+        return None
+    try:
+        ofd = os.open("out", flags, dir_fd=jfd)
+    except OSError:
+        os.close(jfd)
+        return None
+    try:
+        fd = os.open("charlie.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
+                     dir_fd=ofd)
+    except OSError:
+        return None
+    finally:
+        os.close(ofd)
+        os.close(jfd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in (0, uid):
+        os.close(fd)
+        return None
+    if st.st_uid == 0:
+        try:
+            os.fchown(fd, uid, -1)
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                raise
+    return fd

@@ -1,0 +1,104 @@
+"""Render the meta/ directory: pure functions, inputs -> {name: bytes}.
+
+Every node renders meta itself from what Slurm hands every prolog (node list,
+CPUs per node, job id) plus the options and site config.  The same inputs give
+byte-identical files on every node, so no node talks to another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import shlex
+
+from .errors import UserError
+
+GUEST_PREFIX = "chgu"
+#: directory entries: value None means "a directory"
+SYNC_DIR = "sync"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaInput:
+    job_id: str
+    nodes: tuple[str, ...]
+    cpus: tuple[int, ...]
+    type: str
+    data_dirs: int = 0          # number of --charlie-dir
+    subnet: str = "172.22.0.0/16"
+    nameservers: tuple[str, ...] = ()
+    interactive: bool = False
+    has_jobscript: bool = False
+
+
+def guest_name(index: int) -> str:
+    return f"{GUEST_PREFIX}{index}"
+
+
+def _dotted_range(start: int, count: int) -> list[str]:
+    """Dotted quads of start .. start+count-1 (prefix strings reused per /24)."""
+    out, prefix, cur24 = [], "", -1
+    for n in range(start, start + count):
+        if n >> 8 != cur24:
+            cur24 = n >> 8
+            prefix = f"{n >> 24 & 255}.{n >> 16 & 255}.{n >> 8 & 255}."
+        out.append(prefix + str(n & 255))
+    return out
+
+
+def addresses(subnet: str, count: int) -> tuple[list[str], list[str], int]:
+    """Guest i gets the (i+1)-th address of the subnet, the host side of node
+    i the (i+1)-th address of its upper half.  Returns (guests, hosts, prefix)."""
+    try:
+        net = ipaddress.IPv4Network(subnet)
+    except ValueError as e:
+        raise UserError("vm.subnet", "not an IPv4 network", subnet) from e
+    half = net.num_addresses // 2
+    if count > half - 2:
+        raise UserError("nodes", f"too many nodes for guest network {subnet}",
+                        count, hint="ask the admin for a larger vm.subnet")
+    base = int(net.network_address)
+    guests = _dotted_range(base + 1, count)
+    hosts = _dotted_range(base + half + 1, count)
+    return guests, hosts, net.prefixlen
+
+
+def guest_env(inp: MetaInput) -> list[tuple[str, str]]:
+    """CH_* variables common to every guest, as seen inside a guest/container."""
+    env = [("CH_JOB_ID", inp.job_id), ("CH_TYPE", inp.type),
+           ("CH_GUEST_COUNT", str(len(inp.nodes))), ("CH_META", "/ch/meta")]
+    env += [(f"CH_DATA{i}", f"/ch/data{i}") for i in range(1, inp.data_dirs + 1)]
+    return env
+
+
+def render_env(pairs: list[tuple[str, str]]) -> bytes:
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in pairs).encode()
+
+
+def render(inp: MetaInput) -> dict[str, bytes | None]:
+    n = len(inp.nodes)
+    if n == 0:
+        raise UserError("nodes", "empty node list")
+    if len(inp.cpus) != n:
+        raise UserError("cpus per node", f"{len(inp.cpus)} counts for {n} nodes")
+    names = [guest_name(i) for i in range(n)]
+    guest_ip, host_ip, _ = addresses(inp.subnet, n)
+    hosts = ["127.0.0.1 localhost"]
+    for i in range(n):
+        hosts.append(f"{guest_ip[i]} {names[i]}")
+        hosts.append(f"{host_ip[i]} {names[i]}host")
+    slot_names = names if inp.type == "vm" else list(inp.nodes)
+    hostfile = [f"{slot_names[i]} slots={inp.cpus[i]}" for i in range(n)]
+    node_table = [f"{names[i]} {inp.nodes[i]} {inp.cpus[i]}" for i in range(n)]
+    resolv = ["# nameservers from the site config (vm.nameservers)"]
+    resolv += [f"nameserver {ns}" for ns in inp.nameservers]
+    return {
+        "guest-count": f"{n}\n".encode(),
+        "guests": ("\n".join(names) + "\n").encode(),
+        "nodes": ("\n".join(node_table) + "\n").encode(),
+        "hosts": ("\n".join(hosts) + "\n").encode(),
+        "hostfile": ("\n".join(hostfile) + "\n").encode(),
+        "resolv.conf": ("\n".join(resolv) + "\n").encode(),
+        "env": render_env(guest_env(inp)),
+        SYNC_DIR: None,
+    }

@@ -1,0 +1,296 @@
+"""The one option table.  Everything else is generated or checked from it:
+the shim's C table (spank/charlie_options.h), the validator, the environment
+variables the prolog reads, and the option reference in docs/.
+
+Parsing and syntax checks here are pure; checks that look at files live in
+validate.py and run as the job user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Mapping
+
+from .errors import UserError
+
+PREFIX = "charlie-"
+ENV_PREFIX = "CHARLIE_"
+#: prefix Slurm puts on variables set with spank_job_control_setenv()
+SPANK_ENV_PREFIX = "SPANK_"
+MAX_DIRS = 4
+TYPES = ("auto", "container", "vm", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    name: str            # without the --charlie- prefix
+    kind: str            # path | paths | choice | flag | optint | int | size
+    arginfo: str | None  # shown in --help; None for flags
+    help: str            # one line
+    has_arg: int         # SPANK: 0 none, 1 required, 2 optional
+    choices: tuple[str, ...] = ()
+    max_count: int = 1   # how often it may be given
+    default: str = ""    # documentation of the default
+
+    @property
+    def flag(self) -> str:
+        return f"--{PREFIX}{self.name}"
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def field(self) -> str:
+        return self.name.replace("-", "_")
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("image", "path", "PATH",
+               "VM image (qcow2/raw) or container image (dir, tarball, squashfs)",
+               1, default="none"),
+    OptionSpec("type", "choice", "TYPE",
+               "auto|container|vm|none: what to start (auto: from the image)",
+               1, choices=TYPES, default="auto"),
+    OptionSpec("dir", "paths", "DIR",
+               "host directory shown as /ch/dataN (repeat, up to 4); sets CH_DATAn",
+               1, max_count=MAX_DIRS, default="none"),
+    OptionSpec("job", "path", "SCRIPT",
+               "VM batch mode: run SCRIPT on every guest at boot",
+               1, default="none"),
+    OptionSpec("interactive", "flag", None,
+               "boot the guests and wait; do not run a job script",
+               0, default="off"),
+    OptionSpec("commit", "optint", "GUEST",
+               "at job end save guest GUEST's (default 0) root changes into the image",
+               2, default="off"),
+    OptionSpec("write", "flag", None,
+               "container image writable (ch-run -w)",
+               0, default="off"),
+    OptionSpec("cpus", "int", "N",
+               "VM CPUs per guest (default: the job's CPUs on that node)",
+               1, default="allocation"),
+    OptionSpec("mem", "size", "SIZE",
+               "VM memory per guest, e.g. 4G (default: from the allocation)",
+               1, default="allocation"),
+    OptionSpec("tmp-size", "size", "SIZE",
+               "size of each guest's /ch/tmp disk, e.g. 2G (default: site config)",
+               1, default="site config"),
+)
+
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Parsed, syntax-checked options.  Paths may still be relative here;
+    validate.resolve() makes them absolute and checks them."""
+    image: str | None = None
+    type: str = "auto"
+    dir: tuple[str, ...] = ()
+    job: str | None = None
+    interactive: bool = False
+    commit: int | None = None
+    write: bool = False
+    cpus: int | None = None
+    mem: int | None = None        # MiB
+    tmp_size: int | None = None   # MiB
+
+    def given(self) -> bool:
+        return self != Options()
+
+
+_SIZE_RE = re.compile(r"^([0-9]+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+_SIZE_MULT_MIB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
+
+
+def parse_size_mib(flag: str, text: str) -> int:
+    """'512' (MiB, as Slurm's --mem), '512M', '4G', '1T' -> MiB."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise UserError(flag, "not a size", repr(text),
+                        hint="use a number with an optional K, M, G or T "
+                             "suffix, e.g. 4G (no suffix means MiB)")
+    mib = int(int(m.group(1)) * _SIZE_MULT_MIB[m.group(2).upper()])
+    if mib < 1:
+        raise UserError(flag, "size must be at least 1 MiB", repr(text))
+    return mib
+
+
+def check_text(flag: str, value: str) -> None:
+    """Reject values that cannot travel safely through env lines and logs."""
+    if "\n" in value or "\r" in value:
+        raise UserError(flag, "value contains a newline", repr(value),
+                        hint="paths and values given to slurm-charlie must be "
+                             "on one line; rename the file or directory")
+    if "\0" in value:
+        raise UserError(flag, "value contains a NUL byte", repr(value))
+
+
+def _convert(spec: OptionSpec, values: list[str | None]) -> object:
+    flag = spec.flag
+    if len(values) > spec.max_count:
+        if spec.max_count == 1:
+            raise UserError(flag, "given more than once", values[-1],
+                            hint=f"give {flag} once")
+        raise UserError(flag, f"given {len(values)} times, at most "
+                              f"{spec.max_count} are allowed", values[-1],
+                        hint=f"pass at most {spec.max_count} directories; "
+                             "put others below one of them")
+    for v in values:
+        if v is not None:
+            check_text(flag, v)
+    if spec.kind == "flag":
+        for v in values:
+            if v not in (None, "", "1", "yes", "true"):
+                raise UserError(flag, "takes no value", repr(v))
+        return True
+    if spec.kind == "optint":
+        v = values[-1]
+        if v is None or v == "":
+            return 0
+        if not v.isdigit():
+            raise UserError(flag, "not a guest number", repr(v),
+                            hint=f"use {flag} for guest 0 or {flag}=N with "
+                                 "N a guest index (0 .. nodes-1)")
+        return int(v)
+    v = values[-1]
+    if v is None or v == "":
+        raise UserError(flag, "needs a value", hint=f"use {flag}={spec.arginfo}")
+    if spec.kind == "choice":
+        if v not in spec.choices:
+            raise UserError(flag, "unknown value", repr(v),
+                            hint="valid values: " + ", ".join(spec.choices))
+        return v
+    if spec.kind == "int":
+        if not v.isdigit() or int(v) < 1:
+            raise UserError(flag, "not a positive whole number", repr(v))
+        return int(v)
+    if spec.kind == "size":
+        return parse_size_mib(flag, v)
+    if spec.kind == "paths":
+        return tuple(x for x in values if x is not None)
+    return v  # path
+
+
+def build(values: Mapping[str, list[str | None]]) -> Options:
+    """Turn {option name: [values in order given]} into Options."""
+    kwargs = {}
+    for name, vals in values.items():
+        spec = BY_NAME.get(name)
+        if spec is None:
+            raise UserError(f"--{PREFIX}{name}", "unknown option",
+                            hint="valid options: " +
+                                 " ".join(o.flag for o in OPTIONS))
+        if vals:
+            kwargs[spec.field] = _convert(spec, list(vals))
+    return Options(**kwargs)
+
+
+def parse_argv(argv: Iterable[str]) -> dict[str, list[str | None]]:
+    """Parse ``--charlie-NAME[=VALUE]`` words (what the shim passes)."""
+    values: dict[str, list[str | None]] = {}
+    for word in argv:
+        if not word.startswith("--" + PREFIX):
+            raise UserError("option", "not a --charlie-* option", word)
+        body = word[2 + len(PREFIX):]
+        name, eq, value = body.partition("=")
+        if name not in BY_NAME:
+            raise UserError(f"--{PREFIX}{name}", "unknown option",
+                            hint="valid options: " +
+                                 " ".join(o.flag for o in OPTIONS))
+        spec = BY_NAME[name]
+        if spec.has_arg == 1 and not eq:
+            raise UserError(spec.flag, "needs a value",
+                            hint=f"use {spec.flag}={spec.arginfo}")
+        values.setdefault(name, []).append(value if eq else None)
+    return values
+
+
+def parse_user_env(environ: Mapping[str, str]) -> dict[str, list[str | None]]:
+    """CHARLIE_IMAGE=… etc. from the user's environment.  CHARLIE_DIR is a
+    colon-separated list (like PATH); flags take 1/yes/true, 0/no/false/''
+    means off; CHARLIE_COMMIT='' means guest 0."""
+    values: dict[str, list[str | None]] = {}
+    for spec in OPTIONS:
+        if spec.env not in environ:
+            continue
+        raw = environ[spec.env]
+        if spec.kind == "flag":
+            low = raw.strip().lower()
+            if low in ("", "0", "no", "false", "off"):
+                continue
+            if low not in ("1", "yes", "true", "on"):
+                raise UserError(spec.env, "not a yes/no value", repr(raw),
+                                hint=f"set {spec.env}=1 or unset it")
+            values[spec.name] = [None]
+        elif spec.kind == "paths":
+            values[spec.name] = [p for p in raw.split(":") if p]
+        else:
+            values[spec.name] = [raw]
+    return values
+
+
+def merge(cmdline: Mapping[str, list[str | None]],
+          env: Mapping[str, list[str | None]]) -> dict[str, list[str | None]]:
+    """Command-line options win over environment variables, per option."""
+    merged = dict(env)
+    merged.update(cmdline)
+    return merged
+
+
+# --- the normalized form handed from submit to the prolog -----------------
+# The validator prints these as NAME=VALUE lines; the shim passes each to
+# spank_job_control_setenv(), and the prolog sees them as SPANK_NAME=VALUE.
+
+MARKER = "CHARLIE"
+
+
+def to_env(opts: Options) -> list[tuple[str, str]]:
+    out = [(MARKER, "1"), ("CHARLIE_TYPE", opts.type)]
+    if opts.image:
+        out.append(("CHARLIE_IMAGE", opts.image))
+    for i, d in enumerate(opts.dir, start=1):
+        out.append((f"CHARLIE_DIR{i}", d))
+    if opts.job:
+        out.append(("CHARLIE_JOB", opts.job))
+    if opts.interactive:
+        out.append(("CHARLIE_INTERACTIVE", "1"))
+    if opts.commit is not None:
+        out.append(("CHARLIE_COMMIT", str(opts.commit)))
+    if opts.write:
+        out.append(("CHARLIE_WRITE", "1"))
+    for field, name in (("cpus", "CHARLIE_CPUS"), ("mem", "CHARLIE_MEM"),
+                        ("tmp_size", "CHARLIE_TMP_SIZE")):
+        value = getattr(opts, field)
+        if value is not None:
+            out.append((name, str(value)))
+    return out
+
+
+def from_env(environ: Mapping[str, str], prefix: str = SPANK_ENV_PREFIX
+             ) -> Options | None:
+    """Read what to_env() produced, as seen by the prolog (SPANK_CHARLIE_*).
+    None when this is not a charlie job."""
+    def get(name: str) -> str | None:
+        return environ.get(prefix + name)
+
+    if get(MARKER) is None:
+        return None
+    values: dict[str, list[str | None]] = {}
+    for spec in OPTIONS:
+        if spec.kind == "paths":
+            dirs = [get(f"CHARLIE_DIR{i}") for i in range(1, MAX_DIRS + 2)]
+            found = [d for d in dirs if d is not None]
+            if found:
+                values[spec.name] = found
+            continue
+        raw = get(spec.env)
+        if raw is None:
+            continue
+        if spec.kind in ("int", "size"):
+            values[spec.name] = [raw + ("M" if spec.kind == "size" else "")]
+        else:
+            values[spec.name] = [raw if spec.kind != "flag" else None]
+    return build(values)

@@ -1,0 +1,140 @@
+"""The one gate for running things: external commands and Python functions,
+as root or as the job user.
+
+* run(argv, as_user=…)   logs argv and identity, empty stdin, stderr kept and
+                         shown on failure, NodeFault when the program is missing.
+* call_as(user, fn, …)   runs fn in a forked child that has dropped to the job
+                         user (groups, gid, uid; cannot get root back), and
+                         returns its JSON-able result or re-raises its
+                         CharlieError in the parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pwd
+import subprocess
+import traceback
+from typing import Any, Callable, Mapping, Sequence
+
+from .errors import CharlieError, NodeFault, UserError
+
+log = logging.getLogger("slurm_charlie")
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    name: str
+    home: str
+
+    @classmethod
+    def lookup(cls, uid: int, gid: int | None = None) -> "User":
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            raise NodeFault("user", "uid unknown on this node", uid,
+                            hint="the node's passwd/NSS must know every job user") from None
+        gid = pw.pw_gid if gid is None else gid
+        return cls(uid, gid, tuple(os.getgrouplist(pw.pw_name, gid)),
+                   pw.pw_name, pw.pw_dir)
+
+    @classmethod
+    def current(cls) -> "User":
+        return cls.lookup(os.getuid(), os.getgid())
+
+    def env(self) -> dict[str, str]:
+        return {"USER": self.name, "LOGNAME": self.name, "HOME": self.home,
+                "PATH": "/usr/local/bin:/usr/bin:/bin"}
+
+    def __str__(self) -> str:
+        return f"{self.name}({self.uid}:{self.gid})"
+
+
+def _drop(user: User) -> None:
+    """Become user for good (called in a child)."""
+    if os.getuid() == user.uid and os.geteuid() == user.uid:
+        return
+    os.setgroups(list(user.groups))
+    os.setresgid(user.gid, user.gid, user.gid)
+    os.setresuid(user.uid, user.uid, user.uid)
+    if os.geteuid() == 0 or os.getuid() == 0:
+        raise NodeFault("privileges", "could not drop root", user)
+
+
+def run(argv: Sequence[str], as_user: User | None = None,
+        env: Mapping[str, str] | None = None, timeout: float | None = None,
+        check: bool = True, cwd: str | None = None) -> subprocess.CompletedProcess:
+    who = str(as_user) if as_user else "root" if os.geteuid() == 0 else str(User.current())
+    log.debug("run as %s: %s", who, " ".join(argv))
+    kwargs: dict[str, Any] = {}
+    if as_user is not None and os.geteuid() == 0:
+        kwargs = {"user": as_user.uid, "group": as_user.gid,
+                  "extra_groups": list(as_user.groups)}
+        if env is None:
+            env = as_user.env()
+    try:
+        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL,
+                              capture_output=True, env=None if env is None else dict(env),
+                              timeout=timeout, cwd=cwd, **kwargs)
+    except FileNotFoundError:
+        raise NodeFault(argv[0], "program not found (exit 127)",
+                        hint="install it or fix its path in the site config") from None
+    except subprocess.TimeoutExpired:
+        raise NodeFault(argv[0], f"did not finish within {timeout} s",
+                        " ".join(argv)) from None
+    if check and proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()
+        raise NodeFault(argv[0], f"exited with {proc.returncode}",
+                        err.splitlines()[-1] if err else None)
+    return proc
+
+
+def call_as(user: User, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run fn(*args, **kwargs) as user in a forked child; return its result."""
+    if os.geteuid() != 0 or os.getuid() == user.uid:
+        return fn(*args, **kwargs)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(rfd)
+        code = 0
+        try:
+            _drop(user)
+            os.umask(0o077)
+            out = {"ok": fn(*args, **kwargs)}
+        except CharlieError as e:
+            out = {"error": e.to_dict()}
+        except BaseException as e:  # report, never escape into the caller's code
+            out = {"error": NodeFault("internal", f"{type(e).__name__}: {e}",
+                                      traceback.format_exc(limit=3)
+                                      .strip().splitlines()[-1]).to_dict()}
+        try:
+            data = json.dumps(out).encode()
+            while data:
+                data = data[os.write(wfd, data):]
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(wfd)
+    chunks = []
+    with os.fdopen(rfd, "rb") as f:
+        chunks.append(f.read())
+    os.waitpid(pid, 0)
+    try:
+        out = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        out = {}
+    if "error" in out:
+        raise CharlieError.from_dict(out["error"])
+    if "ok" not in out:
+        raise NodeFault("internal", "child running as the user died", user)
+    return out["ok"]
+
+
+__all__ = ["User", "run", "call_as", "UserError", "NodeFault"]

@@ -1,0 +1,392 @@
+"""A real multi-node Slurm on one machine: munged, slurmctld and N slurmd,
+each slurmd in its own network namespace, with slurm-charlie installed.
+
+    slurm-charlie sandbox up [--nodes N] | down | status | env
+
+Recipe and its reasons: docs/sandbox.rst.  Everything lives under the state
+directory (default /run/slurm-charlie-sandbox): configs, spool, logs, pid
+files, the runtime root.  `up` is idempotent; `down` removes every daemon,
+namespace, link and file it made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from . import PROG
+from .errors import NodeFault
+
+DEFAULT_DIR = "/run/slurm-charlie-sandbox"
+BRIDGE = "chsbx0"
+NET = "10.211.77"          # private /24 that only the sandbox uses
+CTL_ADDR = f"{NET}.1"
+CTL_NAME = "chsbx-ctl"
+USER = "chuser"            # unprivileged user jobs run as
+CTL_PORT, SLURMD_PORT = 6817, 6818
+NEEDED = ("slurmctld", "slurmd", "munged", "ip", "nsenter", "unshare",
+          "scontrol", "sinfo", "runuser")
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    name: str
+    addr: str
+    netns: str
+    veth: str
+
+
+def nodes_for(n: int) -> list[Node]:
+    return [Node(f"node{i}", f"{NET}.{10 + i}", f"chsbx-node{i}", f"chsbx{i}h")
+            for i in range(1, n + 1)]
+
+
+def _run(argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=check, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, **kw)
+
+
+def _alive(pidfile: str) -> int | None:
+    try:
+        pid = int(open(pidfile).read().split()[0])
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _daemon(argv: list[str], log: str) -> None:
+    with open(log, "ab") as out:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                         start_new_session=True)
+
+
+class Sandbox:
+    def __init__(self, state: str | None = None, nnodes: int | None = None) -> None:
+        self.state = os.path.abspath(state or os.environ.get(
+            "SLURM_CHARLIE_SANDBOX", DEFAULT_DIR))
+        saved = self._saved()
+        self.nnodes = nnodes or saved.get("nodes", 3)
+        self.nodes = nodes_for(self.nnodes)
+        self.conf = os.path.join(self.state, "etc", "slurm.conf")
+        self.charlie_conf = os.path.join(self.state, "etc", "charlie.toml")
+        self.hook_dir = os.path.join(self.state, "hooks")
+        self.munge_dir = os.path.join(self.state, "munge")
+        self.munge_socket = os.path.join(self.munge_dir, "munge.socket")
+        self.runtime_root = os.path.join(self.state, "runtime", "%n")
+
+    # -- bookkeeping --------------------------------------------------------
+    def _p(self, *parts: str) -> str:
+        return os.path.join(self.state, *parts)
+
+    def _saved(self) -> dict:
+        try:
+            return json.load(open(os.path.join(self.state, "sandbox.json")))
+        except (OSError, ValueError):
+            return {}
+
+    def env(self) -> dict[str, str]:
+        return {"SLURM_CONF": self.conf, "SLURM_CHARLIE_CONF": self.charlie_conf,
+                "SLURM_CHARLIE_SANDBOX": self.state}
+
+    # -- up -----------------------------------------------------------------
+    def preflight(self) -> None:
+        if os.geteuid() != 0:
+            raise NodeFault("sandbox", "must run as root", hint="sudo make demo")
+        missing = [p for p in NEEDED if shutil.which(p) is None]
+        if missing:
+            raise NodeFault("sandbox", "programs missing", " ".join(missing),
+                            hint="run `make deps` (installs Debian's slurmctld, "
+                                 "slurmd, munge, iproute2, util-linux)")
+
+    def ensure_user(self) -> None:
+        try:
+            pwd.getpwnam(USER)
+        except KeyError:
+            _run(["useradd", "--create-home", "--shell", "/bin/sh",
+                  "--comment", "slurm-charlie sandbox user", USER])
+
+    def write_files(self, hooks: bool = True) -> None:
+        from .cli import _render
+        for d in ("etc", "log", "run", "spool/ctld", "runtime", "work"):
+            os.makedirs(self._p(d), mode=0o755, exist_ok=True)
+        for n in self.nodes:
+            os.makedirs(self._p("spool", n.name), mode=0o755, exist_ok=True)
+        text = _render("slurm.conf.j2", ctl_name=CTL_NAME, ctl_addr=CTL_ADDR,
+                       ctl_port=CTL_PORT, slurmd_port=SLURMD_PORT,
+                       munge_socket=self.munge_socket, state=self.state,
+                       hooks=hooks, hook_dir=self.hook_dir, nodes=self.nodes,
+                       cpus=2)
+        self._write(self.conf, text)
+        self._write(self.charlie_conf,
+                    "# slurm-charlie sandbox site config\n"
+                    f'runtime_root = "{self.runtime_root}"\n'
+                    f'log_file = "{self._p("log", "charlie-%n.log")}"\n'
+                    "syslog = false\n"
+                    'log_level = "debug"\n')
+        plugstack = self._p("etc", "plugstack.conf")
+        if not os.path.exists(plugstack):
+            self._write(plugstack, "# slurm-charlie sandbox\n")
+        cmd = [os.path.join(os.path.dirname(sys.executable), "slurm-charlie")]
+        if not os.path.exists(cmd[0]):
+            cmd = [sys.executable, "-m", "slurm_charlie.cli"]
+        _run(cmd + ["install-hooks", "--apply", "--hook-dir", self.hook_dir,
+                    "--plugstack", plugstack, "--conf", self.charlie_conf],
+             env={**os.environ, "SLURM_CHARLIE_CONF": self.charlie_conf})
+        self._write(self._p("sandbox.json"), json.dumps({"nodes": self.nnodes}))
+        self._check_user_can_run()
+
+    def _check_user_can_run(self) -> None:
+        with open(os.path.join(self.hook_dir, "charlie.env")) as f:
+            bin_ = [l.split("=", 1)[1].strip().strip("'") for l in f
+                    if l.startswith("CHARLIE_BIN=")][0]
+        r = _run(["runuser", "-u", USER, "--", bin_, "--version"], check=False)
+        if r.returncode != 0:
+            raise NodeFault("sandbox", f"user {USER} cannot run {bin_}",
+                            r.stderr.strip()[-200:], hint="put the checkout and "
+                            "its .venv where every user can read them (not "
+                            "below /root)")
+
+    @staticmethod
+    def _write(path: str, text: str) -> None:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.chmod(path + ".tmp", 0o644)
+        os.replace(path + ".tmp", path)
+
+    def start_munge(self) -> None:
+        pidfile = os.path.join(self.munge_dir, "munged.pid")
+        if _alive(pidfile):
+            return
+        os.makedirs(self.munge_dir, exist_ok=True)
+        munge = pwd.getpwnam("munge")
+        key = os.path.join(self.munge_dir, "munge.key")
+        if not os.path.exists(key):
+            with open(key, "wb") as f:
+                f.write(os.urandom(1024))
+        os.chown(self.munge_dir, munge.pw_uid, munge.pw_gid)
+        os.chmod(self.munge_dir, 0o755)
+        os.chown(key, munge.pw_uid, munge.pw_gid)
+        os.chmod(key, 0o400)
+        _daemon(["runuser", "-u", "munge", "--", "munged", "--force",
+                 f"--socket={self.munge_socket}", f"--key-file={key}",
+                 f"--pid-file={pidfile}",
+                 f"--log-file={os.path.join(self.munge_dir, 'munged.log')}",
+                 f"--seed-file={os.path.join(self.munge_dir, 'munged.seed')}"],
+                self._p("log", "munged.out"))
+        self._wait(lambda: os.path.exists(self.munge_socket) and _alive(pidfile),
+                   "munged", 20, os.path.join(self.munge_dir, "munged.log"))
+
+    def net_up(self) -> None:
+        links = _run(["ip", "-o", "link", "show"]).stdout
+        if f" {BRIDGE}:" not in links:
+            _run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+            _run(["ip", "addr", "add", f"{CTL_ADDR}/24", "dev", BRIDGE])
+        _run(["ip", "link", "set", BRIDGE, "up"])
+        existing = _run(["ip", "netns", "list"]).stdout.split()
+        for n in self.nodes:
+            if n.netns not in existing:
+                _run(["ip", "netns", "add", n.netns])
+            if f" {n.veth}@" not in _run(["ip", "-o", "link", "show"]).stdout:
+                _run(["ip", "link", "add", n.veth, "type", "veth", "peer", "name",
+                      "eth0", "netns", n.netns])
+                _run(["ip", "link", "set", n.veth, "master", BRIDGE, "up"])
+            ns = ["ip", "-n", n.netns]
+            _run(ns + ["link", "set", "lo", "up"])
+            if n.addr not in _run(ns + ["-o", "addr", "show", "eth0"]).stdout:
+                _run(ns + ["addr", "add", f"{n.addr}/24", "dev", "eth0"])
+            _run(ns + ["link", "set", "eth0", "up"])
+            if "224.0.0.0/4" not in _run(ns + ["route", "show"]).stdout:
+                _run(ns + ["route", "add", "224.0.0.0/4", "dev", "eth0"])
+
+    def start_slurm(self) -> None:
+        ctl_pid = self._p("run", "slurmctld.pid")
+        if not _alive(ctl_pid):
+            _daemon(["unshare", "--uts", "sh", "-c",
+                     f'hostname {CTL_NAME} && exec slurmctld -f "$1"', "sh",
+                     self.conf], self._p("log", "slurmctld.out"))
+            self._wait(lambda: _alive(ctl_pid) and self._ping(), "slurmctld",
+                       30, self._p("log", "slurmctld.log"))
+        for n in self.nodes:
+            if _alive(self._p("run", f"slurmd-{n.name}.pid")):
+                continue
+            _daemon(["nsenter", f"--net=/run/netns/{n.netns}", "unshare", "--uts",
+                     "sh", "-c", f'hostname {n.name} && exec slurmd -N {n.name} '
+                     '-f "$1"', "sh", self.conf],
+                    self._p("log", f"slurmd-{n.name}.out"))
+        self._wait(self._all_idle, "slurmd on every node", 60,
+                   self._p("log", "slurmd-node1.log"))
+
+    def _ping(self) -> bool:
+        return _run(["scontrol", "ping"], check=False, env=self._env()).returncode == 0
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **self.env()}
+
+    def node_states(self) -> dict[str, str]:
+        r = _run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False, env=self._env())
+        return dict(l.split() for l in r.stdout.splitlines() if len(l.split()) == 2)
+
+    def _all_idle(self) -> bool:
+        states = self.node_states()
+        return all(states.get(n.name, "").rstrip("*") in ("idle", "mixed", "allocated")
+                   for n in self.nodes)
+
+    def _wait(self, cond, what: str, timeout: float, log: str) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if cond():
+                return
+            time.sleep(0.2)
+        tail = ""
+        try:
+            tail = " | ".join(open(log).read().splitlines()[-3:])
+        except OSError:
+            pass
+        raise NodeFault("sandbox", f"{what} did not come up within {timeout} s",
+                        tail, hint=f"see {log}")
+
+    def up(self) -> None:
+        self.preflight()
+        self.ensure_user()
+        os.makedirs(self.state, mode=0o755, exist_ok=True)
+        os.chmod(self.state, 0o755)
+        self.write_files()
+        self.start_munge()
+        self.net_up()
+        self.start_slurm()
+        for n in self.nodes:  # a node drained by an earlier run comes back
+            _run(["scontrol", "update", f"NodeName={n.name}", "State=RESUME"],
+                 check=False, env=self._env())
+
+    def set_hooks(self, on: bool) -> None:
+        """Switch Prolog/Epilog on or off (benchmarks) and reconfigure."""
+        self.write_files(hooks=on)
+        _run(["scontrol", "reconfigure"], env=self._env())
+        time.sleep(1)
+
+    # -- down ---------------------------------------------------------------
+    def down(self) -> None:
+        if os.path.exists(self.conf) and self._ping():
+            _run(["scancel", "--full", "--quiet", "--partition=debug"], check=False,
+                 env=self._env())
+        netns_inodes = set()
+        for n in self.nodes_on_disk():
+            try:
+                netns_inodes.add(os.stat(f"/run/netns/{n}").st_ino)
+            except OSError:
+                pass
+        pids = [p for p in (_alive(f) for f in glob.glob(self._p("run", "*.pid"))) if p]
+        pids += self._stepds(netns_inodes)
+        munged = _alive(os.path.join(self.munge_dir, "munged.pid"))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self._wait_gone(pids)
+        # slurmd's hooks may still be cleaning: kill what is left in our netns
+        self._wait_gone(self._stepds(netns_inodes), sig=signal.SIGKILL)
+        if munged:
+            os.kill(munged, signal.SIGTERM)
+            self._wait_gone([munged])
+        for n in self.nodes_on_disk():
+            _run(["ip", "netns", "delete", n], check=False)
+        for link in _run(["ip", "-o", "link", "show"]).stdout.splitlines():
+            name = link.split(":")[1].strip().split("@")[0]
+            if name == BRIDGE or (name.startswith("chsbx") and name.endswith("h")):
+                _run(["ip", "link", "delete", name], check=False)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+    def nodes_on_disk(self) -> list[str]:
+        try:
+            return [n for n in os.listdir("/run/netns") if n.startswith("chsbx-node")]
+        except FileNotFoundError:
+            return []
+
+    @staticmethod
+    def _stepds(netns_inodes: set[int]) -> list[int]:
+        """Processes living in one of the sandbox's network namespaces."""
+        out = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{d}/ns/net").st_ino in netns_inodes:
+                    out.append(int(d))
+            except OSError:
+                pass
+        return out
+
+    @staticmethod
+    def _wait_gone(pids: list[int], timeout: float = 15,
+                   sig: signal.Signals | None = None) -> None:
+        if sig:
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        end = time.monotonic() + timeout
+        left = list(pids)
+        while left and time.monotonic() < end:
+            left = [p for p in left if os.path.exists(f"/proc/{p}")
+                    and not _zombie(p)]
+            time.sleep(0.1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def status(self) -> int:
+        ok = True
+        print(f"state directory: {self.state}")
+        munged = _alive(os.path.join(self.munge_dir, "munged.pid"))
+        print(f"munged:    {'running, pid %d' % munged if munged else 'stopped'}")
+        ok &= bool(munged)
+        ctl = _alive(self._p("run", "slurmctld.pid"))
+        print(f"slurmctld: {'running, pid %d' % ctl if ctl else 'stopped'}")
+        ok &= bool(ctl)
+        states = self.node_states() if ctl else {}
+        for n in self.nodes:
+            pid = _alive(self._p("run", f"slurmd-{n.name}.pid"))
+            print(f"{n.name}:     {'slurmd pid %d' % pid if pid else 'stopped':<20} "
+                  f"{n.addr:<14} {states.get(n.name, '?')}")
+            ok &= bool(pid)
+        return 0 if ok else 1
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def main(args: argparse.Namespace) -> int:
+    sb = Sandbox(args.dir, args.nodes if args.action == "up" else None)
+    if args.action == "up":
+        sb.up()
+        print(f"{PROG}: sandbox up: {sb.nnodes} nodes; run as {USER} with:")
+        for k, v in sb.env().items():
+            print(f"export {k}={v}")
+        return 0
+    if args.action == "down":
+        sb.down()
+        print(f"{PROG}: sandbox down")
+        return 0
+    if args.action == "env":
+        for k, v in sb.env().items():
+            print(f"export {k}={v}")
+        return 0
+    return sb.status()

@@ -1,0 +1,383 @@
+/*
+ * slurm-charlie SPANK shim.  Small on purpose: policy lives in Python.
+ *
+ * local/allocator context (srun, sbatch, salloc; as the user):
+ *   registers the --charlie-* options (table generated from options.py),
+ *   checks their syntax, runs `slurm-charlie validate --emit` once and hands
+ *   each NAME=VALUE line it prints to spank_job_control_setenv(), where the
+ *   prolog and epilog find it as SPANK_NAME.
+ * remote context (slurmstepd; as the user):
+ *   task_init: when the prolog left <runtime_root>/<job>/run/error, prints it
+ *              to the task's stderr and fails the task; else exports the
+ *              CH_* lines of <runtime_root>/<job>/run/task.env.
+ *
+ * plugstack.conf arguments: bin=PATH (slurm-charlie), runtime_root=PATH
+ * (as in the site config, %n = node name), conf=PATH (site config, optional).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <slurm/spank.h>
+
+#include "charlie_options.h"
+
+SPANK_PLUGIN(charlie, 1);
+
+#define PFX "slurm-charlie"
+#define MAX_VALUES CHARLIE_MAX_DIRS
+
+extern char **environ;
+
+static struct {
+    char *bin;
+    char *runtime_root;
+    char *conf;
+} cfg;
+
+static char *values[CHARLIE_NOPTS][MAX_VALUES];
+static int counts[CHARLIE_NOPTS];
+static int any_given;
+
+static int in_choices(const char *choices, const char *v)
+{
+    size_t n = strlen(v);
+    const char *p = choices;
+
+    while (p && *p) {
+        const char *end = strchr(p, '|');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == n && strncmp(p, v, n) == 0)
+            return 1;
+        p = end ? end + 1 : NULL;
+    }
+    return 0;
+}
+
+static int opt_cb(int val, const char *optarg, int remote)
+{
+    const struct charlie_opt *o;
+    int i;
+
+    if (remote || val < 0 || (size_t)val >= CHARLIE_NOPTS)
+        return 0;
+    o = &charlie_opts[val];
+    if (optarg && strpbrk(optarg, "\r\n")) {
+        slurm_error(PFX ": --%s: value contains a newline", o->name);
+        return -1;
+    }
+    if (o->has_arg == 1 && (optarg == NULL || *optarg == '\0')) {
+        slurm_error(PFX ": --%s: needs a value (--%s=%s)", o->name, o->name, o->arginfo);
+        return -1;
+    }
+    if (o->choices && optarg && !in_choices(o->choices, optarg)) {
+        slurm_error(PFX ": --%s: unknown value: '%s'", o->name, optarg);
+        slurm_error(PFX ": hint: valid values: %s", o->choices);
+        return -1;
+    }
+    /* sbatch may parse its options more than once: the same value again is
+     * the same option, not a repetition */
+    for (i = 0; i < counts[val]; i++)
+        if (values[val][i] && optarg && strcmp(values[val][i], optarg) == 0)
+            return 0;
+    if (counts[val] >= o->max_count) {
+        if (o->max_count == 1) {
+            free(values[val][0]);
+            counts[val] = 0;
+        } else {
+            slurm_error(PFX ": --%s: given more than %d times: %s", o->name,
+                        o->max_count, optarg ? optarg : "");
+            slurm_error(PFX ": hint: pass at most %d directories; put others below one of them",
+                        o->max_count);
+            return -1;
+        }
+    }
+    values[val][counts[val]++] = optarg ? strdup(optarg) : NULL;
+    any_given = 1;
+    return 0;
+}
+
+static int parse_args(int ac, char **av)
+{
+    int i;
+
+    for (i = 0; i < ac; i++) {
+        if (strncmp(av[i], "bin=", 4) == 0)
+            cfg.bin = av[i] + 4;
+        else if (strncmp(av[i], "runtime_root=", 13) == 0)
+            cfg.runtime_root = av[i] + 13;
+        else if (strncmp(av[i], "conf=", 5) == 0)
+            cfg.conf = av[i] + 5;
+        else {
+            slurm_error(PFX ": plugstack.conf: unknown argument: %s", av[i]);
+            slurm_error(PFX ": hint: valid arguments: bin= runtime_root= conf=");
+            return -1;
+        }
+    }
+    if (cfg.bin == NULL || cfg.runtime_root == NULL) {
+        slurm_error(PFX ": plugstack.conf: bin= and runtime_root= are required");
+        slurm_error(PFX ": hint: run `slurm-charlie install-hooks` for the line to use");
+        return -1;
+    }
+    return 0;
+}
+
+int slurm_spank_init(spank_t sp, int ac, char **av)
+{
+    struct spank_option opt;
+    spank_context_t ctx = spank_context();
+    size_t i;
+
+    if (ctx == S_CTX_SLURMD || ctx == S_CTX_JOB_SCRIPT)
+        return 0;
+    if (parse_args(ac, av) < 0)
+        return -1;
+    for (i = 0; i < CHARLIE_NOPTS; i++) {
+        memset(&opt, 0, sizeof(opt));
+        opt.name = (char *)charlie_opts[i].name;
+        opt.arginfo = (char *)charlie_opts[i].arginfo;
+        opt.usage = (char *)charlie_opts[i].usage;
+        opt.has_arg = charlie_opts[i].has_arg;
+        opt.val = (int)i;
+        opt.cb = opt_cb;
+        if (spank_option_register(sp, &opt) != ESPANK_SUCCESS) {
+            slurm_error(PFX ": cannot register option --%s", opt.name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int env_has_charlie(void)
+{
+    char **e;
+
+    for (e = environ; e && *e; e++)
+        if (strncmp(*e, "CHARLIE_", 8) == 0)
+            return 1;
+    return 0;
+}
+
+/* Run the validator; hand every NAME=VALUE line it prints to Slurm. */
+static int run_validator(spank_t sp)
+{
+    char *argv[4 + CHARLIE_NOPTS * MAX_VALUES];
+    char *owned[CHARLIE_NOPTS * MAX_VALUES];
+    int nowned = 0, argc = 0, pfd[2] = { -1, -1 }, status = 0, rv = -1;
+    size_t i, len = 0, cap = 4096;
+    char *out = NULL, *line, *save = NULL;
+    pid_t pid;
+    ssize_t n;
+    int j;
+
+    argv[argc++] = cfg.bin;
+    argv[argc++] = "validate";
+    argv[argc++] = "--emit";
+    for (i = 0; i < CHARLIE_NOPTS; i++) {
+        for (j = 0; j < counts[i]; j++) {
+            char *w;
+            if (values[i][j])
+                n = asprintf(&w, "--%s=%s", charlie_opts[i].name, values[i][j]);
+            else
+                n = asprintf(&w, "--%s", charlie_opts[i].name);
+            if (n < 0)
+                goto fail;
+            owned[nowned++] = argv[argc++] = w;
+        }
+    }
+    argv[argc] = NULL;
+
+    if ((out = malloc(cap)) == NULL || pipe(pfd) < 0)
+        goto fail;
+    pid = fork();
+    if (pid < 0) {
+        slurm_error(PFX ": fork: %m");
+        goto fail;
+    }
+    if (pid == 0) {
+        dup2(pfd[1], STDOUT_FILENO);
+        close(pfd[0]);
+        close(pfd[1]);
+        if (cfg.conf)
+            setenv("SLURM_CHARLIE_CONF", cfg.conf, 1);
+        execv(cfg.bin, argv);
+        fprintf(stderr, PFX ": error: cannot run the validator %s: %s\n"
+                PFX ": hint: check bin= in plugstack.conf (slurm-charlie install-hooks)\n",
+                cfg.bin, strerror(errno));
+        _exit(127);
+    }
+    close(pfd[1]);
+    pfd[1] = -1;
+    while ((n = read(pfd[0], out + len, cap - len - 1)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        len += (size_t)n;
+        if (cap - len < 2) {
+            char *bigger = realloc(out, cap * 2);
+            if (bigger == NULL)
+                break;
+            out = bigger;
+            cap *= 2;
+        }
+    }
+    out[len] = '\0';
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+        ;
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        goto fail;  /* the validator printed why */
+    for (line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char *eq = strchr(line, '=');
+        if (eq == NULL || strncmp(line, "CHARLIE", 7) != 0)
+            continue;
+        *eq = '\0';
+        if (spank_job_control_setenv(sp, line, eq + 1, 1) != ESPANK_SUCCESS) {
+            slurm_error(PFX ": cannot pass %s to the job", line);
+            goto fail;
+        }
+    }
+    rv = 0;
+fail:
+    if (pfd[0] >= 0)
+        close(pfd[0]);
+    if (pfd[1] >= 0)
+        close(pfd[1]);
+    for (j = 0; j < nowned; j++)
+        free(owned[j]);
+    free(out);
+    return rv;
+}
+
+/* Inside an allocation, srun receives the job's options again from the
+ * SLURM_SPANK__SLURM_SPANK_OPTION_charlie_* variables sbatch/salloc exported.
+ * Returns 1 when every option srun saw came from there. */
+static int only_inherited(void)
+{
+    char name[128], *p;
+    const char *env;
+    size_t i;
+
+    for (i = 0; i < CHARLIE_NOPTS; i++) {
+        if (counts[i] == 0)
+            continue;
+        snprintf(name, sizeof(name), "SLURM_SPANK__SLURM_SPANK_OPTION_charlie_%s",
+                 charlie_opts[i].name);
+        for (p = name; *p; p++)
+            if (*p == '-')
+                *p = '_';
+        env = getenv(name);
+        if (env == NULL)
+            return 0;
+        if (values[i][counts[i] - 1] && strcmp(env, values[i][counts[i] - 1]) != 0)
+            return 0;
+    }
+    return 1;
+}
+
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
+{
+    spank_context_t ctx = spank_context();
+
+    (void)ac;
+    (void)av;
+    if (ctx != S_CTX_LOCAL && ctx != S_CTX_ALLOCATOR)
+        return 0;
+    if (ctx == S_CTX_LOCAL && getenv("SLURM_JOB_ID") != NULL) {
+        /* a step inside an existing allocation: the job's charlie settings
+         * were fixed when it was allocated */
+        if (any_given && !only_inherited()) {
+            slurm_error(PFX ": --charlie-* options belong to the allocation "
+                        "(sbatch/salloc), not to a step inside it");
+            slurm_error(PFX ": hint: give them to sbatch or salloc; steps "
+                        "join what the job set up");
+            return -1;
+        }
+        return 0;
+    }
+    if (!any_given && !env_has_charlie())
+        return 0;
+    return run_validator(sp);
+}
+
+/* <runtime_root with %n = node>/<job>/run/<name> */
+static int job_file(spank_t sp, const char *name, char *buf, size_t size)
+{
+    char node[256] = "";
+    uint32_t job = 0;
+    const char *p;
+    size_t o = 0, nl;
+    int n;
+
+    if (spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS)
+        return -1;
+    if (spank_getenv(sp, "SLURMD_NODENAME", node, sizeof(node)) != ESPANK_SUCCESS) {
+        if (gethostname(node, sizeof(node)) < 0)
+            return -1;
+        node[strcspn(node, ".")] = '\0';
+    }
+    nl = strlen(node);
+    for (p = cfg.runtime_root; *p; p++) {
+        if (p[0] == '%' && p[1] == 'n') {
+            if (o + nl >= size)
+                return -1;
+            memcpy(buf + o, node, nl);
+            o += nl;
+            p++;
+        } else {
+            if (o + 1 >= size)
+                return -1;
+            buf[o++] = *p;
+        }
+    }
+    n = snprintf(buf + o, size - o, "/%u/run/%s", job, name);
+    return (n < 0 || (size_t)n >= size - o) ? -1 : 0;
+}
+
+/* Runs in every task (the batch script too), as the user, after slurmstepd
+ * has set the task's environment (so SLURMD_NODENAME is this node's). */
+int slurm_spank_task_init(spank_t sp, int ac, char **av)
+{
+    char path[PATH_MAX], line[8192];
+    FILE *f;
+    size_t n;
+    int rv = 0;
+
+    (void)ac;
+    (void)av;
+    if (spank_remote(sp) != 1)
+        return 0;
+    /* the prolog found a problem with the job: tell the user and fail */
+    if (job_file(sp, "error", path, sizeof(path)) == 0 &&
+        (f = fopen(path, "re")) != NULL) {
+        while ((n = fread(line, 1, sizeof(line), f)) > 0)
+            fwrite(line, 1, n, stderr);
+        fclose(f);
+        fflush(stderr);
+        return -1;
+    }
+    if (job_file(sp, "task.env", path, sizeof(path)) < 0 ||
+        (f = fopen(path, "re")) == NULL)
+        return 0;  /* not a charlie job */
+    while (fgets(line, sizeof(line), f)) {
+        char *eq = strchr(line, '=');
+        line[strcspn(line, "\n")] = '\0';
+        if (eq == NULL || strncmp(line, "CH_", 3) != 0)
+            continue;
+        *eq = '\0';
+        if (spank_setenv(sp, line, eq + 1, 1) != ESPANK_SUCCESS) {
+            slurm_error(PFX ": cannot set %s for the task", line);
+            rv = -1;
+        }
+    }
+    fclose(f);
+    return rv;
+}

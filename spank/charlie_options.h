@@ -1,0 +1,32 @@
+/* Generated from slurm_charlie/options.py by `slurm-charlie gen header`.
+ * Do not edit: change the Python table and regenerate (make -C spank header). */
+#ifndef CHARLIE_OPTIONS_H
+#define CHARLIE_OPTIONS_H
+
+#define CHARLIE_MAX_DIRS 4
+
+struct charlie_opt {
+    const char *name;      /* without --, as registered with Slurm */
+    const char *arginfo;
+    const char *usage;
+    int has_arg;           /* 0 flag, 1 value, 2 optional value */
+    int max_count;
+    const char *choices;   /* "a|b|c" or NULL */
+};
+
+static const struct charlie_opt charlie_opts[] = {
+    { "charlie-image", "PATH", "VM image (qcow2/raw) or container image (dir, tarball, squashfs)", 1, 1, NULL },
+    { "charlie-type", "TYPE", "auto|container|vm|none: what to start (auto: from the image)", 1, 1, "auto|container|vm|none" },
+    { "charlie-dir", "DIR", "host directory shown as /ch/dataN (repeat, up to 4); sets CH_DATAn", 1, 4, NULL },
+    { "charlie-job", "SCRIPT", "VM batch mode: run SCRIPT on every guest at boot", 1, 1, NULL },
+    { "charlie-interactive", NULL, "boot the guests and wait; do not run a job script", 0, 1, NULL },
+    { "charlie-commit", "GUEST", "at job end save guest GUEST's (default 0) root changes into the image", 2, 1, NULL },
+    { "charlie-write", NULL, "container image writable (ch-run -w)", 0, 1, NULL },
+    { "charlie-cpus", "N", "VM CPUs per guest (default: the job's CPUs on that node)", 1, 1, NULL },
+    { "charlie-mem", "SIZE", "VM memory per guest, e.g. 4G (default: from the allocation)", 1, 1, NULL },
+    { "charlie-tmp-size", "SIZE", "size of each guest's /ch/tmp disk, e.g. 2G (default: site config)", 1, 1, NULL },
+};
+
+#define CHARLIE_NOPTS (sizeof(charlie_opts) / sizeof(charlie_opts[0]))
+
+#endif
