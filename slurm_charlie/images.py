@@ -16,6 +16,8 @@ MAGIC = (
     (257, b"ustar", "container", "tar"),
 )
 RAW_SUFFIXES = (".raw", ".img")
+MISSING_HINT = ("check the path; relative paths are taken from the directory "
+                "you submit from, and compute nodes must see the same path")
 
 
 def detect(path: str) -> tuple[str, str]:
@@ -23,8 +25,12 @@ def detect(path: str) -> tuple[str, str]:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise UserError("--charlie-image", f"cannot access: {e.strerror}", path) from None
+        raise UserError("--charlie-image", f"cannot access: {e.strerror}", path,
+                        hint=MISSING_HINT) from None
     if stat.S_ISDIR(st.st_mode):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise UserError("--charlie-image", "directory not readable by you",
+                            path, hint=f"chmod u+rx {path}")
         return "container", "directory"
     if not stat.S_ISREG(st.st_mode):
         raise UserError("--charlie-image", "not a file or directory", path)

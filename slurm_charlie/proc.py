@@ -115,7 +115,12 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> An
                                       traceback.format_exc(limit=3)
                                       .strip().splitlines()[-1]).to_dict()}
         try:
-            data = json.dumps(out).encode()
+            try:
+                data = json.dumps(out).encode()
+            except TypeError as e:
+                data = json.dumps({"error": NodeFault(
+                    "internal", "result of a call as the user is not JSON", e
+                ).to_dict()}).encode()
             while data:
                 data = data[os.write(wfd, data):]
         except BaseException:

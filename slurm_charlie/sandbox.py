@@ -115,7 +115,9 @@ class Sandbox:
             _run(["useradd", "--create-home", "--shell", "/bin/sh",
                   "--comment", "slurm-charlie sandbox user", USER])
 
-    def write_files(self, hooks: bool = True) -> None:
+    def write_files(self, hooks: str = "on") -> None:
+        """hooks: "on" (slurm-charlie installed), "off" (no plugstack, no
+        Prolog/Epilog) or "trivial" (a Prolog/Epilog that only exits 0)."""
         from .cli import _render
         for d in ("etc", "log", "run", "spool/ctld", "runtime", "work"):
             os.makedirs(self._p(d), mode=0o755, exist_ok=True)
@@ -136,6 +138,10 @@ class Sandbox:
         plugstack = self._p("etc", "plugstack.conf")
         if not os.path.exists(plugstack):
             self._write(plugstack, "# slurm-charlie sandbox\n")
+        self._write(self._p("etc", "plugstack-off.conf"),
+                    "# slurm-charlie switched off (benchmarks)\n")
+        self._write(self._p("etc", "trivial-hook"), "#!/bin/sh\nexit 0\n")
+        os.chmod(self._p("etc", "trivial-hook"), 0o755)
         cmd = [os.path.join(os.path.dirname(sys.executable), "slurm-charlie")]
         if not os.path.exists(cmd[0]):
             cmd = [sys.executable, "-m", "slurm_charlie.cli"]
@@ -268,9 +274,10 @@ class Sandbox:
             _run(["scontrol", "update", f"NodeName={n.name}", "State=RESUME"],
                  check=False, env=self._env())
 
-    def set_hooks(self, on: bool) -> None:
-        """Switch Prolog/Epilog on or off (benchmarks) and reconfigure."""
-        self.write_files(hooks=on)
+    def set_hooks(self, mode: str) -> None:
+        """Switch slurm-charlie (Prolog/Epilog and the shim) "on", "off" or to
+        a "trivial" Prolog/Epilog, for benchmarks, and reconfigure."""
+        self.write_files(hooks=mode)
         _run(["scontrol", "reconfigure"], env=self._env())
         time.sleep(1)
 

@@ -24,11 +24,16 @@ def _absolute(flag: str, path: str, cwd: str | None) -> str:
     return os.path.normpath(os.path.join(cwd, path))
 
 
-def _readable_dir(flag: str, path: str) -> None:
+def _stat(flag: str, path: str) -> os.stat_result:
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except OSError as e:
-        raise UserError(flag, f"cannot access: {e.strerror}", path) from None
+        raise UserError(flag, f"cannot access: {e.strerror}", path,
+                        hint=images.MISSING_HINT) from None
+
+
+def _readable_dir(flag: str, path: str) -> None:
+    st = _stat(flag, path)
     if not stat.S_ISDIR(st.st_mode):
         raise UserError(flag, "not a directory", path,
                         hint=f"{flag} takes a directory; to pass one file, "
@@ -39,10 +44,7 @@ def _readable_dir(flag: str, path: str) -> None:
 
 
 def _readable_file(flag: str, path: str) -> None:
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise UserError(flag, f"cannot access: {e.strerror}", path) from None
+    st = _stat(flag, path)
     if not stat.S_ISREG(st.st_mode):
         raise UserError(flag, "not a regular file", path)
     if not os.access(path, os.R_OK):
@@ -64,9 +66,6 @@ def check_conflicts(opts: Options) -> None:
     if opts.interactive and opts.job:
         raise UserError("--charlie-interactive", "conflicts with --charlie-job",
                         hint="interactive mode boots and waits; drop one of them")
-    if opts.type == "none" and opts.image:
-        raise UserError("--charlie-type=none", "takes no image", opts.image,
-                        hint="drop --charlie-image or choose another type")
     if opts.type in ("container", "vm") and not opts.image:
         raise UserError(f"--charlie-type={opts.type}", "needs an image",
                         hint="add --charlie-image=PATH")
@@ -102,6 +101,9 @@ def resolve(opts: Options, cfg: Config, cwd: str | None,
     dirs = tuple(_absolute("--charlie-dir", d, cwd) for d in opts.dir)
     job = _absolute("--charlie-job", opts.job, cwd) if opts.job else None
     type_ = cfg["default_type"] if opts.type == "auto" else opts.type
+    if opts.type == "none" and image:
+        raise UserError("--charlie-type=none", "takes no image", image,
+                        hint="drop --charlie-image or choose another type")
     if image is not None:
         if cfg["image_roots"] and not _under_roots(image, cfg["image_roots"]):
             raise UserError("--charlie-image", "outside the allowed image "
@@ -120,11 +122,11 @@ def resolve(opts: Options, cfg: Config, cwd: str | None,
     if job is not None:
         _readable_file("--charlie-job", job)
     out = dataclasses.replace(opts, image=image, dir=dirs, job=job, type=type_)
+    if num_nodes is not None:
+        check_nodes(out, num_nodes)
     check_conflicts(out)
     if out.commit is not None and cfg["commit.policy"] == "deny":
         raise UserError("--charlie-commit", "disabled on this cluster",
                         hint="the site config sets commit.policy = \"deny\"")
-    if num_nodes is not None:
-        check_nodes(out, num_nodes)
     backends.get(type_).check(out, cfg)
     return out

@@ -1,0 +1,116 @@
+"""Cluster tests run on the real sandbox (slurmctld, slurmd x3, munge, the
+shim and the hooks).  If the sandbox is not up this is a failure, not a skip:
+`make test` brings it up first."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from slurm_charlie import sandbox as sbmod
+
+USER = sbmod.USER
+
+
+class Cluster:
+    def __init__(self, sb: sbmod.Sandbox) -> None:
+        self.sb = sb
+        self.env = {**os.environ, **sb.env()}
+        self.home = os.path.expanduser(f"~{USER}")
+
+    # -- running things -------------------------------------------------------
+    def run(self, argv, check=False, **kw):
+        return subprocess.run(argv, capture_output=True, text=True, env=self.env,
+                              stdin=subprocess.DEVNULL, check=check, **kw)
+
+    def as_user(self, argv, cwd, env=None, timeout=120):
+        """Run argv as the sandbox user in cwd with SLURM_CONF set."""
+        extra = [f"{k}={v}" for k, v in (env or {}).items()]
+        cmd = ["runuser", "-u", USER, "--", "env", f"SLURM_CONF={self.sb.conf}",
+               f"HOME={self.home}", "PATH=/usr/local/bin:/usr/bin:/bin", *extra,
+               "sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def workdir(self, name: str) -> str:
+        path = os.path.join(self.home, "charlie-tests", name)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        for p in (os.path.dirname(path), path):
+            shutil.chown(p, USER, USER)
+        return path
+
+    def write(self, path: str, text: str, mode: int = 0o755) -> str:
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        shutil.chown(path, USER, USER)
+        return path
+
+    def sbatch(self, cwd, args, env=None):
+        """sbatch --wait as the user; returns (proc, jobid or None)."""
+        p = self.as_user(["sbatch", "--wait", "--no-requeue", *args], cwd, env)
+        m = re.search(r"Submitted batch job (\d+)", p.stdout)
+        return p, (m.group(1) if m else None)
+
+    def job(self, jobid: str) -> dict:
+        out = self.run(["scontrol", "-o", "show", "job", jobid]).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def wait_done(self, jobid: str, timeout: float = 60) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            info = self.job(jobid)
+            if info.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
+                                            "COMPLETING", None):
+                return info
+            time.sleep(0.2)
+        raise AssertionError(f"job {jobid} not done after {timeout} s: {self.job(jobid)}")
+
+    def wait_nodes_idle(self, timeout: float = 30) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            states = self.sb.node_states()
+            if all(s == "idle" for s in states.values()):
+                return states
+            time.sleep(0.2)
+        return self.sb.node_states()
+
+    def job_dirs(self) -> list[str]:
+        root = os.path.join(self.sb.state, "runtime")
+        return [os.path.join(root, n, j) for n in os.listdir(root)
+                if os.path.isdir(os.path.join(root, n))
+                for j in os.listdir(os.path.join(root, n))]
+
+    def user_processes(self, timeout: float = 10) -> list[str]:
+        """Processes of the sandbox user still there after timeout seconds
+        (tasks that are exiting get that long to go)."""
+        uid = int(self.run(["id", "-u", USER]).stdout)
+        end = time.monotonic() + timeout
+        while True:
+            out = []
+            for d in os.listdir("/proc"):
+                try:
+                    if d.isdigit() and os.stat(f"/proc/{d}").st_uid == uid:
+                        cmd = open(f"/proc/{d}/cmdline").read().replace("\0", " ")
+                        state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
+                        out.append(f"{d} [{state}] {cmd}")
+                except OSError:
+                    pass
+            if not out or time.monotonic() > end:
+                return out
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    sb = sbmod.Sandbox()
+    if not os.path.exists(sb.conf) or sb.status() != 0:
+        pytest.fail("the sandbox is not up: run `make test` (or "
+                    "`slurm-charlie sandbox up`) first", pytrace=False)
+    c = Cluster(sb)
+    c.wait_nodes_idle()
+    return c
