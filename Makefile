@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
 	iproute2 util-linux gcc make python3-venv
 
-.PHONY: all deps venv shim sandbox-up sandbox-down demo test unit cluster bench \
+.PHONY: all deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench \
 	docs docs-gen clean
 
 all: shim venv
@@ -37,6 +37,31 @@ shim: spank/charlie.so
 spank/charlie.so: spank/charlie.c spank/charlie_options.h spank/charlie.map | deps
 	$(MAKE) -C spank
 
+# The shim must build against both Slurm releases we support (22.05 in
+# Debian 12, 24.11 in Debian 13).  This fetches the other release's
+# libslurm-dev with apt (same mirror as the machine's own sources, private
+# lists under $(CACHE)) and builds against its headers.
+OTHER_SUITE := $(shell . /etc/os-release 2>/dev/null; [ "$$VERSION_CODENAME" = trixie ] && echo bookworm || echo trixie)
+OTHER_APT := $(CACHE)/apt-$(OTHER_SUITE)
+OTHER_INC := $(CACHE)/slurm-$(OTHER_SUITE)/usr/include
+APT_OPTS = -o Dir::Etc::sourcelist=$(abspath $(OTHER_APT))/sources.list -o Dir::Etc::sourceparts=- \
+	-o Dir::State::Lists=$(abspath $(OTHER_APT))/lists -o Dir::Cache=$(abspath $(OTHER_APT))/cache \
+	-o Debug::NoLocking=1 -q
+$(OTHER_INC)/slurm/spank.h:
+	@mkdir -p $(OTHER_APT)/lists/partial $(OTHER_APT)/cache/archives/partial
+	@mirror=$$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1); \
+	[ -n "$$mirror" ] || mirror=$$(awk '$$1=="deb" && $$0 !~ /security/ {print $$2; exit}' /etc/apt/sources.list); \
+	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $$mirror $(OTHER_SUITE) main" > $(OTHER_APT)/sources.list
+	apt-get $(APT_OPTS) update >/dev/null
+	cd $(OTHER_APT) && rm -f libslurm-dev_*.deb && apt-get $(APT_OPTS) download libslurm-dev 2>&1 | grep -v unsandboxed || true
+	dpkg-deb -x $(OTHER_APT)/libslurm-dev_*.deb $(CACHE)/slurm-$(OTHER_SUITE)
+
+shim-other-slurm: $(OTHER_INC)/slurm/spank.h
+	$(MAKE) -C spank OUT=charlie-$(OTHER_SUITE).so SLURM_INCLUDE=$(abspath $(OTHER_INC))
+	@for h in /usr/include $(abspath $(OTHER_INC)); do \
+		v=$$(sed -n 's/^#define SLURM_VERSION_NUMBER 0x\(..\)\(..\)\(..\)/\1 \2 \3/p' $$h/slurm/slurm_version.h); \
+		echo "shim builds with -Werror against Slurm $$(printf '%d.%02d.%d' $$(for x in $$v; do echo 0x$$x; done)) headers ($$h)"; done
+
 sandbox-up: all
 	$(SB) sandbox up --nodes 3
 
@@ -48,7 +73,7 @@ demo: sandbox-up
 
 # The full suite on the sandbox; the sandbox is stopped afterwards whatever
 # the result (CI must stop what it started).
-test: all
+test: all shim-other-slurm
 	@rc=0; $(SB) sandbox up --nodes 3 || rc=$$?; \
 	if [ $$rc -eq 0 ]; then $(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit tests/cluster || rc=$$?; fi; \
 	$(SB) sandbox down || true; exit $$rc
@@ -67,7 +92,7 @@ docs-gen: venv
 
 docs: venv
 	$(VENV)/bin/pip install -q --disable-pip-version-check sphinx
-	$(VENV)/bin/sphinx-build -W -q -b html docs docs/_build/html
+	$(VENV)/bin/sphinx-build -E -W -q -b html docs docs/_build/html
 
 clean: sandbox-down
 	$(MAKE) -C spank clean
