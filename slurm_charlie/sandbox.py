@@ -56,12 +56,14 @@ def _run(argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProce
 
 
 def _alive(pidfile: str) -> int | None:
+    """The pid in pidfile if that process runs (a zombie does not: daemons
+    outlive the `sandbox up` that started them, and nobody may reap them)."""
     try:
         pid = int(open(pidfile).read().split()[0])
         os.kill(pid, 0)
-        return pid
     except (OSError, ValueError, IndexError):
         return None
+    return None if _zombie(pid) else pid
 
 
 def _daemon(argv: list[str], log: str) -> None:

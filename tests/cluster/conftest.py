@@ -79,6 +79,25 @@ class Cluster:
             time.sleep(0.2)
         return self.sb.node_states()
 
+    def resume_until_stable(self, node: str, quiet: float = 3, timeout: float = 90) -> None:
+        """Resume node and keep it resumed.  After a failed prolog, slurmd
+        also reports the failure when it next registers and slurmctld then
+        drains the node again ("Prolog error"); that can come after a quick
+        resume, so resume until the node has stayed up for `quiet` seconds."""
+        end = time.monotonic() + timeout
+        up_since = None
+        while time.monotonic() < end:
+            state = self.sb.node_states().get(node, "")
+            if "drain" in state or "down" in state:
+                self.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"])
+                up_since = None
+            elif up_since is None:
+                up_since = time.monotonic()
+            elif time.monotonic() - up_since >= quiet:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"{node} does not stay in service: {self.sb.node_states()}")
+
     def job_dirs(self) -> list[str]:
         root = os.path.join(self.sb.state, "runtime")
         return [os.path.join(root, n, j) for n in os.listdir(root)
@@ -112,5 +131,8 @@ def cluster():
         pytest.fail("the sandbox is not up: run `make test` (or "
                     "`slurm-charlie sandbox up`) first", pytrace=False)
     c = Cluster(sb)
+    for node, state in sb.node_states().items():
+        if "drain" in state or "down" in state:  # left by an aborted run
+            c.resume_until_stable(node)
     c.wait_nodes_idle()
     return c

@@ -209,18 +209,23 @@ def test_node_fault_drains_with_reason(cluster):
     shutil.rmtree(blocker, ignore_errors=True)
     open(blocker, "w").close()
     try:
+        # The batch script may start as soon as node1's prolog is done (Slurm
+        # waits per node), so the job needs a step on node3 to depend on it.
         p = cluster.as_user(["sbatch", "--parsable", "--no-requeue", "-N3",
-                             "--charlie-type=none", "-o", "job.out", "--wrap", "echo ran"], wd)
+                             "--charlie-type=none", "-o", "job.out", "--wrap",
+                             "srun -N3 sh -c 'echo ran-on-$(hostname)'"], wd)
         assert p.returncode == 0, p.stderr
         info = cluster.wait_done(p.stdout.strip())
-        assert info["JobState"] in ("CANCELLED", "FAILED", "NODE_FAIL")
+        assert info["JobState"] in ("CANCELLED", "FAILED", "NODE_FAIL"), info
+        out = os.path.join(wd, "job.out")  # absent when cancelled before the batch step
+        assert not os.path.exists(out) or "ran-on-node3" not in open(out).read()
         reasons = cluster.run(["sinfo", "-h", "-R", "-o", "%N|%E"]).stdout
         assert f"node3|slurm-charlie: runtime_root: not a directory: {blocker}" in reasons
         for i in (1, 2):  # the other nodes stay in service
             assert f"node{i}|" not in reasons
     finally:
         os.unlink(blocker)
-        cluster.run(["scontrol", "update", "NodeName=node3", "State=RESUME"])
+        cluster.resume_until_stable("node3")
     assert set(cluster.wait_nodes_idle().values()) == {"idle"}
     time.sleep(0.5)
     assert cluster.job_dirs() == []
