@@ -95,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
     print("# slurm.conf needs (then restart slurmd and slurmctld):")
     print(f"Prolog={hook_dir}/prolog")
     print(f"Epilog={hook_dir}/epilog")
-    print("PrologFlags=Alloc")
+    print("PrologFlags=Alloc,NoHold   # Alloc is required; NoHold (optional) lets srun")
+    print("                           # start while prologs run: steps still wait per node")
     print(f"# site config: {conf} ({'found' if os.path.exists(conf) else 'absent: defaults apply'})")
     return 0

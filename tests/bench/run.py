@@ -40,7 +40,7 @@ def srun_times(sb: sandbox.Sandbox, n: int) -> list[float]:
     return out
 
 
-def bench_launch(rounds: int = 6, per_round: int = 12) -> None:
+def bench_launch(rounds: int = 6, per_round: int = 20) -> None:
     sb = sandbox.Sandbox()
     modes = ["off", "trivial", "on"]
     times: dict[str, list[float]] = {m: [] for m in modes}
