@@ -315,6 +315,32 @@ class Sandbox:
             if name == BRIDGE or (name.startswith("chsbx") and name.endswith("h")):
                 _run(["ip", "link", "delete", name], check=False)
         shutil.rmtree(self.state, ignore_errors=True)
+        left = self.leftovers()
+        if left:
+            raise NodeFault("sandbox down", "left behind", "; ".join(left),
+                            hint="see docs/sandbox.rst; remove them by hand")
+
+    def leftovers(self) -> list[str]:
+        """What `down` must not leave: daemons, namespaces, links, files."""
+        out = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or _zombie(int(d)):
+                continue
+            try:
+                cmd = open(f"/proc/{d}/cmdline").read().split("\0")
+            except OSError:
+                continue
+            if any(self.state in c for c in cmd) and os.path.basename(cmd[0]) in (
+                    "slurmctld", "slurmd", "slurmstepd", "munged"):
+                out.append(f"process {d} {os.path.basename(cmd[0])}")
+        out += [f"netns {n}" for n in self.nodes_on_disk()]
+        for link in _run(["ip", "-o", "link", "show"]).stdout.splitlines():
+            name = link.split(":")[1].strip().split("@")[0]
+            if name.startswith("chsbx"):
+                out.append(f"link {name}")
+        if os.path.exists(self.state):
+            out.append(f"directory {self.state}")
+        return out
 
     def nodes_on_disk(self) -> list[str]:
         try:

@@ -240,3 +240,16 @@ def test_sandbox_status_and_config_check(cluster):
     assert re.search(r"vm\.accel\s+= 'kvm'\s+# default", p.stdout)
     p = cluster.run([bin_, "sandbox", "status"])
     assert p.returncode == 0 and p.stdout.count("idle") == 3
+
+
+def test_sandbox_up_is_idempotent(cluster):
+    pids = {f: open(f).read().split()[0] for f in
+            (os.path.join(cluster.sb.state, "run", n) for n in os.listdir(
+                os.path.join(cluster.sb.state, "run"))) if f.endswith(".pid")}
+    bin_ = open(os.path.join(cluster.sb.hook_dir, "charlie.env")).read().split(
+        "CHARLIE_BIN=")[1].split()[0].strip("'")
+    p = cluster.run([bin_, "sandbox", "up", "--nodes", str(cluster.sb.nnodes)])
+    assert p.returncode == 0, p.stderr
+    assert len(pids) == 1 + cluster.sb.nnodes
+    assert {f: open(f).read().split()[0] for f in pids} == pids  # nothing restarted
+    assert cluster.sb.leftovers() != []  # the check sees a running sandbox
