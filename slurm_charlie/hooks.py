@@ -223,10 +223,6 @@ def _prolog(env: Mapping[str, str]) -> int:
         return 0
 
 
-def _read_state(path: str) -> dict[str, Any] | None:
-    return state.read(path)
-
-
 def _epilog(env: Mapping[str, str]) -> int:
     if env.get("SPANK_" + options.MARKER) is None:
         return 0
@@ -240,7 +236,7 @@ def _epilog(env: Mapping[str, str]) -> int:
             return 0
         try:
             user = User.lookup(job.uid, job.gid)
-            st = call_as(user, _read_state, paths.state)
+            st = call_as(user, state.read, paths.state)
         except CharlieError as e:
             log.warning("epilog: %s; cleaning without state", e.line())
             user, st = None, None

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import subprocess
@@ -153,10 +154,14 @@ class Sandbox:
         self._write(self._p("sandbox.json"), json.dumps({"nodes": self.nnodes}))
         self._check_user_can_run()
 
-    def _check_user_can_run(self) -> None:
+    def charlie_bin(self) -> str:
+        """The slurm-charlie command the installed hooks run."""
         with open(os.path.join(self.hook_dir, "charlie.env")) as f:
-            bin_ = [l.split("=", 1)[1].strip().strip("'") for l in f
+            return [shlex.split(l.split("=", 1)[1])[0] for l in f
                     if l.startswith("CHARLIE_BIN=")][0]
+
+    def _check_user_can_run(self) -> None:
+        bin_ = self.charlie_bin()
         r = _run(["runuser", "-u", USER, "--", bin_, "--version"], check=False)
         if r.returncode != 0:
             raise NodeFault("sandbox", f"user {USER} cannot run {bin_}",

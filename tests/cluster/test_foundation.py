@@ -174,8 +174,7 @@ def test_bad_input_refused_at_submit(cluster, badtree, args, env, message):
 def test_commit_guest_checked_against_node_count(cluster, badtree):
     """The node count is not known to the shim at submit; the validator checks
     it whenever it is given, and the prolog always does (tests/unit/test_hooks)."""
-    bin_ = open(os.path.join(cluster.sb.hook_dir, "charlie.env")).read().split(
-        "CHARLIE_BIN=")[1].split()[0].strip("'")
+    bin_ = cluster.sb.charlie_bin()
     p = cluster.as_user([bin_, "validate", "--nodes", "3", "--charlie-image=disk.qcow2",
                          "--charlie-commit=5"], badtree)
     assert p.returncode == 1
@@ -232,8 +231,7 @@ def test_node_fault_drains_with_reason(cluster):
 
 
 def test_sandbox_status_and_config_check(cluster):
-    bin_ = open(os.path.join(cluster.sb.hook_dir, "charlie.env")).read().split(
-        "CHARLIE_BIN=")[1].split()[0].strip("'")
+    bin_ = cluster.sb.charlie_bin()
     p = cluster.run([bin_, "config", "check"])
     assert p.returncode == 0, p.stderr
     assert re.search(r"runtime_root\s+= '.*/runtime/%n'\s+# .*charlie.toml", p.stdout)
@@ -246,8 +244,7 @@ def test_sandbox_up_is_idempotent(cluster):
     pids = {f: open(f).read().split()[0] for f in
             (os.path.join(cluster.sb.state, "run", n) for n in os.listdir(
                 os.path.join(cluster.sb.state, "run"))) if f.endswith(".pid")}
-    bin_ = open(os.path.join(cluster.sb.hook_dir, "charlie.env")).read().split(
-        "CHARLIE_BIN=")[1].split()[0].strip("'")
+    bin_ = cluster.sb.charlie_bin()
     p = cluster.run([bin_, "sandbox", "up", "--nodes", str(cluster.sb.nnodes)])
     assert p.returncode == 0, p.stderr
     assert len(pids) == 1 + cluster.sb.nnodes
