@@ -139,8 +139,12 @@ def list_job_dirs(root: str) -> list[str]:
 
 
 def open_log_as_root(paths: JobPaths, uid: int) -> int | None:
-    """Open out/charlie.log for appending without following links the user
-    may have planted; None if out/ does not exist yet."""
+    return open_out_as_root(paths, uid, "charlie.log")
+
+
+def open_out_as_root(paths: JobPaths, uid: int, name: str) -> int | None:
+    """Open out/NAME for appending without following links the user may
+    have planted; None if out/ does not exist yet or the file is suspect."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
     try:
         jfd = os.open(paths.job_dir, flags)
@@ -152,7 +156,7 @@ def open_log_as_root(paths: JobPaths, uid: int) -> int | None:
         os.close(jfd)
         return None
     try:
-        fd = os.open("charlie.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                      os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
                      dir_fd=ofd)
     except OSError:

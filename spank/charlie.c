@@ -21,10 +21,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <slurm/slurm.h>
 #include <slurm/spank.h>
 
 #include "charlie_options.h"
@@ -342,6 +346,91 @@ static int job_file(spank_t sp, const char *name, char *buf, size_t size)
     return (n < 0 || (size_t)n >= size - o) ? -1 : 0;
 }
 
+/* Start time (field 22 of /proc/PID/stat) of pid, 0 when unknown. */
+static unsigned long long proc_starttime(long pid)
+{
+    char path[64], buf[1024], *p;
+    unsigned long long start = 0;
+    size_t n;
+    FILE *f;
+    int field;
+
+    snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
+    if ((f = fopen(path, "re")) == NULL)
+        return 0;
+    n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    if ((p = strrchr(buf, ')')) == NULL)
+        return 0;
+    /* after ") " comes field 3 (state); starttime is field 22 */
+    for (field = 2, p++; *p && field < 22; p++)
+        if (*p == ' ')
+            field++;
+    if (sscanf(p, "%llu", &start) != 1)
+        return 0;
+    return start;
+}
+
+/* Join the container holder's user and mount namespaces (run/holder:
+ * "PID STARTTIME MNTNS").  Returns 0 when there is no holder. */
+static int join_holder(spank_t sp)
+{
+    char path[PATH_MAX], cwd[PATH_MAX], nspath[64];
+    unsigned long long start = 0, mntns = 0;
+    int userfd = -1, mntfd = -1, rv = -1;
+    struct stat st;
+    long pid = 0;
+    uint32_t step = 0;
+    FILE *f;
+
+    /* the batch script stays on the host, so that it can call srun */
+    if (spank_get_item(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS &&
+        step == SLURM_BATCH_SCRIPT)
+        return 0;
+    if (job_file(sp, "holder", path, sizeof(path)) < 0 ||
+        (f = fopen(path, "re")) == NULL)
+        return 0;
+    if (fscanf(f, "%ld %llu %llu", &pid, &start, &mntns) != 3 || pid <= 1) {
+        fclose(f);
+        fprintf(stderr, PFX ": error: container: bad holder record: %s\n", path);
+        return -1;
+    }
+    fclose(f);
+    if (proc_starttime(pid) != start) {
+        fprintf(stderr, PFX ": error: container: the job's container (pid %ld) "
+                "is gone\n", pid);
+        return -1;
+    }
+    snprintf(nspath, sizeof(nspath), "/proc/%ld/ns/user", pid);
+    userfd = open(nspath, O_RDONLY | O_CLOEXEC);
+    snprintf(nspath, sizeof(nspath), "/proc/%ld/ns/mnt", pid);
+    mntfd = open(nspath, O_RDONLY | O_CLOEXEC);
+    if (userfd < 0 || mntfd < 0 || fstat(mntfd, &st) < 0 ||
+        (unsigned long long)st.st_ino != mntns || proc_starttime(pid) != start) {
+        fprintf(stderr, PFX ": error: container: cannot open the namespaces of "
+                "pid %ld: %s\n", pid, strerror(errno));
+        goto fail;
+    }
+    if (getcwd(cwd, sizeof(cwd)) == NULL)
+        strcpy(cwd, "/");
+    if (setns(userfd, CLONE_NEWUSER) < 0 || setns(mntfd, CLONE_NEWNS) < 0) {
+        fprintf(stderr, PFX ": error: container: setns: %s\n", strerror(errno));
+        goto fail;
+    }
+    if (chdir(cwd) < 0 && chdir("/") < 0) {
+        fprintf(stderr, PFX ": error: container: chdir /: %s\n", strerror(errno));
+        goto fail;
+    }
+    rv = 0;
+fail:
+    if (userfd >= 0)
+        close(userfd);
+    if (mntfd >= 0)
+        close(mntfd);
+    return rv;
+}
+
 /* Runs in every task (the batch script too), as the user, after slurmstepd
  * has set the task's environment (so SLURMD_NODENAME is this node's). */
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
@@ -379,5 +468,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         }
     }
     fclose(f);
+    if (rv == 0 && join_holder(sp) < 0)
+        rv = -1;
     return rv;
 }

@@ -70,8 +70,13 @@ class Unavailable(Backend):
                         hint="use --charlie-type=none (meta only) for now")
 
 
+def _container() -> Backend:
+    from .container import ContainerBackend
+    return ContainerBackend()
+
+
 _REGISTRY: dict[str, Backend] = {"none": NoneBackend(),
-                                 "container": Unavailable("container"),
+                                 "container": _container(),
                                  "vm": Unavailable("vm")}
 
 

@@ -1,0 +1,209 @@
+"""Container back end: one long-lived Charliecloud container ("holder") per
+node, started by the prolog as the job user; the shim's task_init moves every
+task of the job into the holder's user and mount namespaces, so all ranks on
+a node share one container (cross-memory attach works between them).
+
+The holder is `ch-run [-w] -b META:/ch/meta -b DIRn:/ch/dataN IMAGE --
+/bin/sh -c 'exec 3<>/ch/meta/.holder; read -r _ <&3'`: it needs nothing in
+the image but /bin/sh, and blocks forever on a FIFO nobody writes.
+run/holder holds "PID STARTTIME MNTNS" for the shim, which checks the start
+time before it trusts the pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import time
+from typing import Any
+
+from ..config import Config
+from ..errors import NodeFault, UserError
+from ..options import Options
+from .. import layout
+from ..proc import call_as, log
+from . import Backend, Context
+
+MOUNT_POINTS = ("ch/meta",) + tuple(f"ch/data{i}" for i in range(1, 5))
+HOLDER_FIFO = ".holder"
+HOLDER_SCRIPT = 'exec 3<>/ch/meta/.holder; read -r _ <&3'
+
+
+def _starttime(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ns_inode(pid: int | str, ns: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/{ns}").st_ino
+    except OSError:
+        return None
+
+
+def check_image_dir(image: str, write: bool, ndirs: int) -> None:
+    """As the user: the directory image can run a holder and take our binds."""
+    sh = os.path.join(image, "bin/sh")
+    if not (os.path.exists(sh) and os.access(sh, os.X_OK)):
+        raise UserError("--charlie-image", "image has no executable /bin/sh", image,
+                        hint="slurm-charlie needs /bin/sh inside the image (any "
+                        "POSIX shell, e.g. busybox)")
+    missing = [m for m in MOUNT_POINTS[:1 + ndirs]
+               if not os.path.isdir(os.path.join(image, m))]
+    if missing and not write:
+        raise UserError("--charlie-image", "image lacks mount points "
+                        + ", ".join("/" + m for m in missing), image,
+                        hint="create them once: mkdir -p " + " ".join(
+                            os.path.join(image, m) for m in MOUNT_POINTS))
+    if write and not os.access(image, os.W_OK):
+        raise UserError("--charlie-write", "image directory not writable by you",
+                        image, hint="drop --charlie-write, or use an image you own")
+
+
+class ContainerBackend(Backend):
+    name = "container"
+
+    def check(self, opts: Options, cfg: Config) -> None:
+        if opts.image and os.path.isdir(opts.image):
+            check_image_dir(opts.image, opts.write, len(opts.dir))
+        elif opts.image:
+            raise UserError("--charlie-image", "container archives are not "
+                            "supported yet; give an image directory", opts.image)
+
+    def task_env(self, ctx: Context) -> list[tuple[str, str]]:
+        env = [("CH_META", "/ch/meta")]
+        env += [(f"CH_DATA{i}", f"/ch/data{i}") for i in range(1, len(ctx.opts.dir) + 1)]
+        return env
+
+    # -- prolog ---------------------------------------------------------------
+    def start(self, ctx: Context) -> dict[str, Any]:
+        call_as(ctx.user, _make_fifo, os.path.join(ctx.paths.meta, HOLDER_FIFO))
+        runtime = ctx.cfg["container.runtime"]
+        argv = [runtime]
+        if ctx.opts.write:
+            argv.append("-w")
+        argv += ["-b", f"{ctx.paths.meta}:/ch/meta"]
+        for i, d in enumerate(ctx.opts.dir, start=1):
+            argv += ["-b", f"{d}:/ch/data{i}"]
+        for bind in ctx.cfg["container.binds"]:
+            argv += ["-b", bind]
+        argv += [ctx.opts.image, "--", "/bin/sh", "-c", HOLDER_SCRIPT]
+        log.info("starting holder as %s: %s", ctx.user, " ".join(argv))
+        holder_log = os.path.join(ctx.paths.out, "holder.log")
+        fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, "holder.log")
+        if fd is None:
+            raise NodeFault("job directory", "cannot open", holder_log)
+        host_mnt = _ns_inode("self", "mnt")
+        try:
+            with os.fdopen(fd, "ab") as f:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f, cwd="/",
+                    env=ctx.user.env(), user=ctx.user.uid, group=ctx.user.gid,
+                    extra_groups=list(ctx.user.groups), start_new_session=True)
+        except FileNotFoundError:
+            raise NodeFault("container.runtime", "not found", runtime,
+                            hint="install charliecloud-runtime or fix "
+                            "container.runtime in the site config") from None
+        deadline = time.monotonic() + ctx.cfg["timeouts.boot"]
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                text = call_as(ctx.user, _tail, holder_log)
+                raise UserError("container", f"ch-run exited with {proc.returncode}",
+                                text.splitlines()[-1] if text else None,
+                                hint=f"{holder_log} has ch-run's output")
+            mnt = _ns_inode(proc.pid, "mnt")
+            if mnt and mnt != host_mnt and _in_read(proc.pid):
+                break
+            time.sleep(0.005)
+        else:
+            proc.kill()
+            raise NodeFault("container", "holder did not start in time",
+                            ctx.cfg["timeouts.boot"])
+        info = {"holder_pid": proc.pid, "holder_start": _starttime(proc.pid),
+                "holder_mntns": mnt, "holder_userns": _ns_inode(proc.pid, "user")}
+        call_as(ctx.user, _write_holder, ctx.paths.run, info)
+        return info
+
+    # -- epilog ---------------------------------------------------------------
+    def stop(self, ctx: Context, state: dict[str, Any] | None) -> None:
+        """Kill the holder and every process of the job user in its
+        namespaces.  Without state, find them by the holder's FIFO path."""
+        backend = (state or {}).get("backend") or {}
+        mntns = backend.get("holder_mntns")
+        victims = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{d}").st_uid != ctx.user.uid:
+                    continue
+            except OSError:
+                continue
+            if mntns and _ns_inode(d, "mnt") == mntns:
+                victims.append(int(d))
+            elif _holds_fifo(d, os.path.join(ctx.paths.meta, HOLDER_FIFO)):
+                victims.append(int(d))
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + ctx.cfg["timeouts.kill"]
+        while victims and time.monotonic() < deadline:
+            victims = [p for p in victims if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+            time.sleep(0.02)
+        if victims:
+            raise NodeFault("container", "processes did not die", victims,
+                            hint="look for processes in D state (hung I/O)")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _in_read(pid: int) -> bool:
+    """The holder has exec'd sh and opened its FIFO."""
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").endswith(HOLDER_FIFO)
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def _holds_fifo(pid: str, fifo: str) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") in (fifo, "/ch/meta/" + HOLDER_FIFO)
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def _make_fifo(path: str) -> None:
+    try:
+        st = os.lstat(path)
+        if stat.S_ISFIFO(st.st_mode):
+            return
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.mkfifo(path, 0o600)
+
+
+def _tail(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read()[-4000:].decode(errors="replace").strip()
+
+
+def _write_holder(run_dir: str, info: dict[str, Any]) -> None:
+    path = os.path.join(run_dir, "holder")
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{info['holder_pid']} {info['holder_start']} {info['holder_mntns']}\n")
+    os.replace(path + ".tmp", path)

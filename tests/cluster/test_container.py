@@ -1,0 +1,125 @@
+"""Container jobs (issue 3, first part) on the sandbox: one holder per node,
+every task of a step inside it, the batch script on the host, cleanup."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import build_busybox_image
+
+
+@pytest.fixture(scope="module")
+def images(cluster):
+    base = os.path.join(cluster.home, "charlie-tests", "images")
+    os.makedirs(base, exist_ok=True)
+    return {
+        "bb": build_busybox_image(os.path.join(base, "bb")),
+        "nosh": build_busybox_image(os.path.join(base, "nosh"), shell=False),
+        "nomounts": build_busybox_image(os.path.join(base, "nomounts"), mount_points=False),
+        "mine": build_busybox_image(os.path.join(base, "mine"), owner="chuser"),
+    }
+
+
+PROBE = ('echo "TASK $(hostname) rank=$SLURM_PROCID $(cat /MARKER) '
+         'mnt=$(readlink /proc/self/ns/mnt) user=$(readlink /proc/self/ns/user) '
+         'meta=$CH_META d1=$CH_DATA1 pwd=$(pwd) uid=$(id -u) '
+         'hostfile=$(wc -l < /ch/meta/hostfile) data=$(cat /ch/data1/input)"')
+
+
+def test_tasks_run_in_the_nodes_container(cluster, images):
+    wd = cluster.workdir("container")
+    cluster.write(os.path.join(wd, "input"), "from-the-host\n", 0o644)
+    cluster.write(os.path.join(wd, "job.sh"), f"""#!/bin/sh
+echo "BATCH marker=$(cat /MARKER 2>/dev/null || echo none) pwd=$(pwd)"
+srun sh -c '{PROBE}'
+srun -N1 -n1 --chdir=/tmp pwd
+""")
+    p, jobid = cluster.sbatch(wd, ["-N3", "-n6", f"--charlie-image={images['bb']}",
+                                   "--charlie-dir=.", "-o", "job.out", "job.sh"])
+    out = open(os.path.join(wd, "job.out")).read()
+    assert p.returncode == 0, out
+    # the batch script stays on the host
+    assert f"BATCH marker=none pwd={wd}" in out
+    tasks = re.findall(r"TASK (\S+) rank=(\d+) (\S+) mnt=(\S+) user=(\S+) meta=(\S+) "
+                       r"d1=(\S+) pwd=(\S+) uid=(\d+) hostfile=(\d+) data=(\S+)", out)
+    assert len(tasks) == 6, out
+    uid = cluster.run(["id", "-u", "chuser"]).stdout.strip()
+    by_node = {}
+    for host, rank, marker, mnt, user, meta, d1, pwd, tuid, hostfile, data in tasks:
+        assert marker == "inside-the-image"
+        assert (meta, d1, pwd, tuid, hostfile, data) == (
+            "/ch/meta", "/ch/data1", "/", uid, "3", "from-the-host")
+        by_node.setdefault(host, set()).add((mnt, user))
+    assert sorted(by_node) == ["node1", "node2", "node3"]
+    # both ranks of a node share its container; nodes have their own
+    assert all(len(v) == 1 for v in by_node.values()), by_node
+    assert len({next(iter(v)) for v in by_node.values()}) == 3
+    assert "\n/tmp\n" in out  # a working directory that exists inside is kept
+    cluster.wait_done(jobid)
+    assert cluster.job_dirs() == [] and cluster.user_processes() == []
+
+
+def test_scancel_leaves_nothing(cluster, images):
+    wd = cluster.workdir("container-scancel")
+    p = cluster.as_user(["sbatch", "--parsable", "-N3", f"--charlie-image={images['bb']}",
+                         "-o", "job.out", "--wrap", "srun -N3 sleep 300"], wd)
+    assert p.returncode == 0, p.stderr
+    jobid = p.stdout.strip()
+    end = time.monotonic() + 30
+    while time.monotonic() < end and len(cluster.user_processes(timeout=0)) < 6:
+        time.sleep(0.2)  # holders + sleeps are up
+    assert any("sleep 300" in c for c in cluster.user_processes(timeout=0))
+    cluster.run(["scancel", jobid], check=True)
+    cluster.wait_done(jobid)
+    assert cluster.user_processes() == []
+    assert cluster.job_dirs() == []
+
+
+def test_write_mode(cluster, images):
+    wd = cluster.workdir("container-write")
+    target = os.path.join(images["mine"], "written")
+    if os.path.exists(target):
+        os.unlink(target)
+    p, jobid = cluster.sbatch(wd, ["-N1", f"--charlie-image={images['mine']}",
+                                   "--charlie-write", "-o", "job.out", "--wrap",
+                                   "srun sh -c 'echo ok > /written'"])
+    assert p.returncode == 0, open(os.path.join(wd, "job.out")).read()
+    assert open(target).read() == "ok\n"
+
+
+BAD = [
+    ("nosh", [], "--charlie-image: image has no executable /bin/sh: {img}"),
+    ("nomounts", [], "--charlie-image: image lacks mount points /ch/meta: {img}"),
+    ("bb", ["--charlie-write"], "--charlie-write: image directory not writable by you: {img}"),
+    ("bb", ["--charlie-cpus=2"], "--charlie-cpus: applies to VM jobs only, not type container"),
+]
+
+
+@pytest.mark.parametrize("image,args,message", BAD, ids=[m.split(": ")[1] for _, _, m in BAD])
+def test_bad_container_input(cluster, images, image, args, message):
+    wd = cluster.workdir("container-bad")
+    p = cluster.as_user(["sbatch", "-N1", f"--charlie-image={images[image]}", *args,
+                         "--wrap", "true"], wd)
+    assert p.returncode != 0 and "Submitted" not in p.stdout
+    assert message.format(img=images[image]) in p.stderr, p.stderr
+
+
+def test_mount_point_hint_is_the_fix(cluster, images):
+    wd = cluster.workdir("container-hint")
+    p = cluster.as_user(["sbatch", "-N1", f"--charlie-image={images['nomounts']}",
+                         "--wrap", "true"], wd)
+    hint = re.search(r"hint: create them once: (mkdir -p .*)", p.stderr)
+    assert hint, p.stderr
+    fixed = os.path.join(cluster.home, "charlie-tests", "images", "fixed")
+    shutil.rmtree(fixed, ignore_errors=True)
+    shutil.copytree(images["nomounts"], fixed, symlinks=True)
+    cmd = hint.group(1).replace(images["nomounts"], fixed)
+    subprocess.run(cmd, shell=True, check=True)
+    subprocess.run(["chmod", "-R", "a+rX", fixed], check=True)
+    p, _ = cluster.sbatch(wd, ["-N1", f"--charlie-image={fixed}", "-o", "job.out",
+                               "--wrap", "srun cat /MARKER"])
+    assert p.returncode == 0 and "inside-the-image" in open(os.path.join(wd, "job.out")).read()
