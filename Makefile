@@ -9,7 +9,8 @@ SB := $(VENV)/bin/slurm-charlie
 PYTEST_ARGS ?=
 # Debian packages the sandbox, the shim and the tests need
 APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
-	iproute2 util-linux gcc make python3-venv
+	iproute2 util-linux gcc make python3-venv charliecloud-runtime mpich libmpich-dev \
+	busybox-static
 
 .PHONY: all deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench \
 	docs docs-gen clean

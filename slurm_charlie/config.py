@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 import tomllib
 from types import MappingProxyType
@@ -17,6 +18,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 ENV_VAR = "SLURM_CHARLIE_CONF"
+_ENV_ITEM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[^\n]*$")
 DEFAULT_PATH = "/etc/slurm/charlie.toml"
 
 
@@ -50,6 +52,12 @@ DEFAULTS: tuple[Key, ...] = (
     Key("container.cache_max_gib", 50, int, "size bound of the image cache"),
     Key("container.binds", [], list,
         "extra SRC[:DST] bind mounts for every container"),
+    Key("container.env", [], list,
+        "NAME=VALUE set in every task of a container job (a task's own "
+        "setting wins)"),
+    Key("container.default_mpi", "pmi2", str,
+        "SLURM_MPI_TYPE for container jobs whose user did not choose one "
+        "(empty: leave Slurm's MpiDefault)"),
     Key("vm.qemu", "qemu-system-x86_64", str, "QEMU system emulator"),
     Key("vm.qemu_img", "qemu-img", str, "qemu-img binary"),
     Key("vm.accel", "kvm", str, "kvm or tcg (tcg: full emulation, slow)",
@@ -128,6 +136,10 @@ def _check(name: str, value: Any, path: str) -> Any:
                           repr(value))
     if key.type is int and value < 0:
         raise ConfigError(path, f"{name}: must not be negative", value)
+    if name == "container.env":
+        for item in value:
+            if not _ENV_ITEM.match(item):
+                raise ConfigError(path, f"{name}: not NAME=VALUE", repr(item))
     if name in ("runtime_root", "container.cache_dir") and not value.startswith("/"):
         raise ConfigError(path, f"{name}: must be an absolute path", value)
     return value

@@ -137,7 +137,14 @@ class Sandbox:
                     f'runtime_root = "{self.runtime_root}"\n'
                     f'log_file = "{self._p("log", "charlie-%n.log")}"\n'
                     "syslog = false\n"
-                    'log_level = "debug"\n')
+                    'log_level = "debug"\n'
+                    "[container]\n"
+                    "# Sandbox nodes share one kernel, so UCX takes ranks on different\n"
+                    "# 'nodes' for neighbours and maps their shared memory through\n"
+                    "# /proc/PID/fd, which fails between two nodes' containers (separate\n"
+                    "# user namespaces). Named files in the shared /dev/shm work. Real\n"
+                    "# nodes have their own boot id and talk over the network instead.\n"
+                    'env = ["UCX_POSIX_USE_PROC_LINK=n"]\n')
         plugstack = self._p("etc", "plugstack.conf")
         if not os.path.exists(plugstack):
             self._write(plugstack, "# slurm-charlie sandbox\n")

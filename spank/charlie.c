@@ -9,7 +9,9 @@
  * remote context (slurmstepd; as the user):
  *   task_init: when the prolog left <runtime_root>/<job>/run/error, prints it
  *              to the task's stderr and fails the task; else exports the
- *              CH_* lines of <runtime_root>/<job>/run/task.env.
+ *              lines of <runtime_root>/<job>/run/task.env (CH_* always,
+ *              others only where the task has no value) and, for container
+ *              jobs, enters the node's container (run/holder).
  *
  * plugstack.conf arguments: bin=PATH (slurm-charlie), runtime_root=PATH
  * (as in the site config, %n = node name), conf=PATH (site config, optional).
@@ -459,10 +461,14 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     while (fgets(line, sizeof(line), f)) {
         char *eq = strchr(line, '=');
         line[strcspn(line, "\n")] = '\0';
-        if (eq == NULL || strncmp(line, "CH_", 3) != 0)
+        if (eq == NULL || eq == line || strspn(line, "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                "abcdefghijklmnopqrstuvwxyz0123456789_") != (size_t)(eq - line))
             continue;
         *eq = '\0';
-        if (spank_setenv(sp, line, eq + 1, 1) != ESPANK_SUCCESS) {
+        /* CH_* are ours and always set; anything else is a default (site
+         * container.env, SLURM_MPI_TYPE) that the task's own value beats */
+        if (spank_setenv(sp, line, eq + 1, strncmp(line, "CH_", 3) == 0) != ESPANK_SUCCESS &&
+            strncmp(line, "CH_", 3) == 0) {
             slurm_error(PFX ": cannot set %s for the task", line);
             rv = -1;
         }

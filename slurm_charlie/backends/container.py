@@ -76,8 +76,13 @@ class ContainerBackend(Backend):
                             "supported yet; give an image directory", opts.image)
 
     def task_env(self, ctx: Context) -> list[tuple[str, str]]:
+        """CH_* (always set) and, as defaults a task's own setting wins
+        over, SLURM_MPI_TYPE and the site's container.env."""
         env = [("CH_META", "/ch/meta")]
         env += [(f"CH_DATA{i}", f"/ch/data{i}") for i in range(1, len(ctx.opts.dir) + 1)]
+        if ctx.cfg["container.default_mpi"]:
+            env.append(("SLURM_MPI_TYPE", ctx.cfg["container.default_mpi"]))
+        env += [tuple(item.split("=", 1)) for item in ctx.cfg["container.env"]]
         return env
 
     # -- prolog ---------------------------------------------------------------

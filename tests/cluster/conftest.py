@@ -154,6 +154,45 @@ def build_busybox_image(path: str, mount_points: bool = True, shell: bool = True
     return path
 
 
+SRC = os.path.join(os.path.dirname(__file__), "src")
+
+
+def _copy_closure(binary: str, image: str) -> None:
+    """Copy binary's shared libraries (and the loader) into image, same paths."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        lib = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if lib.startswith("/"):
+            dst = image + lib
+            if not os.path.exists(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copy(lib, dst)
+
+
+def build_mpi_image(path: str) -> str:
+    """busybox image plus an MPICH allreduce program (/usr/bin/mpi_allreduce),
+    a cross-memory-attach probe (/usr/bin/cma) and their library closure,
+    UCX's transport modules included (they are dlopen'ed, ldd does not see
+    them)."""
+    build_busybox_image(path)
+    bindir = os.path.join(path, "usr", "bin")
+    subprocess.run(["mpicc.mpich", "-O2", "-o", os.path.join(bindir, "mpi_allreduce"),
+                    os.path.join(SRC, "mpi_allreduce.c")], check=True)
+    subprocess.run(["gcc", "-O2", "-o", os.path.join(bindir, "cma"),
+                    os.path.join(SRC, "cma.c")], check=True)
+    for prog in ("mpi_allreduce", "cma"):
+        _copy_closure(os.path.join(bindir, prog), path)
+    ucx = "/usr/lib/x86_64-linux-gnu/ucx"
+    if os.path.isdir(ucx):
+        shutil.copytree(ucx, path + ucx, symlinks=True, dirs_exist_ok=True)
+        for mod in os.listdir(ucx):
+            if mod.endswith(".so.0"):
+                _copy_closure(os.path.join(ucx, mod), path)
+    subprocess.run(["chmod", "-R", "a+rX,go-w", path], check=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def cluster():
     sb = sbmod.Sandbox()

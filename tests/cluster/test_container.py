@@ -123,3 +123,49 @@ def test_mount_point_hint_is_the_fix(cluster, images):
     p, _ = cluster.sbatch(wd, ["-N1", f"--charlie-image={fixed}", "-o", "job.out",
                                "--wrap", "srun cat /MARKER"])
     assert p.returncode == 0 and "inside-the-image" in open(os.path.join(wd, "job.out")).read()
+
+
+@pytest.fixture(scope="module")
+def mpi_image(cluster):
+    from conftest import build_mpi_image
+    return build_mpi_image(os.path.join(cluster.home, "charlie-tests", "images", "mpi"))
+
+
+def test_mpi_pmi2_in_containers(cluster, mpi_image):
+    """3 nodes x 2 ranks, srun --mpi=pmi2 (and srun with no --mpi: the job
+    defaults to pmi2): right rank/size, correct allreduce, inside the image,
+    node peers in one container."""
+    wd = cluster.workdir("container-mpi")
+    cluster.write(os.path.join(wd, "job.sh"), """#!/bin/sh
+echo "MPI_TYPE=$SLURM_MPI_TYPE"
+srun --mpi=pmi2 sh -c 'echo "NS $SLURM_PROCID $(hostname) $(readlink /proc/self/ns/mnt) $(cat /MARKER)"; exec /usr/bin/mpi_allreduce'
+srun /usr/bin/mpi_allreduce
+""")
+    p, jobid = cluster.sbatch(wd, ["-N3", "--ntasks-per-node=2",
+                                   f"--charlie-image={mpi_image}", "-o", "job.out", "job.sh"])
+    out = open(os.path.join(wd, "job.out")).read()
+    assert p.returncode == 0, out
+    assert "MPI_TYPE=pmi2" in out
+    ranks = re.findall(r"rank (\d+) of (\d+) on (\S+) sum (\d+)", out)
+    assert sorted(int(r) for r, _, _, _ in ranks) == sorted(list(range(6)) * 2), out
+    assert all(size == "6" and total == "6" for _, size, _, total in ranks), out
+    ns = re.findall(r"NS (\d+) (\S+) (\S+) (\S+)", out)
+    assert len(ns) == 6 and all(m == "inside-the-image" for *_, m in ns)
+    per_node = {}
+    for _, host, mnt, _ in ns:
+        per_node.setdefault(host, set()).add(mnt)
+    assert len(per_node) == 3 and all(len(v) == 1 for v in per_node.values())
+
+
+def test_cross_memory_attach_needs_the_shared_container(cluster, mpi_image):
+    """process_vm_readv between two ranks on one node works inside the job's
+    container, and fails (EPERM) when each rank has its own ch-run container:
+    the seed FAQ's 'ranks on the same node fail' problem."""
+    wd = cluster.workdir("container-cma")
+    p = cluster.as_user(["srun", "-N1", "-n2", f"--charlie-image={mpi_image}",
+                         "--charlie-dir=.", "/usr/bin/cma", "/ch/data1"], wd)
+    assert p.returncode == 0 and "CMA OK: secret-from-task-0" in p.stdout, p.stdout + p.stderr
+    control = cluster.as_user(["srun", "-N1", "-n2", "ch-run", "-b", f"{wd}:/mnt",
+                               mpi_image, "--", "/usr/bin/cma", "/mnt"], wd)
+    assert control.returncode != 0
+    assert "CMA FAILED: Operation not permitted" in control.stdout, control.stdout + control.stderr
