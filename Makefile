@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Debian packages the sandbox, the shim and the tests need
 APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
 	iproute2 util-linux gcc make python3-venv charliecloud-runtime mpich libmpich-dev \
-	busybox-static
+	busybox-static squashfs-tools
 
 .PHONY: all deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench \
 	docs docs-gen clean

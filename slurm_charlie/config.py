@@ -48,8 +48,11 @@ DEFAULTS: tuple[Key, ...] = (
         "empty: none"),
     Key("container.runtime", "ch-run", str, "Charliecloud ch-run binary"),
     Key("container.cache_dir", "/var/cache/slurm-charlie/%n", str,
-        "node-local cache of unpacked container images"),
-    Key("container.cache_max_gib", 50, int, "size bound of the image cache"),
+        "node-local cache of unpacked container images (one directory per "
+        "user); same safety rule as runtime_root"),
+    Key("container.cache_max_mib", 51200, int,
+        "size bound of each user's unpacked-image cache on a node; least "
+        "recently used images no running job uses are removed beyond it"),
     Key("container.binds", [], list,
         "extra SRC[:DST] bind mounts for every container"),
     Key("container.env", [], list,
@@ -74,6 +77,8 @@ DEFAULTS: tuple[Key, ...] = (
     Key("timeouts.boot", 300, int, "seconds to wait for a guest to be ready"),
     Key("timeouts.shutdown", 60, int, "seconds to wait for a clean guest power-off"),
     Key("timeouts.kill", 10, int, "seconds to wait for killed processes to go"),
+    Key("timeouts.unpack", 600, int,
+        "seconds a job waits for another job unpacking the same image"),
     Key("commit.policy", "allow", str,
         "allow: --charlie-commit works; deny: refused at submit",
         ("allow", "deny")),

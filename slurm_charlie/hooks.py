@@ -62,12 +62,8 @@ def prepare_as_user(ctx: backends.Context, raw: options.Options,
     for d in (p.meta, p.run, p.out, os.path.join(p.meta, meta.SYNC_DIR)):
         os.makedirs(d, mode=0o755 if d.startswith(p.meta) else 0o700, exist_ok=True)
     os.chmod(p.job_dir, 0o700)
-    try:
-        opts = validate.resolve(raw, ctx.cfg, cwd=None, num_nodes=len(ctx.nodes))
-    except UserError as e:
-        _write_file(p.error, (format_message(e, ctx.job_id) + "\n").encode())
-        raise
-    try:
+    opts = validate.resolve(raw, ctx.cfg, cwd=None, num_nodes=len(ctx.nodes))
+    try:  # left by an earlier run of this prolog
         os.unlink(p.error)
     except FileNotFoundError:
         pass
@@ -168,7 +164,7 @@ def _prolog(env: Mapping[str, str]) -> int:
         return 0
     node = env.get("SLURMD_NODENAME", "?")
     job_id = env.get("SLURM_JOB_ID")
-    cfg = None
+    cfg = user = paths = None
     try:
         job, cfg, paths = _context(env)
         _setup_logging(cfg, job.job_id, node)
@@ -186,8 +182,6 @@ def _prolog(env: Mapping[str, str]) -> int:
                                user=user, job_id=job.job_id, node=job.node_name,
                                guest_id=nodes.index(job.node_name), nodes=nodes)
         if early is not None:
-            call_as(user, _write_file, paths.error,
-                    (format_message(early, job.job_id) + "\n").encode())
             raise early
         prepared = call_as(user, prepare_as_user, ctx, raw, cpus)
         if fd is None:
@@ -220,6 +214,12 @@ def _prolog(env: Mapping[str, str]) -> int:
         if cfg is None:
             _setup_logging(None, job_id, node)
         log.error("%s (job fails, node stays in service)", e.line())
+        if user is not None and paths is not None:
+            try:  # every task prints this and fails (the shim's task_init)
+                call_as(user, _write_file, paths.error,
+                        (format_message(e, job_id) + "\n").encode())
+            except CharlieError as e2:
+                log.error("cannot record the error for the job: %s", e2.line())
         return 0
 
 

@@ -55,7 +55,8 @@ def check_job_id(job_id: str) -> None:
 
 
 def _open_root(root: str) -> int:
-    """Create runtime_root if needed (root-owned, 0755) and open it safely."""
+    """Create a root-managed directory (runtime_root, the image cache) if
+    needed (root-owned, 0755) and open it safely."""
     check_root_safe(root)
     try:
         os.makedirs(root, mode=0o755, exist_ok=True)
@@ -97,6 +98,33 @@ def create_job_dir(paths: JobPaths, uid: int, gid: int) -> None:
                         "of runtime_root") from None
     finally:
         os.close(rootfd)
+
+
+def create_user_dir(base: str, uid: int, gid: int) -> str:
+    """<base>/<uid>, owned by the user, 0700, below a root-owned base (the
+    per-user image cache).  Root only makes the directory."""
+    rootfd = _open_root(base)
+    name = str(uid)
+    try:
+        try:
+            os.mkdir(name, 0o700, dir_fd=rootfd)
+        except FileExistsError:
+            pass
+        st = os.lstat(name, dir_fd=rootfd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NodeFault("image cache", "not a directory", os.path.join(base, name))
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=rootfd)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise NodeFault("image cache", f"cannot create: {e.strerror}",
+                        os.path.join(base, name)) from None
+    finally:
+        os.close(rootfd)
+    return os.path.join(base, name)
 
 
 def _remove_entry(rootfd: int, name: str) -> None:

@@ -139,6 +139,7 @@ class Sandbox:
                     "syslog = false\n"
                     'log_level = "debug"\n'
                     "[container]\n"
+                    f'cache_dir = "{self._p("cache", "%n")}"\n'
                     "# Sandbox nodes share one kernel, so UCX takes ranks on different\n"
                     "# 'nodes' for neighbours and maps their shared memory through\n"
                     "# /proc/PID/fd, which fails between two nodes' containers (separate\n"

@@ -456,8 +456,18 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         return -1;
     }
     if (job_file(sp, "task.env", path, sizeof(path)) < 0 ||
-        (f = fopen(path, "re")) == NULL)
+        (f = fopen(path, "re")) == NULL) {
+        char marker[8];
+        /* a charlie job whose prolog did not finish here must not run as if
+         * it were a plain job */
+        if (spank_getenv(sp, "SLURM_SPANK_CHARLIE", marker, sizeof(marker)) == ESPANK_SUCCESS) {
+            fprintf(stderr, PFX ": error: this node was not prepared for the job "
+                    "(%s missing)\n" PFX ": hint: the node's slurm-charlie log says "
+                    "why\n", path);
+            return -1;
+        }
         return 0;  /* not a charlie job */
+    }
     while (fgets(line, sizeof(line), f)) {
         char *eq = strchr(line, '=');
         line[strcspn(line, "\n")] = '\0';

@@ -19,10 +19,10 @@ import subprocess
 import time
 from typing import Any
 
-from ..config import Config
+from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
-from .. import layout
+from .. import config, images, layout, unpack
 from ..proc import call_as, log
 from . import Backend, Context
 
@@ -71,9 +71,11 @@ class ContainerBackend(Backend):
     def check(self, opts: Options, cfg: Config) -> None:
         if opts.image and os.path.isdir(opts.image):
             check_image_dir(opts.image, opts.write, len(opts.dir))
-        elif opts.image:
-            raise UserError("--charlie-image", "container archives are not "
-                            "supported yet; give an image directory", opts.image)
+        elif opts.image and opts.write:
+            raise UserError("--charlie-write", "needs an image directory; an "
+                            "archive is unpacked into a private cache", opts.image,
+                            hint="unpack it yourself and pass the directory")
+        # archives are checked member by member when the prolog unpacks them
 
     def task_env(self, ctx: Context) -> list[tuple[str, str]]:
         """CH_* (always set) and, as defaults a task's own setting wins
@@ -86,7 +88,26 @@ class ContainerBackend(Backend):
         return env
 
     # -- prolog ---------------------------------------------------------------
+    def _unpacked(self, ctx: Context) -> dict[str, Any]:
+        """For an archive: unpack (or reuse) it in the user's node cache."""
+        kind, fmt = call_as(ctx.user, images.detect, ctx.opts.image)
+        if fmt == "directory":
+            return {"image_dir": ctx.opts.image}
+        cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
+        user_cache = layout.create_user_dir(cache, ctx.user.uid, ctx.user.gid)
+        got = call_as(ctx.user, unpack.unpack, ctx.opts.image, fmt, user_cache,
+                      ctx.job_id, ctx.cfg["timeouts.unpack"])
+        log.info("image %s: %s %s", ctx.opts.image,
+                 "unpacked into" if got["unpacked"] else "cached at", got["image"])
+        running = set(layout.list_job_dirs(ctx.paths.root))
+        removed = call_as(ctx.user, unpack.evict, user_cache,
+                          ctx.cfg["container.cache_max_mib"] << 20, running)
+        for sha in removed:
+            log.info("image cache: evicted %s", sha)
+        return {"image_dir": got["image"], "cache": user_cache, "sha": got["sha"]}
+
     def start(self, ctx: Context) -> dict[str, Any]:
+        image = self._unpacked(ctx)
         call_as(ctx.user, _make_fifo, os.path.join(ctx.paths.meta, HOLDER_FIFO))
         runtime = ctx.cfg["container.runtime"]
         argv = [runtime]
@@ -97,7 +118,7 @@ class ContainerBackend(Backend):
             argv += ["-b", f"{d}:/ch/data{i}"]
         for bind in ctx.cfg["container.binds"]:
             argv += ["-b", bind]
-        argv += [ctx.opts.image, "--", "/bin/sh", "-c", HOLDER_SCRIPT]
+        argv += [image["image_dir"], "--", "/bin/sh", "-c", HOLDER_SCRIPT]
         log.info("starting holder as %s: %s", ctx.user, " ".join(argv))
         holder_log = os.path.join(ctx.paths.out, "holder.log")
         fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, "holder.log")
@@ -130,7 +151,8 @@ class ContainerBackend(Backend):
             raise NodeFault("container", "holder did not start in time",
                             ctx.cfg["timeouts.boot"])
         info = {"holder_pid": proc.pid, "holder_start": _starttime(proc.pid),
-                "holder_mntns": mnt, "holder_userns": _ns_inode(proc.pid, "user")}
+                "holder_mntns": mnt, "holder_userns": _ns_inode(proc.pid, "user"),
+                **image}
         call_as(ctx.user, _write_holder, ctx.paths.run, info)
         return info
 
@@ -165,6 +187,11 @@ class ContainerBackend(Backend):
         if victims:
             raise NodeFault("container", "processes did not die", victims,
                             hint="look for processes in D state (hung I/O)")
+        if backend.get("sha") and backend.get("cache"):
+            cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
+            if os.path.dirname(backend["cache"]) == cache:  # state is only a hint
+                call_as(ctx.user, unpack.release, backend["cache"], backend["sha"],
+                        ctx.job_id)
 
 
 def _zombie(pid: int) -> bool:

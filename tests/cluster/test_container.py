@@ -169,3 +169,112 @@ def test_cross_memory_attach_needs_the_shared_container(cluster, mpi_image):
                                mpi_image, "--", "/usr/bin/cma", "/mnt"], wd)
     assert control.returncode != 0
     assert "CMA FAILED: Operation not permitted" in control.stdout, control.stdout + control.stderr
+
+
+@pytest.fixture(scope="module")
+def archives(cluster, images):
+    base = os.path.join(cluster.home, "charlie-tests", "archives")
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    parent, name = os.path.split(images["bb"])
+    out = {
+        "tgz": os.path.join(base, "bb.tar.gz"),
+        "topdir": os.path.join(base, "bb-topdir.tar.xz"),
+        "tar": os.path.join(base, "bb.tar"),
+        "sqfs": os.path.join(base, "bb.sqfs"),
+        "evil": os.path.join(base, "evil.tar.gz"),
+        "other": os.path.join(base, "other.tar.gz"),
+    }
+    subprocess.run(["tar", "-C", images["bb"], "-czf", out["tgz"], "."], check=True)
+    subprocess.run(["tar", "-C", parent, "-cJf", out["topdir"], name], check=True)
+    subprocess.run(["tar", "-C", images["bb"], "-cf", out["tar"], "."], check=True)
+    subprocess.run(["mksquashfs", images["bb"], out["sqfs"], "-quiet", "-no-progress"],
+                   check=True, capture_output=True)
+    subprocess.run(["tar", "-C", images["nomounts"], "-czf", out["other"], "."], check=True)
+    evil_src = os.path.join(base, "evil-src")
+    os.makedirs(evil_src)
+    open(os.path.join(evil_src, "x"), "w").close()
+    subprocess.run(["tar", "-C", evil_src, "-czf", out["evil"], "--transform",
+                    "s,^./x,../escaped-by-tar,", "./x"], check=True)
+    for p in out.values():
+        os.chmod(p, 0o644)
+    return out
+
+
+def _charlie_log(cluster, node: str) -> str:
+    return open(os.path.join(cluster.sb.state, "log", f"charlie-{node}.log")).read()
+
+
+@pytest.mark.parametrize("kind", ["tgz", "topdir", "tar", "sqfs"])
+def test_archive_images(cluster, archives, kind):
+    wd = cluster.workdir(f"archive-{kind}")
+    p, jobid = cluster.sbatch(wd, ["-N2", f"--charlie-image={archives[kind]}", "-o",
+                                   "job.out", "--wrap", "srun sh -c 'cat /MARKER; ls /ch'"])
+    out = open(os.path.join(wd, "job.out")).read()
+    assert p.returncode == 0, out
+    assert out.count("inside-the-image") == 2 and "meta" in out
+
+
+def test_concurrent_jobs_share_one_unpack(cluster, archives, images):
+    wd = cluster.workdir("archive-shared")
+    fresh = os.path.join(wd, "fresh.tar.gz")  # new content: not in any cache yet
+    src = os.path.join(wd, "src")
+    shutil.copytree(images["bb"], src, symlinks=True)
+    with open(os.path.join(src, "unique"), "w") as f:
+        f.write(f"{time.time_ns()}\n")
+    subprocess.run(["tar", "-C", src, "-czf", fresh, "."], check=True)
+    os.chmod(fresh, 0o644)
+    jobs = []
+    for i in range(2):
+        p = cluster.as_user(["sbatch", "--parsable", "-N1", "-n1", "-w", "node2",
+                             f"--charlie-image={fresh}", "-o", f"job{i}.out", "--wrap",
+                             "srun sh -c 'cat /MARKER; sleep 2'"], wd)
+        assert p.returncode == 0, p.stderr
+        jobs.append(p.stdout.strip())
+    for j in jobs:
+        assert cluster.wait_done(j)["JobState"] == "COMPLETED"
+    log = _charlie_log(cluster, "node2")
+    lines = [l for l in log.splitlines() if f"image {fresh}:" in l
+             and any(f"job {j}:" in l for j in jobs)]
+    assert sum("unpacked into" in l for l in lines) == 1, lines
+    assert sum("cached at" in l for l in lines) == 1, lines
+    cache = {l.split()[-1] for l in lines}
+    assert len(cache) == 1
+
+
+def test_eviction_beyond_the_cache_bound(cluster, archives):
+    wd = cluster.workdir("archive-evict")
+    conf = cluster.sb.charlie_conf
+    saved = open(conf).read()
+    try:
+        with open(conf, "a") as f:  # the prolog reads the config at every job
+            f.write("cache_max_mib = 1\n")
+        first = None
+        for kind in ("tgz", "other"):
+            p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node3", f"--charlie-image={archives[kind]}",
+                                           "-o", f"{kind}.out", "--wrap", "srun true"])
+            assert p.returncode == 0, p.stderr
+            if first is None:
+                line = [l for l in _charlie_log(cluster, "node3").splitlines()
+                        if f"job {jobid}:" in l and f"image {archives[kind]}:" in l][-1]
+                first = line.split()[-1]
+                assert os.path.isdir(first)
+        assert not os.path.exists(first)  # evicted when the second image came in
+        assert "image cache: evicted" in _charlie_log(cluster, "node3")
+    finally:
+        with open(conf, "w") as f:
+            f.write(saved)
+
+
+def test_unsafe_tarball_fails_job_writes_nothing_outside(cluster, archives):
+    wd = cluster.workdir("archive-evil")
+    p, jobid = cluster.sbatch(wd, ["-N1", f"--charlie-image={archives['evil']}",
+                                   "-o", "job.out", "--wrap", "srun cat /MARKER"])
+    info = cluster.wait_done(jobid)
+    out = open(os.path.join(wd, "job.out")).read()
+    assert info["JobState"] == "FAILED"
+    assert "--charlie-image: unsafe tarball: member path with '..'" in out
+    assert not any(os.path.exists(os.path.join(d, "escaped-by-tar")) for d in
+                   (os.path.dirname(archives["evil"]), cluster.sb.state,
+                    os.path.join(cluster.sb.state, "cache")))
+    assert cluster.job_dirs() == []

@@ -1,0 +1,246 @@
+"""Container archives → an image directory in a per-user, node-local cache.
+
+    <cache_dir>/<uid>/<sha256>/           the unpacked image
+    <cache_dir>/<uid>/<sha256>.size       bytes, written after a good unpack;
+                                          its mtime is the last use (LRU)
+    <cache_dir>/<uid>/<sha256>.jobs/<id>  jobs on this node using it
+    <cache_dir>/<uid>/<sha256>.lock       one producer at a time (filelock)
+    <cache_dir>/<uid>/index/<key>         archive (dev, inode, size, mtime) →
+                                          sha256, so an unchanged archive is
+                                          hashed once
+
+Everything here runs as the job user; the cache is per user, so no user can
+change an image another user's job runs.  Tarball members are checked before
+anything is written: no absolute paths, no '..', no member below a symlink,
+no hard link or symlink that leaves the image, no device files.  A tarball
+whose members all sit below one top-level directory (`tar czf x.tgz myimg/`)
+is unpacked from inside that directory (seed FAQ: "tarball with a top-level
+directory").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+import subprocess
+import tarfile
+
+import filelock
+
+from .errors import NodeFault, UserError
+
+MOUNT_POINTS = ("ch/meta", "ch/data1", "ch/data2", "ch/data3", "ch/data4")
+
+
+def check_members(members: list[tarfile.TarInfo], archive: str) -> str:
+    """Refuse unsafe members; return the prefix to strip ('' or 'top/')."""
+    def bad(problem: str, member: str) -> UserError:
+        return UserError("--charlie-image", f"unsafe tarball: {problem}", f"{archive}: {member}",
+                         hint="repack the image with paths relative to its root, "
+                         "e.g. `tar -C IMAGE_DIR -czf image.tgz .`")
+    links: set[str] = set()
+    names: list[str] = []
+    for m in members:
+        if m.name.startswith("/"):
+            raise bad("absolute member path", m.name)
+        norm = posixpath.normpath(m.name)
+        if norm == ".." or norm.startswith("../") or "/../" in f"/{norm}/":
+            raise bad("member path with '..'", m.name)
+        if m.isdev():
+            raise bad("device file", m.name)
+        parts = norm.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in links:
+                raise bad("member below a symbolic link", m.name)
+        if m.issym():
+            # absolute targets resolve inside the container; relative ones
+            # must not climb out of the image
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(norm), m.linkname))
+            if not m.linkname.startswith("/") and (target == ".." or target.startswith("../")):
+                raise bad("symbolic link pointing outside the image",
+                          f"{m.name} -> {m.linkname}")
+            links.add(norm)
+        if m.islnk():
+            t = posixpath.normpath(m.linkname)
+            if m.linkname.startswith("/") or t == ".." or t.startswith("../"):
+                raise bad("hard link pointing outside the image", f"{m.name} -> {m.linkname}")
+        if norm != ".":
+            names.append(norm)
+    tops = {n.split("/")[0] for n in names}
+    if len(tops) == 1:
+        top = next(iter(tops))
+        below = [n for n in names if n != top]
+        if below and "bin" not in tops and all(n.startswith(top + "/") for n in below):
+            return top + "/"
+    return ""
+
+
+def _extract_tar(archive: str, dest: str) -> None:
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            strip = check_members(members, archive)
+            keep = []
+            for m in members:
+                norm = posixpath.normpath(m.name)
+                if strip:
+                    if norm + "/" == strip or norm == strip.rstrip("/"):
+                        continue
+                    m.name = norm[len(strip):]
+                    if m.islnk():
+                        m.linkname = posixpath.normpath(m.linkname)[len(strip):]
+                keep.append(m)
+            for m in keep:
+                m.mode |= 0o200 if m.isdir() else 0  # we must be able to clean up
+            tar.extractall(dest, members=keep, numeric_owner=True)  # noqa: S202 (checked)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError("--charlie-image", f"cannot unpack: {e}", archive,
+                        hint="check that the archive is complete and not corrupt") from None
+
+
+def _extract_squashfs(archive: str, dest: str) -> None:
+    os.rmdir(dest)
+    try:
+        p = subprocess.run(["unsquashfs", "-no-xattrs", "-quiet", "-no-progress",
+                            "-d", dest, archive], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True)
+    except FileNotFoundError:
+        raise NodeFault("unsquashfs", "not found", hint="install squashfs-tools") from None
+    if p.returncode != 0:
+        raise UserError("--charlie-image", "cannot unpack squashfs",
+                        (p.stderr.strip().splitlines() or ["?"])[-1])
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def archive_key(archive: str, index_dir: str) -> str:
+    """sha256 of the archive, remembered per (dev, inode, size, mtime)."""
+    st = os.stat(archive)
+    key = f"{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+    os.makedirs(index_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(index_dir, key)
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        pass
+    h = hashlib.sha256()
+    with open(archive, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with open(path + ".tmp", "w") as f:
+        f.write(digest + "\n")
+    os.replace(path + ".tmp", path)
+    return digest
+
+
+def unpack(archive: str, fmt: str, user_cache: str, job_id: str,
+           lock_timeout: float) -> dict:
+    """As the user: make sure the archive is unpacked in user_cache and mark
+    job_id as a user of it.  Returns {"image": dir, "sha": …, "unpacked": bool}."""
+    os.makedirs(user_cache, mode=0o700, exist_ok=True)
+    sha = archive_key(archive, os.path.join(user_cache, "index"))
+    image = os.path.join(user_cache, sha)
+    jobs = image + ".jobs"
+    unpacked = False
+    lock = filelock.FileLock(image + ".lock", timeout=lock_timeout)
+    try:
+        with lock:
+            os.makedirs(jobs, mode=0o700, exist_ok=True)
+            open(os.path.join(jobs, job_id), "w").close()
+            if not os.path.exists(image + ".size"):
+                tmp = f"{image}.tmp.{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(image, ignore_errors=True)
+                os.makedirs(tmp, mode=0o700)
+                try:
+                    if fmt == "squashfs":
+                        _extract_squashfs(archive, tmp)
+                    else:
+                        _extract_tar(archive, tmp)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                for m in MOUNT_POINTS:
+                    os.makedirs(os.path.join(tmp, m), exist_ok=True)
+                os.rename(tmp, image)
+                with open(image + ".size", "w") as f:
+                    f.write(f"{_tree_size(image)}\n")
+                unpacked = True
+            os.utime(image + ".size")
+    except filelock.Timeout:
+        raise UserError("--charlie-image", "another job is still unpacking this "
+                        f"image after {lock_timeout} s", archive,
+                        hint="try again later; huge images unpack slowly") from None
+    except UserError:
+        try:
+            os.unlink(os.path.join(jobs, job_id))
+        except OSError:
+            pass
+        raise
+    return {"image": image, "sha": sha, "unpacked": unpacked}
+
+
+def release(user_cache: str, sha: str, job_id: str) -> None:
+    try:
+        os.unlink(os.path.join(user_cache, sha + ".jobs", job_id))
+    except OSError:
+        pass
+
+
+def evict(user_cache: str, max_bytes: int, running_jobs: set[str]) -> list[str]:
+    """Remove least recently used images until the cache fits max_bytes.
+    An image with a job marker of a job still running here is never removed.
+    Returns the removed sha256s."""
+    entries = []
+    try:
+        names = os.listdir(user_cache)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if not name.endswith(".size"):
+            continue
+        sha = name[:-5]
+        path = os.path.join(user_cache, name)
+        try:
+            size = int(open(path).read().strip())
+            mtime = os.stat(path).st_mtime
+        except (OSError, ValueError):
+            continue
+        try:
+            users = set(os.listdir(os.path.join(user_cache, sha + ".jobs")))
+        except FileNotFoundError:
+            users = set()
+        entries.append((mtime, sha, size, users & running_jobs))
+    total = sum(e[2] for e in entries)
+    removed = []
+    for mtime, sha, size, users in sorted(entries):
+        if total <= max_bytes:
+            break
+        if users:
+            continue
+        lock = filelock.FileLock(os.path.join(user_cache, sha + ".lock"), timeout=0)
+        try:
+            with lock:
+                os.unlink(os.path.join(user_cache, sha + ".size"))
+                shutil.rmtree(os.path.join(user_cache, sha), ignore_errors=True)
+                shutil.rmtree(os.path.join(user_cache, sha + ".jobs"), ignore_errors=True)
+        except filelock.Timeout:
+            continue
+        total -= size
+        removed.append(sha)
+    return removed

@@ -1,0 +1,119 @@
+"""Container archives: member checks (a table), unpacking into the cache,
+reuse, eviction.  Runs on the local filesystem; the cluster suite runs the
+same through real jobs."""
+
+import io
+import os
+import tarfile
+import time
+
+import pytest
+
+from slurm_charlie import unpack
+from slurm_charlie.errors import UserError
+
+
+def make_tar(path, entries, mode="w:gz"):
+    """entries: (name, kind, data) with kind file|dir|sym|lnk|dev."""
+    with tarfile.open(path, mode) as tar:
+        for name, kind, data in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE,
+                         "lnk": tarfile.LNKTYPE, "dev": tarfile.CHRTYPE}[kind]
+            info.mode = 0o755
+            if kind in ("sym", "lnk"):
+                info.linkname = data
+            tar.addfile(info)
+    return path
+
+
+GOOD_IMAGE = [("bin", "dir", None), ("bin/sh", "file", b"#!"), ("etc", "dir", None),
+              ("bin/ash", "sym", "sh"), ("bin/abs", "sym", "/bin/sh"),
+              ("etc/hosts", "file", b""), ("etc/hosts2", "lnk", "etc/hosts")]
+
+
+@pytest.mark.parametrize("prefix,strip", [("", ""), ("./", ""), ("myimg/", "myimg/")])
+def test_good_layouts(tmp_path, prefix, strip):
+    entries = ([(prefix.rstrip("/"), "dir", None)] if prefix not in ("", "./") else []) + [
+        (prefix + n, k, (prefix + d if k == "lnk" else d)) for n, k, d in GOOD_IMAGE]
+    tgz = make_tar(str(tmp_path / "img.tgz"), entries)
+    with tarfile.open(tgz) as tar:
+        assert unpack.check_members(tar.getmembers(), tgz) == strip
+    got = unpack.unpack(tgz, "tar.gz", str(tmp_path / "cache"), "11", 5)
+    image = got["image"]
+    assert got["unpacked"] and open(os.path.join(image, "bin/sh")).read() == "#!"
+    assert os.readlink(os.path.join(image, "bin/abs")) == "/bin/sh"
+    for m in unpack.MOUNT_POINTS:
+        assert os.path.isdir(os.path.join(image, m))
+    assert os.path.exists(os.path.join(image + ".jobs", "11"))
+
+
+BAD = [
+    ([("/etc/evil", "file", b"x")], "absolute member path: {t}: /etc/evil"),
+    ([("../evil", "file", b"x")], "member path with '..': {t}: ../evil"),
+    ([("a/../../evil", "file", b"x")], "member path with '..'"),
+    ([("lnk", "sym", "/tmp"), ("lnk/evil", "file", b"x")], "member below a symbolic link"),
+    ([("up", "sym", "../../outside")], "symbolic link pointing outside the image: {t}: up -> ../../outside"),
+    ([("d", "dir", None), ("d/up", "sym", "../..")], "symbolic link pointing outside the image"),
+    ([("hl", "lnk", "/etc/shadow")], "hard link pointing outside the image"),
+    ([("hl", "lnk", "../x")], "hard link pointing outside the image"),
+    ([("dev/null", "dev", None)], "device file"),
+]
+
+
+@pytest.mark.parametrize("entries,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_members_refused_nothing_written(tmp_path, entries, message):
+    tgz = make_tar(str(tmp_path / "bad.tgz"), entries)
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError) as e:
+        unpack.unpack(tgz, "tar.gz", str(cache), "12", 5)
+    assert "unsafe tarball: " + message.format(t=tgz) in e.value.line()
+    assert "tar -C IMAGE_DIR" in e.value.hint
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "outside").exists()
+    leftovers = [p for p in os.listdir(cache) if p != "index"
+                 and not p.endswith((".lock", ".jobs"))]
+    assert leftovers == []
+
+
+def test_garbage_tarball(tmp_path):
+    bad = tmp_path / "cut.tgz"
+    make_tar(str(bad), GOOD_IMAGE)
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(UserError, match="cannot unpack"):
+        unpack.unpack(str(bad), "tar.gz", str(tmp_path / "cache"), "1", 5)
+
+
+def test_second_job_reuses_the_unpack(tmp_path):
+    tgz = make_tar(str(tmp_path / "img.tgz"), GOOD_IMAGE)
+    first = unpack.unpack(tgz, "tar.gz", str(tmp_path / "c"), "1", 5)
+    second = unpack.unpack(tgz, "tar.gz", str(tmp_path / "c"), "2", 5)
+    assert first["image"] == second["image"] and second["unpacked"] is False
+    assert sorted(os.listdir(first["image"] + ".jobs")) == ["1", "2"]
+
+
+def test_eviction_lru_spares_running_jobs(tmp_path):
+    cache = str(tmp_path / "c")
+    shas = []
+    for i, job in enumerate(("1", "2", "3")):
+        tgz = make_tar(str(tmp_path / f"img{i}.tgz"),
+                       GOOD_IMAGE + [("big", "file", bytes(1000 * (i + 1)))])
+        shas.append(unpack.unpack(tgz, "tar.gz", cache, job, 5)["sha"])
+        os.utime(os.path.join(cache, shas[-1] + ".size"), (100 + i, 100 + i))
+    # image 0 is oldest but its job 1 still runs; image 1 goes first
+    removed = unpack.evict(cache, 3500, running_jobs={"1", "3"})
+    assert removed == [shas[1]]
+    assert not os.path.exists(os.path.join(cache, shas[1]))
+    assert os.path.isdir(os.path.join(cache, shas[0])) and os.path.isdir(os.path.join(cache, shas[2]))
+    unpack.release(cache, shas[0], "1")
+    assert unpack.evict(cache, 3500, running_jobs={"3"}) == [shas[0]]
+
+
+def test_archive_hashed_once(tmp_path, monkeypatch):
+    tgz = make_tar(str(tmp_path / "img.tgz"), GOOD_IMAGE)
+    first = unpack.archive_key(tgz, str(tmp_path / "idx"))
+    monkeypatch.setattr(unpack.hashlib, "sha256", lambda: (_ for _ in ()).throw(AssertionError))
+    assert unpack.archive_key(tgz, str(tmp_path / "idx")) == first
