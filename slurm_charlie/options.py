@@ -68,6 +68,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("write", "flag", None,
                "container image writable (ch-run -w)",
                0, default="off"),
+    OptionSpec("uid", "id", "UID",
+               "container: run as this user id inside (e.g. 0), mapped to you",
+               1, default="your uid"),
+    OptionSpec("gid", "id", "GID",
+               "container: run with this group id inside, mapped to your group",
+               1, default="your gid"),
     OptionSpec("cpus", "int", "N",
                "VM CPUs per guest (default: the job's CPUs on that node)",
                1, default="allocation"),
@@ -93,6 +99,8 @@ class Options:
     interactive: bool = False
     commit: int | None = None
     write: bool = False
+    uid: int | None = None
+    gid: int | None = None
     cpus: int | None = None
     mem: int | None = None        # MiB
     tmp_size: int | None = None   # MiB
@@ -166,6 +174,11 @@ def _convert(spec: OptionSpec, values: list[str | None]) -> object:
     if spec.kind == "int":
         if not v.isdigit() or int(v) < 1:
             raise UserError(flag, "not a positive whole number", repr(v))
+        return int(v)
+    if spec.kind == "id":
+        if not v.isdigit() or int(v) >= 2**32 - 1:
+            raise UserError(flag, "not a numeric id", repr(v),
+                            hint="give a number, e.g. 0 (names are not looked up)")
         return int(v)
     if spec.kind == "size":
         return parse_size_mib(flag, v)
@@ -261,7 +274,8 @@ def to_env(opts: Options) -> list[tuple[str, str]]:
         out.append(("CHARLIE_COMMIT", str(opts.commit)))
     if opts.write:
         out.append(("CHARLIE_WRITE", "1"))
-    for field, name in (("cpus", "CHARLIE_CPUS"), ("mem", "CHARLIE_MEM"),
+    for field, name in (("uid", "CHARLIE_UID"), ("gid", "CHARLIE_GID"),
+                        ("cpus", "CHARLIE_CPUS"), ("mem", "CHARLIE_MEM"),
                         ("tmp_size", "CHARLIE_TMP_SIZE")):
         value = getattr(opts, field)
         if value is not None:

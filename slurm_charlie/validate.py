@@ -79,6 +79,11 @@ def check_conflicts(opts: Options) -> None:
                              "use --charlie-write on a writable image")
     vm_only = {"job": opts.job, "cpus": opts.cpus, "mem": opts.mem,
                "tmp-size": opts.tmp_size, "interactive": opts.interactive or None}
+    if opts.type != "container":
+        for name, value in (("uid", opts.uid), ("gid", opts.gid)):
+            if value is not None:
+                raise UserError(f"--charlie-{name}", "applies to container jobs only, "
+                                f"not type {opts.type}")
     if opts.type in ("container", "none"):
         for name, value in vm_only.items():
             if value is not None:

@@ -22,6 +22,8 @@ static const struct charlie_opt charlie_opts[] = {
     { "charlie-interactive", NULL, "boot the guests and wait; do not run a job script", 0, 1, NULL },
     { "charlie-commit", "GUEST", "at job end save guest GUEST's (default 0) root changes into the image", 2, 1, NULL },
     { "charlie-write", NULL, "container image writable (ch-run -w)", 0, 1, NULL },
+    { "charlie-uid", "UID", "container: run as this user id inside (e.g. 0), mapped to you", 1, 1, NULL },
+    { "charlie-gid", "GID", "container: run with this group id inside, mapped to your group", 1, 1, NULL },
     { "charlie-cpus", "N", "VM CPUs per guest (default: the job's CPUs on that node)", 1, 1, NULL },
     { "charlie-mem", "SIZE", "VM memory per guest, e.g. 4G (default: from the allocation)", 1, 1, NULL },
     { "charlie-tmp-size", "SIZE", "size of each guest's /ch/tmp disk, e.g. 2G (default: site config)", 1, 1, NULL },

@@ -113,6 +113,10 @@ class ContainerBackend(Backend):
         argv = [runtime]
         if ctx.opts.write:
             argv.append("-w")
+        if ctx.opts.uid is not None:
+            argv.append(f"--uid={ctx.opts.uid}")
+        if ctx.opts.gid is not None:
+            argv.append(f"--gid={ctx.opts.gid}")
         argv += ["-b", f"{ctx.paths.meta}:/ch/meta"]
         for i, d in enumerate(ctx.opts.dir, start=1):
             argv += ["-b", f"{d}:/ch/data{i}"]

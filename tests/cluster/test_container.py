@@ -91,7 +91,22 @@ def test_write_mode(cluster, images):
     assert open(target).read() == "ok\n"
 
 
+def test_uid_gid_inside(cluster, images):
+    """Seed FAQ: programs that want a particular id inside (uid 0, a gid of
+    /dev/pts) get it with --charlie-uid/--charlie-gid; outside it is still you."""
+    wd = cluster.workdir("container-uid")
+    p, jobid = cluster.sbatch(wd, ["-N1", f"--charlie-image={images['bb']}", "--charlie-uid=0",
+                                   "--charlie-gid=5", "-o", "job.out", "--wrap",
+                                   "srun sh -c 'echo ID $(id -u) $(id -g); touch /tmp/uidprobe.$SLURM_JOB_ID'"])
+    out = open(os.path.join(wd, "job.out")).read()
+    assert p.returncode == 0 and "ID 0 5" in out, out
+    probe = f"/tmp/uidprobe.{jobid}"
+    assert os.stat(probe).st_uid == int(cluster.run(["id", "-u", "chuser"]).stdout)
+    os.unlink(probe)
+
+
 BAD = [
+    ("bb", ["--charlie-uid=root"], "--charlie-uid: not a numeric id: 'root'"),
     ("nosh", [], "--charlie-image: image has no executable /bin/sh: {img}"),
     ("nomounts", [], "--charlie-image: image lacks mount points /ch/meta: {img}"),
     ("bb", ["--charlie-write"], "--charlie-write: image directory not writable by you: {img}"),

@@ -84,6 +84,7 @@ BAD = [
     (Options(type="vm", image="img"), "is a directory image, which does not fit --charlie-type=vm"),
     (Options(dir=("data",), commit=0), "--charlie-commit: not supported for type none"),
     (Options(image="img", cpus=2), "--charlie-cpus: applies to VM jobs only"),
+    (Options(dir=("data",), uid=0), "--charlie-uid: applies to container jobs only, not type none"),
 ]
 
 
