@@ -61,6 +61,8 @@ def render_config_rst() -> str:
 # --- subcommands ----------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from . import log as logmod
+    logmod.setup("info", stderr=True)  # warnings reach the submitting user
     cmdline = options.parse_argv(args.options)
     merged = options.merge(cmdline, options.parse_user_env(os.environ))
     opts = options.build(merged)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import stat
 from typing import Any, Mapping
 
 from . import backends, config, hostlist, jobenv, layout, meta, options, state, validate
@@ -223,6 +224,45 @@ def _prolog(env: Mapping[str, str]) -> int:
         return 0
 
 
+SHM_DIR = "/dev/shm"
+
+
+def _user_has_other_jobs(root: str, job_id: str, uid: int) -> bool:
+    for other in layout.list_job_dirs(root):
+        if other == job_id:
+            continue
+        try:
+            if os.lstat(os.path.join(root, other)).st_uid == uid:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def clean_shm_as_user(shm_dir: str = SHM_DIR) -> list[str]:
+    """As the job user: remove what the user left in /dev/shm (MPI segments
+    of killed ranks).  Entries are unlinked, never followed."""
+    removed = []
+    uid = os.getuid()
+    fd = os.open(shm_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in os.listdir(fd):
+            try:
+                st = os.lstat(name, dir_fd=fd)
+                if st.st_uid != uid:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(name, dir_fd=fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
+                removed.append(name)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return removed
+
+
 def _epilog(env: Mapping[str, str]) -> int:
     if env.get("SPANK_" + options.MARKER) is None:
         return 0
@@ -254,6 +294,11 @@ def _epilog(env: Mapping[str, str]) -> int:
                                    guest_id=int((st or {}).get("guest_id", 0)),
                                    nodes=())
             backend.stop(ctx, st)
+            if not _user_has_other_jobs(paths.root, job.job_id, user.uid):
+                removed = call_as(user, clean_shm_as_user)
+                if removed:
+                    log.info("removed %d leftover /dev/shm entries of %s",
+                             len(removed), user.name)
         layout.remove_job_dir(paths)
         log.info("epilog done: job directory removed")
         return 0

@@ -65,12 +65,42 @@ def check_image_dir(image: str, write: bool, ndirs: int) -> None:
                         image, hint="drop --charlie-write, or use an image you own")
 
 
+LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib64",
+            "usr/lib", "lib", "lib64", "usr/local/lib",
+            "usr/lib/x86_64-linux-gnu/openmpi/lib", "usr/lib64/openmpi/lib")
+
+
+def mpi_flavours(image: str) -> dict[str, str]:
+    """Which MPI libraries an image directory carries: {"openmpi"|"mpich": path}."""
+    found: dict[str, str] = {}
+    for d in LIB_DIRS:
+        try:
+            names = os.listdir(os.path.join(image, d))
+        except OSError:
+            continue
+        for n in names:
+            if n.startswith("libmpi.so.40"):
+                found.setdefault("openmpi", "/" + os.path.join(d, n))
+            elif n.startswith("libmpich.so"):
+                found.setdefault("mpich", "/" + os.path.join(d, n))
+    return found
+
+
 class ContainerBackend(Backend):
     name = "container"
 
     def check(self, opts: Options, cfg: Config) -> None:
         if opts.image and os.path.isdir(opts.image):
             check_image_dir(opts.image, opts.write, len(opts.dir))
+            mpi = mpi_flavours(opts.image)
+            if "openmpi" in mpi and "mpich" not in mpi:
+                log.warning("--charlie-image: image has Open MPI (%s) and no MPICH: "
+                            "Open MPI built without PMI2 (Debian's, for one) aborts "
+                            "every rank in MPI_Init under srun --mpi=pmi2: %s",
+                            mpi["openmpi"], opts.image)
+                log.warning("hint: build the image's MPI programs with MPICH, or "
+                            "use srun --mpi=pmix where Slurm and the image's Open "
+                            "MPI both have PMIx")
         elif opts.image and opts.write:
             raise UserError("--charlie-write", "needs an image directory; an "
                             "archive is unpacked into a private cache", opts.image,

@@ -105,6 +105,24 @@ def test_uid_gid_inside(cluster, images):
     os.unlink(probe)
 
 
+def test_openmpi_image_warned_at_submit(cluster, images):
+    ompi = os.path.join(cluster.home, "charlie-tests", "images", "ompi")
+    shutil.rmtree(ompi, ignore_errors=True)
+    shutil.copytree(images["bb"], ompi, symlinks=True)
+    libdir = os.path.join(ompi, "usr/lib/x86_64-linux-gnu")
+    os.makedirs(libdir)
+    open(os.path.join(libdir, "libmpi.so.40.30.2"), "w").close()
+    subprocess.run(["chmod", "-R", "a+rX", ompi], check=True)
+    wd = cluster.workdir("container-ompi")
+    p = cluster.as_user(["sbatch", "-N1", f"--charlie-image={ompi}", "--wrap", "true"], wd)
+    assert p.returncode == 0 and "Submitted batch job" in p.stdout
+    assert re.search(r"slurm-charlie\[\d+\]: warning: --charlie-image: image has Open MPI "
+                     r"\(/usr/lib/x86_64-linux-gnu/libmpi.so.40.30.2\) and no MPICH", p.stderr), p.stderr
+    assert "hint: build the image's MPI programs with MPICH" in p.stderr
+    p = cluster.as_user(["sbatch", "-N1", f"--charlie-image={images['bb']}", "--wrap", "true"], wd)
+    assert "warning" not in p.stderr
+
+
 BAD = [
     ("bb", ["--charlie-uid=root"], "--charlie-uid: not a numeric id: 'root'"),
     ("nosh", [], "--charlie-image: image has no executable /bin/sh: {img}"),
@@ -293,3 +311,28 @@ def test_unsafe_tarball_fails_job_writes_nothing_outside(cluster, archives):
                    (os.path.dirname(archives["evil"]), cluster.sb.state,
                     os.path.join(cluster.sb.state, "cache")))
     assert cluster.job_dirs() == []
+
+
+def test_scancel_mpi_job_leaves_no_shm(cluster, mpi_image):
+    """Ranks killed mid-run leave UCX segments in /dev/shm; the epilog removes
+    the user's entries once no other job of theirs runs on the node."""
+    wd = cluster.workdir("container-shm")
+    uid = int(cluster.run(["id", "-u", "chuser"]).stdout)
+    cluster.write(os.path.join(wd, "job.sh"), """#!/bin/sh
+srun --mpi=pmi2 sh -c '/usr/bin/mpi_allreduce; touch /dev/shm/charlie-test-leak.$SLURM_PROCID; sleep 300'
+""")
+    p = cluster.as_user(["sbatch", "--parsable", "-N2", "--ntasks-per-node=2",
+                         f"--charlie-image={mpi_image}", "-o", "job.out", "job.sh"], wd)
+    assert p.returncode == 0, p.stderr
+    jobid = p.stdout.strip()
+    end = time.monotonic() + 60
+    while time.monotonic() < end and len([f for f in os.listdir("/dev/shm")
+                                          if f.startswith("charlie-test-leak")]) < 4:
+        time.sleep(0.2)
+    mine = [f for f in os.listdir("/dev/shm") if os.lstat(f"/dev/shm/{f}").st_uid == uid]
+    assert len([f for f in mine if f.startswith("charlie-test-leak")]) == 4, mine
+    cluster.run(["scancel", jobid], check=True)
+    cluster.wait_done(jobid)
+    left = [f for f in os.listdir("/dev/shm") if os.lstat(f"/dev/shm/{f}").st_uid == uid]
+    assert left == []
+    assert cluster.user_processes() == [] and cluster.job_dirs() == []
