@@ -239,17 +239,43 @@ def _user_has_other_jobs(root: str, job_id: str, uid: int) -> bool:
     return False
 
 
+def _shm_in_use(uid: int, shm_dir: str) -> set[str]:
+    """Names in shm_dir that a live process of uid has open or mapped."""
+    used: set[str] = set()
+    prefix = shm_dir.rstrip("/") + "/"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(prefix):
+                    used.add(target[len(prefix):].split("/")[0].split(" ")[0])
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    at = line.find(prefix)
+                    if at >= 0:
+                        used.add(line[at + len(prefix):].split("/")[0].split()[0])
+        except OSError:
+            continue
+    return used
+
+
 def clean_shm_as_user(shm_dir: str = SHM_DIR) -> list[str]:
     """As the job user: remove what the user left in /dev/shm (MPI segments
-    of killed ranks).  Entries are unlinked, never followed."""
+    of killed ranks) that no live process of theirs has open or mapped.
+    Entries are unlinked, never followed."""
     removed = []
     uid = os.getuid()
+    in_use = _shm_in_use(uid, shm_dir)
     fd = os.open(shm_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for name in os.listdir(fd):
             try:
                 st = os.lstat(name, dir_fd=fd)
-                if st.st_uid != uid:
+                if st.st_uid != uid or name in in_use:
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     shutil.rmtree(name, dir_fd=fd)

@@ -171,17 +171,20 @@ def _copy_closure(binary: str, image: str) -> None:
 
 
 def build_mpi_image(path: str) -> str:
-    """busybox image plus an MPICH allreduce program (/usr/bin/mpi_allreduce),
-    a cross-memory-attach probe (/usr/bin/cma) and their library closure,
+    """busybox image plus MPICH programs (/usr/bin/mpi_allreduce,
+    /usr/bin/pingpong), a cross-memory-attach probe (/usr/bin/cma) and their
+    library closure,
     UCX's transport modules included (they are dlopen'ed, ldd does not see
     them)."""
     build_busybox_image(path)
     bindir = os.path.join(path, "usr", "bin")
     subprocess.run(["mpicc.mpich", "-O2", "-o", os.path.join(bindir, "mpi_allreduce"),
                     os.path.join(SRC, "mpi_allreduce.c")], check=True)
+    subprocess.run(["mpicc.mpich", "-O2", "-o", os.path.join(bindir, "pingpong"),
+                    os.path.join(SRC, "pingpong.c")], check=True)
     subprocess.run(["gcc", "-O2", "-o", os.path.join(bindir, "cma"),
                     os.path.join(SRC, "cma.c")], check=True)
-    for prog in ("mpi_allreduce", "cma"):
+    for prog in ("mpi_allreduce", "pingpong", "cma"):
         _copy_closure(os.path.join(bindir, prog), path)
     ucx = "/usr/lib/x86_64-linux-gnu/ucx"
     if os.path.isdir(ucx):

@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 
 import pytest
 
@@ -187,3 +188,37 @@ def test_jobscript_link_and_copy_fallback(site, monkeypatch):
     warning = hooks._link_jobscript(src, dst)
     assert "hard link failed (Invalid cross-device link), copied instead" in warning
     assert os.stat(dst).st_ino != os.stat(src).st_ino and read(dst) == "#!/bin/sh\n"
+
+
+def test_shm_cleanup_keeps_what_is_in_use():
+    """Entries some live process of the user has mapped or open stay."""
+    import subprocess
+    import sys
+    from slurm_charlie.proc import User, call_as
+    base = tempfile.mkdtemp(dir="/run", prefix="charlie-shm-")
+    os.chmod(base, 0o755)
+    shm = os.path.join(base, "shm")
+    os.mkdir(shm)
+    os.chmod(shm, 0o1777)
+    for name in ("left-behind", "mapped", "open"):
+        with open(os.path.join(shm, name), "wb") as f:
+            f.write(b"x" * 4096)
+        os.chown(os.path.join(shm, name), NOBODY, NOBODY)
+    open(os.path.join(shm, "roots"), "w").close()
+    # a live process of the user (exec'd, as job tasks are) holding two entries
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import mmap, sys, time\n"
+         f"f = open({os.path.join(shm, 'mapped')!r}, 'r+b')\n"
+         "m = mmap.mmap(f.fileno(), 4096)\nf.close()\n"
+         f"g = open({os.path.join(shm, 'open')!r}, 'rb')\n"
+         "print('ready', flush=True)\ntime.sleep(30)\n"],
+        user=NOBODY, group=NOBODY, extra_groups=[], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        removed = call_as(User.lookup(NOBODY), hooks.clean_shm_as_user, shm)
+        assert removed == ["left-behind"]
+        assert sorted(os.listdir(shm)) == ["mapped", "open", "roots"]
+    finally:
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(base)

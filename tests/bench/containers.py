@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Container benchmarks (issue 3), side by side in one run, ratios:
+
+1. Step launch: `srun -N3 -n6 true` inside a container allocation vs. a
+   plain one (goal <= 1.3x).  Rounds alternate the two allocations.
+2. MPI ping-pong (tests/cluster/src/pingpong.c, MPICH, srun --mpi=pmi2):
+   latency and bandwidth, two ranks on one node and on two nodes, in
+   containers vs. bare metal (goal >= 0.97x of bare-metal performance).
+3. Start of a job from a tarball image: first job (unpack) vs. cached.
+
+Needs the sandbox (`make bench`).  Asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+sys.path.insert(0, os.path.join(HERE, "..", "cluster"))
+
+from conftest import build_busybox_image, build_mpi_image  # noqa: E402
+
+from slurm_charlie import sandbox  # noqa: E402
+
+SB = sandbox.Sandbox()
+USER = sandbox.USER
+HOME = os.path.expanduser(f"~{USER}")
+WORK = os.path.join(HOME, "charlie-bench")
+
+
+def as_user(cmd: str, timeout: float = 600) -> str:
+    p = subprocess.run(["runuser", "-u", USER, "--", "env", f"SLURM_CONF={SB.conf}",
+                        "sh", "-c", f"cd {WORK} && {cmd}"], capture_output=True,
+                       text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        raise SystemExit(f"failed: {cmd}\n{p.stdout}\n{p.stderr}")
+    return p.stdout
+
+
+def step_launch(image: str, rounds: int = 4, per_round: int = 15) -> None:
+    loop = ("sh -c 'for i in $(seq %d); do s=$(date +%%s%%N); srun -N3 -n6 true; "
+            "e=$(date +%%s%%N); echo STEP $((e - s)); done'" % per_round)
+    times = {"plain": [], "container": []}
+    for r in range(rounds):
+        for kind in (("plain", "container") if r % 2 == 0 else ("container", "plain")):
+            opt = f"--charlie-image={image}" if kind == "container" else ""
+            out = as_user(f"salloc -N3 -n6 {opt} {loop}")
+            times[kind] += [int(x) / 1e9 for x in re.findall(r"STEP (\d+)", out)][1:]
+    plain, cont = statistics.median(times["plain"]), statistics.median(times["container"])
+    print(f"{'srun -N3 -n6 true inside an allocation':<46} {'median s':>9} {'runs':>5}")
+    print(f"{'  plain':<46} {plain:>9.4f} {len(times['plain']):>5}")
+    print(f"{'  in containers (setns in task_init)':<46} {cont:>9.4f} {len(times['container']):>5}")
+    print(f"{'  ratio container / plain':<46} {cont / plain:>9.3f}   (goal <= 1.3)")
+
+
+def pingpong(image: str, bare: str, rounds: int = 5) -> None:
+    res: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    layouts = {"same node": "-N1 -n2", "two nodes": "-N2 -n2 --ntasks-per-node=1"}
+    for _ in range(rounds):
+        for where, layout in layouts.items():
+            for kind in ("bare", "container"):
+                if kind == "bare":
+                    cmd = f"srun --mpi=pmi2 {layout} {bare}"
+                else:
+                    cmd = f"srun --mpi=pmi2 {layout} --charlie-image={image} /usr/bin/pingpong"
+                out = as_user(cmd)
+                m = re.search(r"latency_us (\S+) bandwidth_MBps (\S+)", out)
+                res.setdefault((where, kind), []).append((float(m.group(1)), float(m.group(2))))
+    print(f"{'MPI ping-pong (median of %d)' % rounds:<30} {'latency us':>11} {'MB/s':>9}"
+          f" {'lat. ratio':>11} {'bw ratio':>9}")
+    for where in layouts:
+        b = res[(where, "bare")]
+        c = res[(where, "container")]
+        bl, bb = statistics.median(x[0] for x in b), statistics.median(x[1] for x in b)
+        cl, cb = statistics.median(x[0] for x in c), statistics.median(x[1] for x in c)
+        print(f"{'  ' + where + ', bare metal':<30} {bl:>11.2f} {bb:>9.0f}")
+        print(f"{'  ' + where + ', containers':<30} {cl:>11.2f} {cb:>9.0f}"
+              f" {bl / cl:>11.3f} {cb / bb:>9.3f}   (goal >= 0.97: bare/ct latency, ct/bare bw)")
+
+
+def unpack_vs_cached(image_dir: str, repeat: int = 3) -> None:
+    first, cached = [], []
+    for i in range(repeat):
+        tgz = os.path.join(WORK, f"img-{time.time_ns()}.tar.gz")
+        with open(os.path.join(image_dir, "unique"), "w") as f:
+            f.write(f"{tgz}\n")
+        subprocess.run(["tar", "-C", image_dir, "-czf", tgz, "."], check=True)
+        os.chmod(tgz, 0o644)
+        for sink in (first, cached):
+            t = time.perf_counter()
+            as_user(f"srun -N1 -w node1 --charlie-image={tgz} true")
+            sink.append(time.perf_counter() - t)
+    f, c = statistics.median(first), statistics.median(cached)
+    size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(image_dir)
+               for n in ns if not os.path.islink(os.path.join(r, n)))
+    print(f"{'job start from a %.0f MB tarball' % (size / 1e6):<46} {'median s':>9}")
+    print(f"{'  first job on the node (unpack)':<46} {f:>9.3f}")
+    print(f"{'  next job (cached)':<46} {c:>9.3f}")
+    print(f"{'  ratio first / cached':<46} {f / c:>9.2f}")
+
+
+def main() -> None:
+    shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK)
+    shutil.chown(WORK, USER, USER)
+    images = os.path.join(WORK, "images")
+    bb = build_busybox_image(os.path.join(images, "bb"))
+    mpi = build_mpi_image(os.path.join(images, "mpi"))
+    bare = os.path.join(WORK, "pingpong")
+    shutil.copy(os.path.join(mpi, "usr", "bin", "pingpong"), bare)
+    os.chmod(bare, 0o755)
+    step_launch(bb)
+    print()
+    pingpong(mpi, bare)
+    print()
+    unpack_vs_cached(mpi)
+
+
+if __name__ == "__main__":
+    main()
