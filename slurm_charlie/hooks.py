@@ -15,6 +15,7 @@ import dataclasses
 import os
 import shutil
 import stat
+import time
 from typing import Any, Mapping
 
 from . import backends, config, hostlist, jobenv, layout, meta, options, state, validate
@@ -263,20 +264,35 @@ def _shm_in_use(uid: int, shm_dir: str) -> set[str]:
     return used
 
 
-def clean_shm_as_user(shm_dir: str = SHM_DIR) -> list[str]:
+SHM_MIN_AGE = 1.0  # seconds; younger entries may be between shm_open and mmap
+
+
+def clean_shm_as_user(shm_dir: str = SHM_DIR, min_age: float = SHM_MIN_AGE) -> list[str]:
     """As the job user: remove what the user left in /dev/shm (MPI segments
-    of killed ranks) that no live process of theirs has open or mapped.
+    of killed ranks).  Other jobs of the user may run here, so an entry stays
+    when a live process of the user has it open or mapped, or when it is
+    younger than min_age (it may be between shm_open and mmap).  The listing
+    is taken before the process scan, so nothing created meanwhile is seen.
     Entries are unlinked, never followed."""
     removed = []
     uid = os.getuid()
-    in_use = _shm_in_use(uid, shm_dir)
     fd = os.open(shm_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        now = time.time()
+        candidates = []
         for name in os.listdir(fd):
             try:
                 st = os.lstat(name, dir_fd=fd)
-                if st.st_uid != uid or name in in_use:
+            except OSError:
+                continue
+            if st.st_uid == uid and now - st.st_mtime >= min_age:
+                candidates.append(name)
+        in_use = _shm_in_use(uid, shm_dir)
+        for name in candidates:
+            try:
+                if name in in_use:
                     continue
+                st = os.lstat(name, dir_fd=fd)
                 if stat.S_ISDIR(st.st_mode):
                     shutil.rmtree(name, dir_fd=fd)
                 else:

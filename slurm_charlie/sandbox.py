@@ -143,9 +143,11 @@ class Sandbox:
                     "# Sandbox nodes share one kernel, so UCX takes ranks on different\n"
                     "# 'nodes' for neighbours and maps their shared memory through\n"
                     "# /proc/PID/fd, which fails between two nodes' containers (separate\n"
-                    "# user namespaces). Named files in the shared /dev/shm work. Real\n"
-                    "# nodes have their own boot id and talk over the network instead.\n"
-                    'env = ["UCX_POSIX_USE_PROC_LINK=n"]\n')
+                    "# user namespaces). Named files in the shared /dev/shm work. Large\n"
+                    "# messages would go by cross-memory attach, which the kernel refuses\n"
+                    "# between user namespaces (ranks hang): no cma. Real nodes have\n"
+                    "# their own boot id and talk over the network instead.\n"
+                    'env = ["UCX_POSIX_USE_PROC_LINK=n", "UCX_TLS=^cma"]\n')
         plugstack = self._p("etc", "plugstack.conf")
         if not os.path.exists(plugstack):
             self._write(plugstack, "# slurm-charlie sandbox\n")

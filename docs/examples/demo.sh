@@ -29,3 +29,24 @@ echo
 echo "\$ sbatch -N3 --charlie-image=/nonexistent.qcow2 show-meta.sh   (a mistake, refused at submit)"
 runuser -u "$user" -- env SLURM_CONF="$SLURM_CONF" sh -c \
   "cd '$work' && sbatch -N3 --charlie-image=/nonexistent.qcow2 show-meta.sh" || true
+
+echo
+echo "== MPI in containers: building a small MPICH image (busybox + an allreduce program)"
+"$here/../../.venv/bin/python" - "$work/mpi-image" "$here/../../tests/cluster" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[2])
+from conftest import build_mpi_image
+build_mpi_image(sys.argv[1])
+PY
+cat > "$work/mpi-job.sh" <<'JOB'
+#!/bin/sh
+echo "batch script on the host: $(hostname), SLURM_MPI_TYPE=$SLURM_MPI_TYPE"
+srun sh -c 'echo "$(hostname): $(cat /MARKER), CH_META=$CH_META"' | sort
+srun /usr/bin/mpi_allreduce | sort -n -k2
+JOB
+chmod +x "$work/mpi-job.sh"
+chown -R "$user:" "$work"
+echo "\$ sbatch -N3 --ntasks-per-node=2 --charlie-image=mpi-image --wait -o mpi.out mpi-job.sh   (as $user)"
+runuser -u "$user" -- env SLURM_CONF="$SLURM_CONF" sh -c \
+  "cd '$work' && sbatch -N3 --ntasks-per-node=2 --charlie-image=mpi-image --wait -o mpi.out mpi-job.sh"
+cat "$work/mpi.out"

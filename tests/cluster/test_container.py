@@ -123,6 +123,14 @@ def test_openmpi_image_warned_at_submit(cluster, images):
     assert "warning" not in p.stderr
 
 
+def test_garbage_file_as_image(cluster):
+    wd = cluster.workdir("container-garbage")
+    garbage = cluster.write(os.path.join(wd, "image.tar.gz"), "this is not an image\n", 0o644)
+    p = cluster.as_user(["sbatch", "-N1", f"--charlie-image={garbage}", "--wrap", "true"], wd)
+    assert p.returncode != 0 and "Submitted" not in p.stdout
+    assert f"--charlie-image: not a recognised image: {garbage}" in p.stderr
+
+
 BAD = [
     ("bb", ["--charlie-uid=root"], "--charlie-uid: not a numeric id: 'root'"),
     ("nosh", [], "--charlie-image: image has no executable /bin/sh: {img}"),
@@ -331,6 +339,7 @@ srun --mpi=pmi2 sh -c '/usr/bin/mpi_allreduce; touch /dev/shm/charlie-test-leak.
         time.sleep(0.2)
     mine = [f for f in os.listdir("/dev/shm") if os.lstat(f"/dev/shm/{f}").st_uid == uid]
     assert len([f for f in mine if f.startswith("charlie-test-leak")]) == 4, mine
+    time.sleep(1.5)  # the epilog spares entries younger than a second
     cluster.run(["scancel", jobid], check=True)
     cluster.wait_done(jobid)
     left = [f for f in os.listdir("/dev/shm") if os.lstat(f"/dev/shm/{f}").st_uid == uid]

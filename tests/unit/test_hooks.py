@@ -191,7 +191,8 @@ def test_jobscript_link_and_copy_fallback(site, monkeypatch):
 
 
 def test_shm_cleanup_keeps_what_is_in_use():
-    """Entries some live process of the user has mapped or open stay."""
+    """Entries some live process of the user has mapped or open stay, and so
+    do very young ones."""
     import subprocess
     import sys
     from slurm_charlie.proc import User, call_as
@@ -200,10 +201,12 @@ def test_shm_cleanup_keeps_what_is_in_use():
     shm = os.path.join(base, "shm")
     os.mkdir(shm)
     os.chmod(shm, 0o1777)
-    for name in ("left-behind", "mapped", "open"):
+    for name in ("left-behind", "mapped", "open", "fresh"):
         with open(os.path.join(shm, name), "wb") as f:
             f.write(b"x" * 4096)
         os.chown(os.path.join(shm, name), NOBODY, NOBODY)
+        if name != "fresh":  # "fresh" may sit between shm_open and mmap
+            os.utime(os.path.join(shm, name), (time.time() - 60,) * 2)
     open(os.path.join(shm, "roots"), "w").close()
     # a live process of the user (exec'd, as job tasks are) holding two entries
     holder = subprocess.Popen(
@@ -217,7 +220,7 @@ def test_shm_cleanup_keeps_what_is_in_use():
         assert holder.stdout.readline().strip() == "ready"
         removed = call_as(User.lookup(NOBODY), hooks.clean_shm_as_user, shm)
         assert removed == ["left-behind"]
-        assert sorted(os.listdir(shm)) == ["mapped", "open", "roots"]
+        assert sorted(os.listdir(shm)) == ["fresh", "mapped", "open", "roots"]
     finally:
         holder.kill()
         holder.wait()
