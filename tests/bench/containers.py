@@ -61,28 +61,37 @@ def step_launch(image: str, rounds: int = 4, per_round: int = 15) -> None:
 
 
 def pingpong(image: str, bare: str, rounds: int = 5) -> None:
+    """Bare metal twice: as is, and with the UCX settings the site config
+    gives container jobs (container.env), so that the container's own cost
+    can be told from the cost of those settings."""
+    from slurm_charlie import config
+    ucx_env = " ".join(config.load(path=SB.charlie_conf)["container.env"])
     res: dict[tuple[str, str], list[tuple[float, float]]] = {}
     layouts = {"same node": "-N1 -n2", "two nodes": "-N2 -n2 --ntasks-per-node=1"}
+    kinds = {"bare metal": f"srun --mpi=pmi2 {{layout}} {bare}",
+             "bare, container.env": f"env {ucx_env} srun --mpi=pmi2 {{layout}} {bare}",
+             "containers": f"srun --mpi=pmi2 {{layout}} --charlie-image={image} /usr/bin/pingpong"}
     for _ in range(rounds):
         for where, layout in layouts.items():
-            for kind in ("bare", "container"):
-                if kind == "bare":
-                    cmd = f"srun --mpi=pmi2 {layout} {bare}"
-                else:
-                    cmd = f"srun --mpi=pmi2 {layout} --charlie-image={image} /usr/bin/pingpong"
-                out = as_user(cmd)
+            for kind, cmd in kinds.items():
+                out = as_user(cmd.format(layout=layout))
                 m = re.search(r"latency_us (\S+) bandwidth_MBps (\S+)", out)
                 res.setdefault((where, kind), []).append((float(m.group(1)), float(m.group(2))))
-    print(f"{'MPI ping-pong (median of %d)' % rounds:<30} {'latency us':>11} {'MB/s':>9}"
-          f" {'lat. ratio':>11} {'bw ratio':>9}")
+    print(f"MPI ping-pong, median of {rounds}; container.env = {ucx_env or '(none)'}")
+    print(f"{'':<34} {'latency us':>11} {'MB/s':>9} {'lat. ratio':>11} {'bw ratio':>9}")
     for where in layouts:
-        b = res[(where, "bare")]
-        c = res[(where, "container")]
-        bl, bb = statistics.median(x[0] for x in b), statistics.median(x[1] for x in b)
-        cl, cb = statistics.median(x[0] for x in c), statistics.median(x[1] for x in c)
-        print(f"{'  ' + where + ', bare metal':<30} {bl:>11.2f} {bb:>9.0f}")
-        print(f"{'  ' + where + ', containers':<30} {cl:>11.2f} {cb:>9.0f}"
-              f" {bl / cl:>11.3f} {cb / bb:>9.3f}   (goal >= 0.97: bare/ct latency, ct/bare bw)")
+        med = {k: (statistics.median(x[0] for x in res[(where, k)]),
+                   statistics.median(x[1] for x in res[(where, k)])) for k in kinds}
+        for kind in kinds:
+            lat, bw = med[kind]
+            line = f"{'  ' + where + ', ' + kind:<34} {lat:>11.2f} {bw:>9.0f}"
+            if kind == "containers":
+                for ref in ("bare metal", "bare, container.env"):
+                    rl, rb = med[ref]
+                    print(line + f" {rl / lat:>11.3f} {bw / rb:>9.3f}   vs {ref} (goal >= 0.97)")
+                    line = " " * 56
+            else:
+                print(line)
 
 
 def unpack_vs_cached(image_dir: str, repeat: int = 3) -> None:
