@@ -54,65 +54,39 @@ def check_job_id(job_id: str) -> None:
         raise NodeFault("job id", "not a number", repr(job_id))
 
 
-def _open_root(root: str) -> int:
+def _open_root(root: str, what: str = "runtime_root") -> int:
     """Create a root-managed directory (runtime_root, the image cache) if
     needed (root-owned, 0755) and open it safely."""
-    check_root_safe(root)
+    check_root_safe(root, what)
     try:
         os.makedirs(root, mode=0o755, exist_ok=True)
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as e:
-        raise NodeFault("runtime_root", f"cannot create or open: {e.strerror}",
-                        root, hint="check runtime_root in the site config and "
+        raise NodeFault(what, f"cannot create or open: {e.strerror}",
+                        root, hint=f"check {what} in the site config and "
                         "the node's local disk") from None
-    check_root_safe(root)  # again, now that it exists
+    check_root_safe(root, what)  # again, now that it exists
     return fd
 
 
-def create_job_dir(paths: JobPaths, uid: int, gid: int) -> None:
-    """Make <root>/<jobid> owned by uid:gid, mode 0700.  Safe to repeat: an
-    existing directory of the same owner is kept, anything else is removed."""
-    check_job_id(paths.job_id)
-    rootfd = _open_root(paths.root)
+def _owned_dir(base: str, name: str, uid: int, gid: int, subject: str,
+               base_key: str) -> str:
+    """Make <base>/<name> a directory owned by uid:gid, mode 0700, below the
+    root-managed base.  Safe to repeat: a directory of that owner is kept,
+    anything else there is removed first (without following links)."""
+    rootfd = _open_root(base, base_key)
+    path = os.path.join(base, name)
     try:
         try:
-            st = os.lstat(paths.job_id, dir_fd=rootfd)
+            st = os.lstat(name, dir_fd=rootfd)
             if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
-                _remove_entry(rootfd, paths.job_id)
+                _remove_entry(rootfd, name)
         except FileNotFoundError:
             pass
-        try:
-            os.mkdir(paths.job_id, 0o700, dir_fd=rootfd)
-        except FileExistsError:
-            pass
-        fd = os.open(paths.job_id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                     dir_fd=rootfd)
-        try:
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, 0o700)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise NodeFault("job directory", f"cannot create: {e.strerror}",
-                        paths.job_dir, hint="check free space and permissions "
-                        "of runtime_root") from None
-    finally:
-        os.close(rootfd)
-
-
-def create_user_dir(base: str, uid: int, gid: int) -> str:
-    """<base>/<uid>, owned by the user, 0700, below a root-owned base (the
-    per-user image cache).  Root only makes the directory."""
-    rootfd = _open_root(base)
-    name = str(uid)
-    try:
         try:
             os.mkdir(name, 0o700, dir_fd=rootfd)
         except FileExistsError:
             pass
-        st = os.lstat(name, dir_fd=rootfd)
-        if not stat.S_ISDIR(st.st_mode):
-            raise NodeFault("image cache", "not a directory", os.path.join(base, name))
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=rootfd)
         try:
             os.fchown(fd, uid, gid)
@@ -120,11 +94,22 @@ def create_user_dir(base: str, uid: int, gid: int) -> str:
         finally:
             os.close(fd)
     except OSError as e:
-        raise NodeFault("image cache", f"cannot create: {e.strerror}",
-                        os.path.join(base, name)) from None
+        raise NodeFault(subject, f"cannot create: {e.strerror}", path,
+                        hint=f"check free space and permissions of {base_key}") from None
     finally:
         os.close(rootfd)
-    return os.path.join(base, name)
+    return path
+
+
+def create_job_dir(paths: JobPaths, uid: int, gid: int) -> None:
+    """<runtime_root>/<jobid>, owned by the job user, 0700."""
+    check_job_id(paths.job_id)
+    _owned_dir(paths.root, paths.job_id, uid, gid, "job directory", "runtime_root")
+
+
+def create_user_dir(base: str, uid: int, gid: int) -> str:
+    """<base>/<uid>, owned by the user, 0700: the user's image cache."""
+    return _owned_dir(base, str(uid), uid, gid, "image cache", "container.cache_dir")
 
 
 def _remove_entry(rootfd: int, name: str) -> None:

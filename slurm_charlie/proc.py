@@ -56,6 +56,22 @@ class User:
         return f"{self.name}({self.uid}:{self.gid})"
 
 
+def proc_stat(pid: int | str) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: [0] is the state
+    (field 3), [19] the start time (field 22).  None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def is_zombie(pid: int | str) -> bool:
+    """Gone, or a zombie nobody has reaped yet."""
+    fields = proc_stat(pid)
+    return fields is None or fields[0] == "Z"
+
+
 def _drop(user: User) -> None:
     """Become user for good (called in a child)."""
     if os.getuid() == user.uid and os.geteuid() == user.uid:

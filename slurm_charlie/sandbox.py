@@ -26,6 +26,7 @@ import time
 
 from . import PROG
 from .errors import NodeFault
+from .proc import is_zombie
 
 DEFAULT_DIR = "/run/slurm-charlie-sandbox"
 BRIDGE = "chsbx0"
@@ -64,7 +65,7 @@ def _alive(pidfile: str) -> int | None:
         os.kill(pid, 0)
     except (OSError, ValueError, IndexError):
         return None
-    return None if _zombie(pid) else pid
+    return None if is_zombie(pid) else pid
 
 
 def _daemon(argv: list[str], log: str) -> None:
@@ -339,7 +340,7 @@ class Sandbox:
         """What `down` must not leave: daemons, namespaces, links, files."""
         out = []
         for d in os.listdir("/proc"):
-            if not d.isdigit() or _zombie(int(d)):
+            if not d.isdigit() or is_zombie(int(d)):
                 continue
             try:
                 cmd = open(f"/proc/{d}/cmdline").read().split("\0")
@@ -389,8 +390,7 @@ class Sandbox:
         end = time.monotonic() + timeout
         left = list(pids)
         while left and time.monotonic() < end:
-            left = [p for p in left if os.path.exists(f"/proc/{p}")
-                    and not _zombie(p)]
+            left = [p for p in left if not is_zombie(p)]
             time.sleep(0.1)
         for pid in left:
             try:
@@ -414,13 +414,6 @@ class Sandbox:
                   f"{n.addr:<14} {states.get(n.name, '?')}")
             ok &= bool(pid)
         return 0 if ok else 1
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def main(args: argparse.Namespace) -> int:

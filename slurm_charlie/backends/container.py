@@ -23,7 +23,7 @@ from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
 from .. import config, images, layout, unpack
-from ..proc import call_as, log
+from ..proc import call_as, is_zombie, log, proc_stat
 from . import Backend, Context
 
 MOUNT_POINTS = ("ch/meta",) + tuple(f"ch/data{i}" for i in range(1, 5))
@@ -32,11 +32,8 @@ HOLDER_SCRIPT = 'exec 3<>/ch/meta/.holder; read -r _ <&3'
 
 
 def _starttime(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
 
 
 def _ns_inode(pid: int | str, ns: str) -> int | None:
@@ -216,7 +213,7 @@ class ContainerBackend(Backend):
                 pass
         deadline = time.monotonic() + ctx.cfg["timeouts.kill"]
         while victims and time.monotonic() < deadline:
-            victims = [p for p in victims if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+            victims = [p for p in victims if not is_zombie(p)]
             time.sleep(0.02)
         if victims:
             raise NodeFault("container", "processes did not die", victims,
@@ -226,13 +223,6 @@ class ContainerBackend(Backend):
             if os.path.dirname(backend["cache"]) == cache:  # state is only a hint
                 call_as(ctx.user, unpack.release, backend["cache"], backend["sha"],
                         ctx.job_id)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def _in_read(pid: int) -> bool:
