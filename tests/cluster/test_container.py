@@ -345,3 +345,46 @@ srun --mpi=pmi2 sh -c '/usr/bin/mpi_allreduce; touch /dev/shm/charlie-test-leak.
     left = [f for f in os.listdir("/dev/shm") if os.lstat(f"/dev/shm/{f}").st_uid == uid]
     assert left == []
     assert cluster.user_processes() == [] and cluster.job_dirs() == []
+
+
+def test_no_mounts_or_open_deleted_files_outlive_the_job(cluster, images):
+    """Seed FAQ du vs df: space is only freed when nobody holds the deleted
+    file.  A task keeps a deleted 8 MB file open in the job directory; after
+    scancel no process holds it, the host's mount table never saw the
+    container's mounts, and no process is left in the holder's namespace."""
+    wd = cluster.workdir("container-leaks")
+    p = cluster.as_user(["sbatch", "--parsable", "-N1", "-w", "node1",
+                         f"--charlie-image={images['bb']}", "-o", "job.out", "--wrap",
+                         "srun sh -c 'exec 8</ch/meta/hosts;"
+                         " dd if=/dev/zero of=/tmp/held.$SLURM_JOB_ID bs=1M count=8 2>/dev/null;"
+                         " exec 9</tmp/held.$SLURM_JOB_ID; rm /tmp/held.$SLURM_JOB_ID; sleep 300'"], wd)
+    assert p.returncode == 0, p.stderr
+    jobid = p.stdout.strip()
+    holder_file = os.path.join(cluster.sb.state, "runtime", "node1", jobid, "run", "holder")
+    end = time.monotonic() + 30
+    held = []
+    while time.monotonic() < end and not held:
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit():
+                    for fd in os.listdir(f"/proc/{pid}/fd"):
+                        if os.readlink(f"/proc/{pid}/fd/{fd}") == f"/tmp/held.{jobid} (deleted)":
+                            held.append(pid)
+            except OSError:
+                pass
+        time.sleep(0.2)
+    assert held, "the task never held the deleted file"
+    holder_mntns = int(open(holder_file).read().split()[2])
+    assert images["bb"] not in open("/proc/self/mountinfo").read()  # mounts live in the container
+    cluster.run(["scancel", jobid], check=True)
+    cluster.wait_done(jobid)
+    assert cluster.user_processes() == []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit():
+                assert os.stat(f"/proc/{pid}/ns/mnt").st_ino != holder_mntns, pid
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    assert f"held.{jobid}" not in os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    assert cluster.job_dirs() == []
