@@ -13,6 +13,7 @@ time before it trusts the pid.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -23,7 +24,7 @@ from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
 from .. import config, images, layout, unpack
-from ..proc import call_as, is_zombie, log, proc_stat
+from ..proc import call_as, is_zombie, log, proc_stat, run
 from . import Backend, Context
 
 MOUNT_POINTS = ("ch/meta",) + tuple(f"ch/data{i}" for i in range(1, 5))
@@ -83,6 +84,22 @@ def mpi_flavours(image: str) -> dict[str, str]:
     return found
 
 
+def mpi_offered(mpi_type: str) -> bool:
+    """Does this node's Slurm offer the MPI plugin (`srun --mpi=list`)?"""
+    try:
+        p = run([shutil.which("srun") or "/usr/bin/srun", "--mpi=list"],
+                timeout=30, check=False)
+    except NodeFault as e:
+        log.warning("srun --mpi=list: %s", e.line())
+        return False
+    offered = p.stdout.decode(errors="replace").split()
+    if p.returncode != 0 or mpi_type not in offered:
+        log.warning("container.default_mpi %s: not offered by `srun --mpi=list` "
+                    "here; SLURM_MPI_TYPE left alone", mpi_type)
+        return False
+    return True
+
+
 class ContainerBackend(Backend):
     name = "container"
 
@@ -109,8 +126,9 @@ class ContainerBackend(Backend):
         over, SLURM_MPI_TYPE and the site's container.env."""
         env = [("CH_META", "/ch/meta")]
         env += [(f"CH_DATA{i}", f"/ch/data{i}") for i in range(1, len(ctx.opts.dir) + 1)]
-        if ctx.cfg["container.default_mpi"]:
-            env.append(("SLURM_MPI_TYPE", ctx.cfg["container.default_mpi"]))
+        mpi = ctx.cfg["container.default_mpi"]
+        if mpi and mpi_offered(mpi):
+            env.append(("SLURM_MPI_TYPE", mpi))
         env += [tuple(item.split("=", 1)) for item in ctx.cfg["container.env"]]
         return env
 

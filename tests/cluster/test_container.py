@@ -388,3 +388,21 @@ def test_no_mounts_or_open_deleted_files_outlive_the_job(cluster, images):
         except OSError:
             pass
     assert cluster.job_dirs() == []
+
+
+def test_default_mpi_only_when_srun_offers_it(cluster, images):
+    wd = cluster.workdir("container-mpitype")
+    conf = cluster.sb.charlie_conf
+    saved = open(conf).read()
+    try:
+        with open(conf, "a") as f:
+            f.write('default_mpi = "pmi9"\n')  # in [container]; no such plugin
+        p, jobid = cluster.sbatch(wd, ["-N1", f"--charlie-image={images['bb']}", "-o",
+                                       "job.out", "--wrap", 'echo "TYPE=${SLURM_MPI_TYPE:-unset}"'])
+    finally:
+        with open(conf, "w") as f:
+            f.write(saved)
+    assert p.returncode == 0
+    assert "TYPE=unset" in open(os.path.join(wd, "job.out")).read()
+    assert f"job {jobid}: warning: container.default_mpi pmi9: not offered by `srun --mpi=list`" \
+        in _charlie_log(cluster, "node1")
