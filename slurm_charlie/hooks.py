@@ -72,9 +72,7 @@ def prepare_as_user(ctx: backends.Context, raw: options.Options,
     inp = meta.MetaInput(job_id=ctx.job_id, nodes=ctx.nodes, cpus=cpus,
                          type=opts.type, data_dirs=len(opts.dir),
                          subnet=ctx.cfg["vm.subnet"],
-                         nameservers=tuple(ctx.cfg["vm.nameservers"]),
-                         interactive=opts.interactive,
-                         has_jobscript=opts.job is not None)
+                         nameservers=tuple(ctx.cfg["vm.nameservers"]))
     for name, data in meta.render(inp).items():
         path = os.path.join(p.meta, name)
         if data is None:

@@ -27,8 +27,6 @@ class MetaInput:
     data_dirs: int = 0          # number of --charlie-dir
     subnet: str = "172.22.0.0/16"
     nameservers: tuple[str, ...] = ()
-    interactive: bool = False
-    has_jobscript: bool = False
 
 
 def guest_name(index: int) -> str:

@@ -243,21 +243,21 @@ class ContainerBackend(Backend):
                         ctx.job_id)
 
 
+def _fd_targets(pid: int | str) -> list[str]:
+    try:
+        return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return []
+
+
 def _in_read(pid: int) -> bool:
     """The holder has exec'd sh and opened its FIFO."""
-    try:
-        return any(os.readlink(f"/proc/{pid}/fd/{fd}").endswith(HOLDER_FIFO)
-                   for fd in os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return False
+    return any(t.endswith(HOLDER_FIFO) for t in _fd_targets(pid))
 
 
 def _holds_fifo(pid: str, fifo: str) -> bool:
-    try:
-        return any(os.readlink(f"/proc/{pid}/fd/{fd}") in (fifo, "/ch/meta/" + HOLDER_FIFO)
-                   for fd in os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return False
+    """pid has the holder FIFO open (host path, or /ch/meta inside)."""
+    return any(t in (fifo, "/ch/meta/" + HOLDER_FIFO) for t in _fd_targets(pid))
 
 
 def _make_fifo(path: str) -> None:
