@@ -96,7 +96,14 @@ def _task_env_lines(pairs: list[tuple[str, str]]) -> bytes:
 
 
 def finish_as_user(ctx: backends.Context, task_env: list[tuple[str, str]],
-                   started: dict[str, Any]) -> None:
+                   started: dict[str, Any], notices: list[str]) -> None:
+    if notices:  # the shim copies these to the batch script's stderr
+        _write_file(ctx.paths.notice, "".join(n + "\n" for n in notices).encode(), 0o600)
+    else:
+        try:  # left by an earlier run of this prolog
+            os.unlink(ctx.paths.notice)
+        except FileNotFoundError:
+            pass
     _write_file(ctx.paths.task_env, _task_env_lines(task_env), 0o600)
     state.update(ctx.paths.state, phase="started", backend=started)
 
@@ -188,17 +195,21 @@ def _prolog(env: Mapping[str, str]) -> int:
             fd = layout.open_log_as_root(paths, user.uid)
         if fd is not None:
             logmod.add_fd(fd, job.job_id)
-        for w in prepared["warnings"]:
-            log.warning("%s", w)
+        warnings = list(prepared["warnings"])
         opts = options.from_env({"SPANK_" + k: v for k, v in prepared["opts"]})
         ctx = dataclasses.replace(ctx, opts=opts)
         backend = backends.get(opts.type)
         started = backend.start(ctx)
+        warnings += started.pop("warnings", [])
+        for w in warnings:
+            log.warning("%s", w)
+        notices = [f"slurm-charlie: job {job.job_id}: "
+                   + (w if w.startswith("hint: ") else f"warning: {w}") for w in warnings]
         task_env = [("CH_JOB_ID", job.job_id), ("CH_TYPE", opts.type),
                     ("CH_GUEST_ID", str(ctx.guest_id)),
                     ("CH_GUEST_COUNT", str(len(nodes))),
                     ("CH_JOB_DIR", paths.job_dir)] + backend.task_env(ctx)
-        call_as(user, finish_as_user, ctx, task_env, started)
+        call_as(user, finish_as_user, ctx, task_env, started, notices)
         log.info("prolog done: type %s, guest %d of %d", opts.type,
                  ctx.guest_id, len(nodes))
         return 0

@@ -45,6 +45,7 @@ _SUBPATHS = {
     "state": "state.json",
     "task_env": "run/task.env",     # read by the shim: CH_* for tasks
     "error": "run/error",           # read by the shim: why the job failed
+    "notice": "run/notice",         # read by the shim: warnings for the batch script
     "log": "out/charlie.log",
 }
 

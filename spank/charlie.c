@@ -438,6 +438,7 @@ fail:
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
     char path[PATH_MAX], line[8192];
+    uint32_t step = 0;
     FILE *f;
     size_t n;
     int rv = 0;
@@ -454,6 +455,16 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         fclose(f);
         fflush(stderr);
         return -1;
+    }
+    /* warnings the prolog found (e.g. about an unpacked image) go to the
+     * batch script's stderr, once */
+    if (spank_get_item(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS &&
+        step == SLURM_BATCH_SCRIPT && job_file(sp, "notice", path, sizeof(path)) == 0 &&
+        (f = fopen(path, "re")) != NULL) {
+        while ((n = fread(line, 1, sizeof(line), f)) > 0)
+            fwrite(line, 1, n, stderr);
+        fclose(f);
+        fflush(stderr);
     }
     if (job_file(sp, "task.env", path, sizeof(path)) < 0 ||
         (f = fopen(path, "re")) == NULL) {

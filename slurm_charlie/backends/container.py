@@ -100,21 +100,26 @@ def mpi_offered(mpi_type: str) -> bool:
     return True
 
 
+def openmpi_warning(image_dir: str, shown_as: str) -> list[str]:
+    """Lines to warn with when the image has Open MPI and no MPICH."""
+    mpi = mpi_flavours(image_dir)
+    if "openmpi" not in mpi or "mpich" in mpi:
+        return []
+    return [f"--charlie-image: image has Open MPI ({mpi['openmpi']}) and no MPICH: "
+            "Open MPI built without PMI2 (Debian's, for one) aborts every rank in "
+            f"MPI_Init under srun --mpi=pmi2: {shown_as}",
+            "hint: build the image's MPI programs with MPICH, or use srun "
+            "--mpi=pmix where Slurm and the image's Open MPI both have PMIx"]
+
+
 class ContainerBackend(Backend):
     name = "container"
 
     def check(self, opts: Options, cfg: Config) -> None:
         if opts.image and os.path.isdir(opts.image):
             check_image_dir(opts.image, opts.write, len(opts.dir))
-            mpi = mpi_flavours(opts.image)
-            if "openmpi" in mpi and "mpich" not in mpi:
-                log.warning("--charlie-image: image has Open MPI (%s) and no MPICH: "
-                            "Open MPI built without PMI2 (Debian's, for one) aborts "
-                            "every rank in MPI_Init under srun --mpi=pmi2: %s",
-                            mpi["openmpi"], opts.image)
-                log.warning("hint: build the image's MPI programs with MPICH, or "
-                            "use srun --mpi=pmix where Slurm and the image's Open "
-                            "MPI both have PMIx")
+            for line in openmpi_warning(opts.image, opts.image):
+                log.warning("%s", line)
         elif opts.image and opts.write:
             raise UserError("--charlie-write", "needs an image directory; an "
                             "archive is unpacked into a private cache", opts.image,
@@ -149,7 +154,10 @@ class ContainerBackend(Backend):
                           ctx.cfg["container.cache_max_mib"] << 20, running)
         for sha in removed:
             log.info("image cache: evicted %s", sha)
-        return {"image_dir": got["image"], "cache": user_cache, "sha": got["sha"]}
+        # an archive's content is only seen now: warn in the job's output
+        warnings = call_as(ctx.user, openmpi_warning, got["image"], ctx.opts.image)
+        return {"image_dir": got["image"], "cache": user_cache, "sha": got["sha"],
+                "warnings": warnings}
 
     def start(self, ctx: Context) -> dict[str, Any]:
         image = self._unpacked(ctx)
@@ -201,7 +209,7 @@ class ContainerBackend(Backend):
                             ctx.cfg["timeouts.boot"])
         info = {"holder_pid": proc.pid, "holder_start": _starttime(proc.pid),
                 "holder_mntns": mnt, "holder_userns": _ns_inode(proc.pid, "user"),
-                **image}
+                **image}  # "warnings" is taken out by the prolog
         call_as(ctx.user, _write_holder, ctx.paths.run, info)
         return info
 

@@ -406,3 +406,27 @@ def test_default_mpi_only_when_srun_offers_it(cluster, images):
     assert "TYPE=unset" in open(os.path.join(wd, "job.out")).read()
     assert f"job {jobid}: warning: container.default_mpi pmi9: not offered by `srun --mpi=list`" \
         in _charlie_log(cluster, "node1")
+
+
+def test_openmpi_archive_warned_in_job_output(cluster, images):
+    """An archive's content is only seen when the node unpacks it: the
+    warning goes to the batch script's stderr."""
+    wd = cluster.workdir("container-ompi-archive")
+    src = os.path.join(wd, "src")
+    shutil.copytree(images["bb"], src, symlinks=True)
+    os.makedirs(os.path.join(src, "usr/lib/x86_64-linux-gnu"), exist_ok=True)
+    open(os.path.join(src, "usr/lib/x86_64-linux-gnu/libmpi.so.40"), "w").close()
+    with open(os.path.join(src, "unique"), "w") as f:
+        f.write(f"{time.time_ns()}\n")
+    tgz = os.path.join(wd, "ompi.tar.gz")
+    subprocess.run(["tar", "-C", src, "-czf", tgz, "."], check=True)
+    os.chmod(tgz, 0o644)
+    p, jobid = cluster.sbatch(wd, ["-N1", f"--charlie-image={tgz}", "-o", "job.out",
+                                   "--wrap", "srun cat /MARKER"])
+    out = open(os.path.join(wd, "job.out")).read()
+    assert p.returncode == 0, out
+    assert (f"slurm-charlie: job {jobid}: warning: --charlie-image: image has Open MPI "
+            f"(/usr/lib/x86_64-linux-gnu/libmpi.so.40) and no MPICH") in out
+    assert f"slurm-charlie: job {jobid}: hint: build the image's MPI programs with MPICH" in out
+    assert out.count("warning: --charlie-image: image has Open MPI") == 1  # batch step only
+    assert "inside-the-image" in out
