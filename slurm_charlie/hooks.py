@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from . import backends, config, hostlist, jobenv, layout, meta, options, state, validate
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError, format_message
-from .proc import User, call_as, run
+from .proc import User, call_as, fd_targets, pids_of, run
 
 log = logmod.log
 
@@ -253,16 +253,11 @@ def _shm_in_use(uid: int, shm_dir: str) -> set[str]:
     """Names in shm_dir that a live process of uid has open or mapped."""
     used: set[str] = set()
     prefix = shm_dir.rstrip("/") + "/"
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in pids_of(uid):
+        for target in fd_targets(pid):
+            if target.startswith(prefix):
+                used.add(target[len(prefix):].split("/")[0].split(" ")[0])
         try:
-            if os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith(prefix):
-                    used.add(target[len(prefix):].split("/")[0].split(" ")[0])
             with open(f"/proc/{pid}/maps") as f:
                 for line in f:
                     at = line.find(prefix)

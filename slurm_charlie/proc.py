@@ -72,6 +72,26 @@ def is_zombie(pid: int | str) -> bool:
     return fields is None or fields[0] == "Z"
 
 
+def pids_of(uid: int) -> list[int]:
+    """Live processes owned by uid."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and os.stat(f"/proc/{d}").st_uid == uid:
+                out.append(int(d))
+        except OSError:
+            pass
+    return out
+
+
+def fd_targets(pid: int | str) -> list[str]:
+    """Where pid's open file descriptors point ([] when unreadable)."""
+    try:
+        return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return []
+
+
 def _drop(user: User) -> None:
     """Become user for good (called in a child)."""
     if os.getuid() == user.uid and os.geteuid() == user.uid:

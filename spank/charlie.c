@@ -348,6 +348,30 @@ static int job_file(spank_t sp, const char *name, char *buf, size_t size)
     return (n < 0 || (size_t)n >= size - o) ? -1 : 0;
 }
 
+static int is_batch_step(spank_t sp)
+{
+    uint32_t step = 0;
+
+    return spank_get_item(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS &&
+           step == SLURM_BATCH_SCRIPT;
+}
+
+/* Copy <job>/run/<name> to the task's stderr; 1 if it existed. */
+static int show_job_file(spank_t sp, const char *name)
+{
+    char path[PATH_MAX], buf[4096];
+    size_t n;
+    FILE *f;
+
+    if (job_file(sp, name, path, sizeof(path)) < 0 || (f = fopen(path, "re")) == NULL)
+        return 0;
+    while ((n = fread(buf, 1, sizeof(buf), f)) > 0)
+        fwrite(buf, 1, n, stderr);
+    fclose(f);
+    fflush(stderr);
+    return 1;
+}
+
 /* Start time (field 22 of /proc/PID/stat) of pid, 0 when unknown. */
 static unsigned long long proc_starttime(long pid)
 {
@@ -383,12 +407,10 @@ static int join_holder(spank_t sp)
     int userfd = -1, mntfd = -1, rv = -1;
     struct stat st;
     long pid = 0;
-    uint32_t step = 0;
     FILE *f;
 
     /* the batch script stays on the host, so that it can call srun */
-    if (spank_get_item(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS &&
-        step == SLURM_BATCH_SCRIPT)
+    if (is_batch_step(sp))
         return 0;
     if (job_file(sp, "holder", path, sizeof(path)) < 0 ||
         (f = fopen(path, "re")) == NULL)
@@ -438,9 +460,7 @@ fail:
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
     char path[PATH_MAX], line[8192];
-    uint32_t step = 0;
     FILE *f;
-    size_t n;
     int rv = 0;
 
     (void)ac;
@@ -448,24 +468,12 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     if (spank_remote(sp) != 1)
         return 0;
     /* the prolog found a problem with the job: tell the user and fail */
-    if (job_file(sp, "error", path, sizeof(path)) == 0 &&
-        (f = fopen(path, "re")) != NULL) {
-        while ((n = fread(line, 1, sizeof(line), f)) > 0)
-            fwrite(line, 1, n, stderr);
-        fclose(f);
-        fflush(stderr);
+    if (show_job_file(sp, "error"))
         return -1;
-    }
     /* warnings the prolog found (e.g. about an unpacked image) go to the
      * batch script's stderr, once */
-    if (spank_get_item(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS &&
-        step == SLURM_BATCH_SCRIPT && job_file(sp, "notice", path, sizeof(path)) == 0 &&
-        (f = fopen(path, "re")) != NULL) {
-        while ((n = fread(line, 1, sizeof(line), f)) > 0)
-            fwrite(line, 1, n, stderr);
-        fclose(f);
-        fflush(stderr);
-    }
+    if (is_batch_step(sp))
+        show_job_file(sp, "notice");
     if (job_file(sp, "task.env", path, sizeof(path)) < 0 ||
         (f = fopen(path, "re")) == NULL) {
         char marker[8];

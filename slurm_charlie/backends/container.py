@@ -24,7 +24,7 @@ from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
 from .. import config, images, layout, unpack
-from ..proc import call_as, is_zombie, log, proc_stat, run
+from ..proc import call_as, fd_targets, is_zombie, log, pids_of, proc_stat, run
 from . import Backend, Context
 
 MOUNT_POINTS = ("ch/meta",) + tuple(f"ch/data{i}" for i in range(1, 5))
@@ -219,19 +219,9 @@ class ContainerBackend(Backend):
         namespaces.  Without state, find them by the holder's FIFO path."""
         backend = (state or {}).get("backend") or {}
         mntns = backend.get("holder_mntns")
-        victims = []
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                if os.stat(f"/proc/{d}").st_uid != ctx.user.uid:
-                    continue
-            except OSError:
-                continue
-            if mntns and _ns_inode(d, "mnt") == mntns:
-                victims.append(int(d))
-            elif _holds_fifo(d, os.path.join(ctx.paths.meta, HOLDER_FIFO)):
-                victims.append(int(d))
+        fifo = os.path.join(ctx.paths.meta, HOLDER_FIFO)
+        victims = [pid for pid in pids_of(ctx.user.uid)
+                   if (mntns and _ns_inode(pid, "mnt") == mntns) or _holds_fifo(pid, fifo)]
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -251,21 +241,14 @@ class ContainerBackend(Backend):
                         ctx.job_id)
 
 
-def _fd_targets(pid: int | str) -> list[str]:
-    try:
-        return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-    except OSError:
-        return []
-
-
 def _in_read(pid: int) -> bool:
     """The holder has exec'd sh and opened its FIFO."""
-    return any(t.endswith(HOLDER_FIFO) for t in _fd_targets(pid))
+    return any(t.endswith(HOLDER_FIFO) for t in fd_targets(pid))
 
 
-def _holds_fifo(pid: str, fifo: str) -> bool:
+def _holds_fifo(pid: int, fifo: str) -> bool:
     """pid has the holder FIFO open (host path, or /ch/meta inside)."""
-    return any(t in (fifo, "/ch/meta/" + HOLDER_FIFO) for t in _fd_targets(pid))
+    return any(t in (fifo, "/ch/meta/" + HOLDER_FIFO) for t in fd_targets(pid))
 
 
 def _make_fifo(path: str) -> None:
