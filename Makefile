@@ -10,9 +10,9 @@ PYTEST_ARGS ?=
 # Debian packages the sandbox, the shim and the tests need
 APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
 	iproute2 util-linux gcc make python3-venv charliecloud-runtime mpich libmpich-dev \
-	busybox-static squashfs-tools
+	busybox-static squashfs-tools qemu-system-x86 qemu-utils cpio debootstrap e2fsprogs kmod
 
-.PHONY: all deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench \
+.PHONY: all guest deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench \
 	docs docs-gen clean
 
 all: shim venv
@@ -63,8 +63,15 @@ shim-other-slurm: $(OTHER_INC)/slurm/spank.h
 		v=$$(sed -n 's/^#define SLURM_VERSION_NUMBER 0x\(..\)\(..\)\(..\)/\1 \2 \3/p' $$h/slurm/slurm_version.h); \
 		echo "shim builds with -Werror against Slurm $$(printf '%d.%02d.%d' $$(for x in $$v; do echo 0x$$x; done)) headers ($$h)"; done
 
-sandbox-up: all
-	$(SB) sandbox up --nodes 3
+# The test guest (kernel, initrd, root disk), cached under $(CACHE)/vm
+VMC := $(CACHE)/vm
+guest: $(VMC)/guest.qcow2 $(VMC)/initrd.img
+$(VMC)/guest.qcow2 $(VMC)/initrd.img: tests/vm/build_guest.sh slurm_charlie/guest/initrd-init \
+		slurm_charlie/vmbuild.py | venv
+	sh tests/vm/build_guest.sh $(VMC) $(abspath $(SB))
+
+sandbox-up: all guest
+	$(SB) sandbox up --nodes 3 --guest-dir $(VMC)
 
 sandbox-down:
 	@if [ -x $(SB) ]; then $(SB) sandbox down; fi
@@ -74,9 +81,9 @@ demo: sandbox-up
 
 # The full suite on the sandbox; the sandbox is stopped afterwards whatever
 # the result (CI must stop what it started).
-test: all shim-other-slurm
-	@rc=0; $(SB) sandbox up --nodes 3 || rc=$$?; \
-	if [ $$rc -eq 0 ]; then $(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit tests/cluster || rc=$$?; fi; \
+test: all shim-other-slurm guest
+	@rc=0; $(SB) sandbox up --nodes 3 --guest-dir $(VMC) || rc=$$?; \
+	if [ $$rc -eq 0 ]; then $(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit tests/cluster tests/vm || rc=$$?; fi; \
 	$(SB) sandbox down || true; exit $$rc
 
 unit: venv

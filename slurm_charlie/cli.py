@@ -134,6 +134,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vm_initrd(args: argparse.Namespace) -> int:
+    from . import vmbuild
+    names = vmbuild.build_initrd(args.modules, args.out, args.busybox)
+    print(f"{PROG}: wrote {args.out} ({len(names)} modules)", file=sys.stderr)
+    return 0
+
+
+def cmd_guest_wait(args: argparse.Namespace) -> int:
+    from . import vmtools
+    return vmtools.guest_wait(args.job_dir, args.guest)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from . import vmtools
+    return vmtools.console(args.guest, args.job_dir)
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from . import vmtools
+    return vmtools.commit_kept(args.overlay, config.load())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=(
         "Per-job containers and virtual machines for Slurm."))
@@ -179,11 +201,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=("up", "down", "status", "env"))
     s.add_argument("--nodes", type=int, default=3)
     s.add_argument("--dir", default=None, help="state directory")
+    s.add_argument("--guest-dir", default=None, help="directory with the guest "
+                   "vmlinuz and initrd.img (make guest): enables VM jobs")
     s.set_defaults(func=cmd_sandbox)
 
     st = sub.add_parser("status", help="charlie job directories on this node")
     st.add_argument("--node", help="node name (default: short hostname)")
     st.set_defaults(func=cmd_status)
+
+    vi = sub.add_parser("vm-initrd", help="build the guest initrd for direct "
+                        "kernel boot (vm.initrd)")
+    vi.add_argument("--modules", required=True,
+                    help="the guest kernel's modules directory (lib/modules/VERSION)")
+    vi.add_argument("--out", required=True)
+    vi.add_argument("--busybox", default="/bin/busybox", help="a static busybox")
+    vi.set_defaults(func=cmd_vm_initrd)
+
+    gw = sub.add_parser("guest-wait", help="(batch step of a VM job) show guest "
+                        "N's job output and exit with its exit code")
+    gw.add_argument("job_dir")
+    gw.add_argument("--guest", type=int, default=0)
+    gw.set_defaults(func=cmd_guest_wait)
+
+    co = sub.add_parser("console", help="attach to a guest's serial console "
+                        "(inside the job's allocation)")
+    co.add_argument("guest", nargs="?", type=int, default=0)
+    co.add_argument("--job-dir", help=argparse.SUPPRESS)
+    co.set_defaults(func=cmd_console)
+
+    cm = sub.add_parser("commit", help="commit a kept guest overlay into its image")
+    cm.add_argument("overlay", help="the overlay a job kept (its path was in "
+                    "the job's output)")
+    cm.set_defaults(func=cmd_commit)
     return p
 
 

@@ -74,9 +74,29 @@ DEFAULTS: tuple[Key, ...] = (
     Key("vm.tmp_size_mib", 2048, int, "default size of /ch/tmp in each guest"),
     Key("vm.subnet", "172.22.0.0/16", str, "private guest network of a job"),
     Key("vm.nameservers", [], list, "nameservers written to meta/resolv.conf"),
+    Key("vm.memory_mib", 1024, int,
+        "guest memory when neither --charlie-mem nor the job's memory "
+        "allocation says"),
+    Key("vm.cmdline", "root=/dev/vda rw console=ttyS0", str,
+        "guest kernel command line for direct boot (charlie.guest=N is added)"),
+    Key("vm.mcast_group", "239.77.0.0/16", str,
+        "multicast range for the guest networks: job J uses group "
+        "base + J mod size, port mcast_port + J mod 10000"),
+    Key("vm.mcast_port", 20000, int, "lowest UDP port of the guest networks"),
+    Key("vm.mcast_localaddr", "", str,
+        "host address whose interface carries the guest networks (empty: "
+        "the route to 224.0.0.0/4 decides)"),
+    Key("vm.ssh_secret", "/etc/munge/munge.key", str,
+        "root-only file, identical on all nodes, from which each job's guest "
+        "ssh key is derived (empty: no ssh keys)"),
+    Key("vm.kept_dir", "", str,
+        "where overlays that could not be committed are kept (empty: "
+        "<runtime_root>/kept; %n is the node name)"),
     Key("timeouts.boot", 300, int, "seconds to wait for a guest to be ready"),
     Key("timeouts.shutdown", 60, int, "seconds to wait for a clean guest power-off"),
     Key("timeouts.kill", 10, int, "seconds to wait for killed processes to go"),
+    Key("timeouts.commit", 120, int,
+        "seconds a commit waits for other users of the image to let go"),
     Key("timeouts.unpack", 600, int,
         "seconds a job waits for another job unpacking the same image"),
     Key("commit.policy", "allow", str,

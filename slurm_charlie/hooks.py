@@ -57,8 +57,23 @@ def _link_jobscript(src: str, dst: str) -> str | None:
                 "to get a link)")
 
 
+def _group_name(gid: int) -> str:
+    import grp
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"g{gid}"
+
+
+def guest_user(user: User) -> tuple:
+    """The job user as VM guests recreate it (meta/user)."""
+    return (user.name, user.uid, user.gid, _group_name(user.gid),
+            *((g, _group_name(g)) for g in user.groups if g != user.gid))
+
+
 def prepare_as_user(ctx: backends.Context, raw: options.Options,
-                    cpus: tuple[int, ...]) -> dict[str, Any]:
+                    cpus: tuple[int, ...], vm_user: tuple = (),
+                    ssh: dict[str, str] | None = None) -> dict[str, Any]:
     """Runs as the job user: re-validate, render meta, write task env."""
     p = ctx.paths
     for d in (p.meta, p.run, p.out, os.path.join(p.meta, meta.SYNC_DIR)):
@@ -72,13 +87,21 @@ def prepare_as_user(ctx: backends.Context, raw: options.Options,
     inp = meta.MetaInput(job_id=ctx.job_id, nodes=ctx.nodes, cpus=cpus,
                          type=opts.type, data_dirs=len(opts.dir),
                          subnet=ctx.cfg["vm.subnet"],
-                         nameservers=tuple(ctx.cfg["vm.nameservers"]))
-    for name, data in meta.render(inp).items():
+                         nameservers=tuple(ctx.cfg["vm.nameservers"]),
+                         mode=("" if opts.type != "vm" else
+                               "interactive" if opts.interactive or not opts.job
+                               else "batch"),
+                         user=vm_user if opts.type == "vm" else ())
+    files = meta.render(inp)
+    if opts.type == "vm" and ssh:
+        files.update(meta.ssh_files(ssh["public"].encode(), ssh["private"].encode(),
+                                    ctx.cfg["vm.subnet"]))
+    for name, data in files.items():
         path = os.path.join(p.meta, name)
         if data is None:
             os.makedirs(path, mode=0o755, exist_ok=True)
         else:
-            _write_file(path, data)
+            _write_file(path, data, 0o600 if name == "ssh/id_ed25519" else 0o644)
     warnings = []
     if opts.job:
         w = _link_jobscript(opts.job, os.path.join(p.meta, "jobscript"))
@@ -88,6 +111,23 @@ def prepare_as_user(ctx: backends.Context, raw: options.Options,
                           "type": opts.type, "phase": "prepared",
                           "guest_id": ctx.guest_id})
     return {"opts": options.to_env(opts), "warnings": warnings}
+
+
+def _ssh_keys(cfg: config.Config, job_id: str, uid: int) -> dict[str, str] | None:
+    """As root: the job's ssh key, the same on every node (sshkey.py)."""
+    from . import sshkey
+    path = cfg["vm.ssh_secret"]
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            secret = f.read()
+    except OSError as e:
+        log.warning("vm.ssh_secret %s: %s; guests get no ssh keys", path, e.strerror)
+        return None
+    private, public = sshkey.openssh_keys(sshkey.job_seed(secret, job_id, uid),
+                                          f"slurm-charlie-job-{job_id}")
+    return {"private": private.decode(), "public": public.decode()}
 
 
 def _task_env_lines(pairs: list[tuple[str, str]]) -> bytes:
@@ -187,10 +227,15 @@ def _prolog(env: Mapping[str, str]) -> int:
         fd = layout.open_log_as_root(paths, user.uid)
         ctx = backends.Context(opts=raw or options.Options(), cfg=cfg, paths=paths,
                                user=user, job_id=job.job_id, node=job.node_name,
-                               guest_id=nodes.index(job.node_name), nodes=nodes)
+                               guest_id=nodes.index(job.node_name), nodes=nodes,
+                               cpus=cpus[nodes.index(job.node_name)],
+                               work_dir=job.work_dir or None)
         if early is not None:
             raise early
-        prepared = call_as(user, prepare_as_user, ctx, raw, cpus)
+        vm_user, ssh = (), None
+        if raw is not None and raw.type in ("vm", "auto"):
+            vm_user, ssh = guest_user(user), _ssh_keys(cfg, job.job_id, user.uid)
+        prepared = call_as(user, prepare_as_user, ctx, raw, cpus, vm_user, ssh)
         if fd is None:
             fd = layout.open_log_as_root(paths, user.uid)
         if fd is not None:

@@ -27,6 +27,10 @@ class MetaInput:
     data_dirs: int = 0          # number of --charlie-dir
     subnet: str = "172.22.0.0/16"
     nameservers: tuple[str, ...] = ()
+    mode: str = ""              # VM: "batch" or "interactive"
+    #: VM: the job user as the guests create it: name, uid, gid, group name,
+    #: then (gid, group name) of every supplementary group
+    user: tuple = ()
 
 
 def guest_name(index: int) -> str:
@@ -66,7 +70,23 @@ def guest_env(inp: MetaInput) -> list[tuple[str, str]]:
     env = [("CH_JOB_ID", inp.job_id), ("CH_TYPE", inp.type),
            ("CH_GUEST_COUNT", str(len(inp.nodes))), ("CH_META", "/ch/meta")]
     env += [(f"CH_DATA{i}", f"/ch/data{i}") for i in range(1, inp.data_dirs + 1)]
+    if inp.mode:
+        env.append(("CH_MODE", inp.mode))
     return env
+
+
+def guest_mac(job_id: str, index: int) -> str:
+    """Locally administered unicast MAC of guest index in a job."""
+    j = int(job_id) & 0xFFFF
+    return f"52:54:{j >> 8:02x}:{j & 255:02x}:{index >> 8 & 255:02x}:{index & 255:02x}"
+
+
+def ssh_files(public: bytes, private: bytes, subnet: str) -> dict[str, bytes]:
+    """meta/ssh/: the job's key (user key and every guest's host key)."""
+    known = f"chgu*,{subnet.split('/')[0].rsplit('.', 2)[0]}.* ".encode() + \
+        b" ".join(public.split()[:2]) + b"\n"
+    return {"ssh/id_ed25519": private, "ssh/id_ed25519.pub": public,
+            "ssh/known_hosts": known}
 
 
 def render_env(pairs: list[tuple[str, str]]) -> bytes:
@@ -86,7 +106,9 @@ def render(inp: MetaInput) -> dict[str, bytes | None]:
         hosts.append(f"{guest_ip[i]} {names[i]}")
         hosts.append(f"{host_ip[i]} {names[i]}host")
     slot_names = names if inp.type == "vm" else list(inp.nodes)
-    hostfile = [f"{slot_names[i]} slots={inp.cpus[i]}" for i in range(n)]
+    # MPICH's (Hydra) format, the MPI we support; Open MPI's beside it
+    hostfile = [f"{slot_names[i]}:{inp.cpus[i]}" for i in range(n)]
+    hostfile_ompi = [f"{slot_names[i]} slots={inp.cpus[i]}" for i in range(n)]
     node_table = [f"{names[i]} {inp.nodes[i]} {inp.cpus[i]}" for i in range(n)]
     resolv = ["# nameservers from the site config (vm.nameservers)"]
     resolv += [f"nameserver {ns}" for ns in inp.nameservers]
@@ -96,7 +118,21 @@ def render(inp: MetaInput) -> dict[str, bytes | None]:
         "nodes": ("\n".join(node_table) + "\n").encode(),
         "hosts": ("\n".join(hosts) + "\n").encode(),
         "hostfile": ("\n".join(hostfile) + "\n").encode(),
+        "hostfile.openmpi": ("\n".join(hostfile_ompi) + "\n").encode(),
         "resolv.conf": ("\n".join(resolv) + "\n").encode(),
         "env": render_env(guest_env(inp)),
         SYNC_DIR: None,
+        **(_vm_files(inp, names, guest_ip) if inp.type == "vm" else {}),
     }
+
+
+def _vm_files(inp: MetaInput, names: list[str], guest_ip: list[str]) -> dict[str, bytes]:
+    _, _, prefix = addresses(inp.subnet, 0)
+    macs = [f"{names[i]} {guest_mac(inp.job_id, i)} {guest_ip[i]}/{prefix}"
+            for i in range(len(names))]
+    user = ""
+    if inp.user:
+        name, uid, gid, gname, *groups = inp.user
+        user = f"{name} {uid} {gid} {gname}\n" + "".join(f"{g} {n}\n" for g, n in groups)
+    return {"guest-macs": ("\n".join(macs) + "\n").encode(), "user": user.encode(),
+            "ssh": None}

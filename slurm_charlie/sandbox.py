@@ -75,7 +75,8 @@ def _daemon(argv: list[str], log: str) -> None:
 
 
 class Sandbox:
-    def __init__(self, state: str | None = None, nnodes: int | None = None) -> None:
+    def __init__(self, state: str | None = None, nnodes: int | None = None,
+                 guest_dir: str | None = None) -> None:
         self.state = os.path.abspath(state or os.environ.get(
             "SLURM_CHARLIE_SANDBOX", DEFAULT_DIR))
         saved = self._saved()
@@ -87,6 +88,8 @@ class Sandbox:
         self.munge_dir = os.path.join(self.state, "munge")
         self.munge_socket = os.path.join(self.munge_dir, "munge.socket")
         self.runtime_root = os.path.join(self.state, "runtime", "%n")
+        #: a directory with vmlinuz and initrd.img (make guest) turns VM jobs on
+        self.guest_dir = guest_dir or saved.get("guest_dir")
 
     # -- bookkeeping --------------------------------------------------------
     def _p(self, *parts: str) -> str:
@@ -148,7 +151,8 @@ class Sandbox:
                     "# messages would go by cross-memory attach, which the kernel refuses\n"
                     "# between user namespaces (ranks hang): no cma. Real nodes have\n"
                     "# their own boot id and talk over the network instead.\n"
-                    'env = ["UCX_POSIX_USE_PROC_LINK=n", "UCX_TLS=^cma"]\n')
+                    'env = ["UCX_POSIX_USE_PROC_LINK=n", "UCX_TLS=^cma"]\n'
+                    + self._vm_conf())
         plugstack = self._p("etc", "plugstack.conf")
         if not os.path.exists(plugstack):
             self._write(plugstack, "# slurm-charlie sandbox\n")
@@ -162,8 +166,32 @@ class Sandbox:
         _run(cmd + ["install-hooks", "--apply", "--hook-dir", self.hook_dir,
                     "--plugstack", plugstack, "--conf", self.charlie_conf],
              env={**os.environ, "SLURM_CHARLIE_CONF": self.charlie_conf})
-        self._write(self._p("sandbox.json"), json.dumps({"nodes": self.nnodes}))
+        self._write(self._p("sandbox.json"), json.dumps({"nodes": self.nnodes,
+                                                         "guest_dir": self.guest_dir}))
         self._check_user_can_run()
+
+    def _vm_conf(self) -> str:
+        """[vm]: the guest kernel and initrd copied where every user can read
+        them; tcg because KVM hangs on these machines (docs/sandbox.rst)."""
+        if not self.guest_dir:
+            return ""
+        vm_dir = self._p("vm")
+        os.makedirs(vm_dir, mode=0o755, exist_ok=True)
+        for name in ("vmlinuz", "initrd.img"):
+            src = os.path.join(self.guest_dir, name)
+            if not os.path.exists(src):
+                raise NodeFault("sandbox", "guest kernel missing", src,
+                                hint="run `make guest`")
+            shutil.copyfile(src, os.path.join(vm_dir, name))
+            os.chmod(os.path.join(vm_dir, name), 0o644)
+        return ("[vm]\n"
+                'accel = "tcg"\n'
+                f'kernel = "{vm_dir}/vmlinuz"\n'
+                f'initrd = "{vm_dir}/initrd.img"\n'
+                "memory_mib = 512\n"
+                "tmp_size_mib = 256\n"
+                f'ssh_secret = "{os.path.join(self.munge_dir, "munge.key")}"\n'
+                f'subnet = "172.22.0.0/16"\n')
 
     def charlie_bin(self) -> str:
         """The slurm-charlie command the installed hooks run."""
@@ -347,7 +375,8 @@ class Sandbox:
             except OSError:
                 continue
             if any(self.state in c for c in cmd) and os.path.basename(cmd[0]) in (
-                    "slurmctld", "slurmd", "slurmstepd", "munged"):
+                    "slurmctld", "slurmd", "slurmstepd", "munged",
+                    "qemu-system-x86_64"):
                 out.append(f"process {d} {os.path.basename(cmd[0])}")
         out += [f"netns {n}" for n in self.nodes_on_disk()]
         for link in _run(["ip", "-o", "link", "show"]).stdout.splitlines():
@@ -417,7 +446,8 @@ class Sandbox:
 
 
 def main(args: argparse.Namespace) -> int:
-    sb = Sandbox(args.dir, args.nodes if args.action == "up" else None)
+    sb = Sandbox(args.dir, args.nodes if args.action == "up" else None,
+                 os.path.abspath(args.guest_dir) if args.guest_dir else None)
     if args.action == "up":
         sb.up()
         print(f"{PROG}: sandbox up: {sb.nnodes} nodes; run as {USER} with:")

@@ -455,6 +455,26 @@ fail:
     return rv;
 }
 
+/* VM batch mode (run/guest-wait exists): the batch step becomes
+ * `slurm-charlie guest-wait JOBDIR`, which shows guest 0's job output and
+ * exits with its exit code.  Returns only on failure. */
+static int guest_wait(spank_t sp)
+{
+    char path[PATH_MAX], *cut;
+
+    if (job_file(sp, "guest-wait", path, sizeof(path)) < 0 || access(path, F_OK) < 0)
+        return 0;
+    cut = strstr(path, "/run/guest-wait");
+    if (cut == NULL)
+        return -1;
+    *cut = '\0';
+    fflush(NULL);
+    execl(cfg.bin, cfg.bin, "guest-wait", path, (char *)NULL);
+    fprintf(stderr, PFX ": error: cannot run %s guest-wait: %s\n", cfg.bin,
+            strerror(errno));
+    return -1;
+}
+
 /* Runs in every task (the batch script too), as the user, after slurmstepd
  * has set the task's environment (so SLURMD_NODENAME is this node's). */
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
@@ -505,5 +525,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     fclose(f);
     if (rv == 0 && join_holder(sp) < 0)
         rv = -1;
+    if (rv == 0 && is_batch_step(sp))
+        rv = guest_wait(sp);
     return rv;
 }

@@ -31,6 +31,8 @@ class Context:
     node: str
     guest_id: int
     nodes: tuple[str, ...]
+    cpus: int = 1                  # CPUs of the job on this node
+    work_dir: str | None = None    # the job's working directory (user path)
 
 
 class Backend:
@@ -75,9 +77,14 @@ def _container() -> Backend:
     return ContainerBackend()
 
 
+def _vm() -> Backend:
+    from .vm import VMBackend
+    return VMBackend()
+
+
 _REGISTRY: dict[str, Backend] = {"none": NoneBackend(),
                                  "container": _container(),
-                                 "vm": Unavailable("vm")}
+                                 "vm": _vm()}
 
 
 def get(name: str) -> Backend:

@@ -46,7 +46,7 @@ def _meta_job_checks(out: str, data: list[str]):
     for host, name, digest in re.findall(r"SUM (\S+) (\S+) (\S+)", out):
         sums[name].add(digest)
     assert len(sums) == 7 and all(len(v) == 1 for v in sums.values()), sums
-    want = ";".join(f"{n} slots={c}" for n, c in zip(nodes, cpus)) + ";"
+    want = ";".join(f"{n}:{c}" for n, c in zip(nodes, cpus)) + ";"
     hostfiles = set(re.findall(r"^HOSTFILE \S+ (.*)$", out, re.M))
     assert hostfiles == {want}, (hostfiles, want)
 

@@ -65,7 +65,7 @@ def test_prolog_builds_job_dir(site):
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o700)
     for sub in ("meta", "run", "out", "meta/sync"):
         assert os.stat(os.path.join(jd, sub)).st_uid == NOBODY
-    assert read(f"{jd}/meta/hostfile") == "node1 slots=2\nnode2 slots=1\nnode3 slots=1\n"
+    assert read(f"{jd}/meta/hostfile") == "node1:2\nnode2:1\nnode3:1\n"
     assert read(f"{jd}/meta/guest-count") == "3\n"
     task_env = dict(l.split("=", 1) for l in read(f"{jd}/run/task.env").splitlines())
     assert task_env["CH_GUEST_ID"] == "1" and task_env["CH_GUEST_COUNT"] == "3"

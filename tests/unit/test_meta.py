@@ -47,12 +47,14 @@ def test_same_input_same_bytes():
 def test_hostfile_slots_follow_cpus():
     files = meta.render(CASES["vm-mixed"])
     assert files["hostfile"].decode().splitlines() == [
+        "chgu0:4", "chgu1:1", "chgu2:1", "chgu3:8"]
+    assert files["hostfile.openmpi"].decode().splitlines() == [
         "chgu0 slots=4", "chgu1 slots=1", "chgu2 slots=1", "chgu3 slots=8"]
 
 
 def test_host_names_in_hostfile_for_non_vm():
     files = meta.render(CASES["none-3"])
-    assert files["hostfile"] == b"node1 slots=2\nnode2 slots=2\nnode3 slots=2\n"
+    assert files["hostfile"] == b"node1:2\nnode2:2\nnode3:2\n"
 
 
 def test_too_many_nodes_for_subnet():

@@ -119,6 +119,6 @@ def test_commit_policy_deny(tree):
         resolve_as_nobody(Options(image="disk.qcow2", commit=0), tree, cfg=cfg)
 
 
-def test_unavailable_types_say_so(tree):
-    with pytest.raises(UserError, match="not available in this version"):
+def test_vm_needs_a_site_kernel(tree):
+    with pytest.raises(UserError, match=r"no guest kernel configured \(vm.kernel\)"):
         resolve_as_nobody(Options(image="disk.qcow2"), tree)

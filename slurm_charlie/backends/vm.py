@@ -1,0 +1,430 @@
+"""VM back end: one QEMU guest per node, started by the prolog as the job user.
+
+Per node (guest N = the node's index in the job's node list), in run/:
+    N.overlay.qcow2   the guest's root disk: qcow2 overlay on the image
+                      (explicit backing format, never probed)
+    N.tmp.qcow2       /ch/tmp
+    N.qmp, N.console  QMP and serial console sockets
+    N.qemu            "PID STARTTIME" of QEMU
+    guest-wait        batch mode: the shim runs `slurm-charlie guest-wait`
+                      as the batch step (guest 0's output and exit code)
+Shares (9p, QEMU as the user, security_model=none): meta (read-only),
+meta/sync and out (read-write), opt (slurm_charlie/guest), data1-4.
+Network: every guest of a job joins one UDP multicast group (QEMU's socket
+netdev, no privileges, no host devices); group and port come from the job id.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from typing import Any
+
+from .. import config, images, layout
+from ..errors import NodeFault, UserError
+from ..options import Options
+from ..proc import call_as, is_zombie, log, pids_of, proc_stat, run
+from . import Backend, Context
+
+GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guest")
+WAIT_MARKER = "guest-wait"
+
+
+def _starttime(pid: int) -> int | None:
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
+# --- image checks (as the user) --------------------------------------------
+
+def image_info(qemu_img: str, image: str, fmt: str) -> dict[str, Any]:
+    try:
+        p = run([qemu_img, "info", "--output=json", "-f", fmt, image],
+                timeout=60, check=False)
+    except NodeFault:
+        raise
+    if p.returncode != 0:
+        err = p.stderr.decode(errors="replace").strip().splitlines()
+        raise UserError("--charlie-image", f"qemu-img cannot read it as {fmt}",
+                        image, hint=(err[-1] if err else "check the file"))
+    return json.loads(p.stdout)
+
+
+def check_image(qemu_img: str, image: str, fmt: str, commit: bool) -> dict[str, Any]:
+    """Refuse images QEMU must not open for us (seed 004, privilege contract)."""
+    info = image_info(qemu_img, image, fmt)
+    if not info.get("virtual-size"):
+        raise UserError("--charlie-image", "virtual size is 0 (empty disk: the "
+                        "guest would find no bootable device)", image)
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if data.get("corrupt"):
+        raise UserError("--charlie-image", "qcow2 image is marked corrupt", image,
+                        hint=f"qemu-img check -r all {image} (on a copy first)")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise UserError("--charlie-image", "has a backing file ("
+                        f"{info.get('backing-filename')}); refused because a "
+                        "backing file can point at any file", image,
+                        hint=f"flatten it: qemu-img convert -O qcow2 {image} NEW.qcow2")
+    if data.get("data-file"):
+        raise UserError("--charlie-image", f"has an external data file "
+                        f"({data['data-file']}); refused", image,
+                        hint=f"flatten it: qemu-img convert -O qcow2 {image} NEW.qcow2")
+    if commit and not os.access(image, os.W_OK):
+        raise UserError("--charlie-commit", "image not writable by you", image,
+                        hint="commit needs write access to the image; drop "
+                        "--charlie-commit or use your own copy")
+    return info
+
+
+# --- prolog steps as the user -----------------------------------------------
+
+def _make_disks(qemu_img: str, image: str, fmt: str, overlay: str, tmp: str,
+                tmp_mib: int) -> str:
+    """Overlay and tmp disk (recreated: a rerun prolog starts fresh).
+    Returns the cache mode: none (O_DIRECT) where the file system has it."""
+    for path in (overlay, tmp):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    for argv in ([qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt, "-b", image, overlay],
+                 [qemu_img, "create", "-q", "-f", "qcow2", tmp, f"{tmp_mib}M"]):
+        p = run(argv, timeout=60, check=False)
+        if p.returncode != 0:
+            raise UserError("vm disks", "qemu-img create failed",
+                            p.stderr.decode(errors="replace").strip())
+    try:
+        fd = os.open(overlay, os.O_RDONLY | os.O_DIRECT)
+        os.close(fd)
+        return "none"
+    except OSError:
+        return "writeback"
+
+
+def _qmp(sock_path: str, command: str, timeout: float = 5.0) -> bool:
+    """Send one QMP command; True when QEMU acknowledged it."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(sock_path)
+            f = s.makefile("rwb")
+            f.readline()  # greeting
+            for cmd in ("qmp_capabilities", command):
+                f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+                f.flush()
+                while True:
+                    reply = json.loads(f.readline() or b"{}")
+                    if "event" not in reply:
+                        break
+                if "error" in reply or not reply:
+                    return False
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _poweroff_as_user(sync_dir: str, qmp: str) -> bool:
+    """Ask the guest to power off: a marker it polls, then the ACPI button."""
+    try:
+        with open(os.path.join(sync_dir, "poweroff"), "w") as f:
+            f.write("epilog\n")
+    except OSError:
+        pass
+    return _qmp(qmp, "system_powerdown")
+
+
+def _read_small(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read(4096)
+    except OSError:
+        return None
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+
+def _commit(qemu_img: str, overlay: str, timeout: int) -> tuple[bool, str]:
+    """qemu-img commit, retried while another process holds the image
+    (QEMU's image locks: a running guest of any job keeps the base locked)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p = run([qemu_img, "commit", "-f", "qcow2", "-d", overlay],
+                timeout=max(60, timeout), check=False)
+        err = p.stderr.decode(errors="replace").strip()
+        if p.returncode == 0:
+            return True, ""
+        if "lock" not in err or time.monotonic() > deadline:
+            return False, err.splitlines()[-1] if err else f"exit {p.returncode}"
+        time.sleep(1)
+
+
+def _keep(overlay: str, kept_dir: str, name: str) -> str:
+    dst = os.path.join(kept_dir, name)
+    os.replace(overlay, dst)
+    return dst
+
+
+def _save_outputs(out_dir: str, dest: str, guest: int, extra: str | None) -> str | None:
+    """Copy this guest's outputs into the job's work directory (the job
+    directory is removed at job end).  Returns the destination or None."""
+    try:
+        os.makedirs(dest, mode=0o755, exist_ok=True)
+        for name in sorted(os.listdir(out_dir)):
+            if name.startswith(f"{guest}_"):
+                shutil.copyfile(os.path.join(out_dir, name), os.path.join(dest, name))
+        if extra:
+            with open(os.path.join(dest, f"{guest}_commit.txt"), "w") as f:
+                f.write(extra + "\n")
+        return dest
+    except OSError as e:
+        log.warning("cannot save guest outputs to %s: %s", dest, e.strerror)
+        return None
+
+
+def _write_record(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --- the back end -------------------------------------------------------------
+
+def _mcast(cfg: config.Config, job_id: str) -> tuple[str, int]:
+    net = ipaddress.IPv4Network(cfg["vm.mcast_group"])
+    group = net.network_address + int(job_id) % net.num_addresses
+    return str(group), cfg["vm.mcast_port"] + int(job_id) % 10000
+
+
+class VMBackend(Backend):
+    name = "vm"
+
+    def check(self, opts: Options, cfg: config.Config) -> None:
+        if not cfg["vm.kernel"]:
+            raise UserError("--charlie-type=vm", "this cluster has no guest kernel "
+                            "configured (vm.kernel)", hint="ask the admin: VM jobs "
+                            "boot the site's kernel and initrd (see the admin guide)")
+        if not opts.image:
+            return
+        _, fmt = images.detect(opts.image)
+        qemu_img = shutil.which(cfg["vm.qemu_img"])
+        if qemu_img is None:  # a login node without QEMU: the prolog checks
+            log.debug("%s not found here; image checked on the nodes", cfg["vm.qemu_img"])
+            return
+        check_image(qemu_img, opts.image, fmt, opts.commit is not None)
+
+    def task_env(self, ctx: Context) -> list[tuple[str, str]]:
+        env = [("CH_META", ctx.paths.meta)]
+        env += [(f"CH_DATA{i}", d) for i, d in enumerate(ctx.opts.dir, start=1)]
+        return env
+
+    def _paths(self, ctx: Context) -> dict[str, str]:
+        r, n = ctx.paths.run, ctx.guest_id
+        return {"overlay": f"{r}/{n}.overlay.qcow2", "tmp": f"{r}/{n}.tmp.qcow2",
+                "qmp": f"{r}/{n}.qmp", "console": f"{r}/{n}.console",
+                "record": f"{r}/{n}.qemu", "qemu_log": f"{ctx.paths.out}/{n}_qemu.log",
+                "console_log": f"{ctx.paths.out}/{n}_console.out",
+                "ready": f"{ctx.paths.meta}/sync/{n}.ready",
+                "down": f"{ctx.paths.meta}/sync/{n}.down"}
+
+    def argv(self, ctx: Context, cache: str, fmt: str) -> list[str]:
+        cfg, p, n = ctx.cfg, self._paths(ctx), ctx.guest_id
+        accel = cfg["vm.accel"]
+        cpu = cfg["vm.cpu_model"] or ("host" if accel == "kvm" else "max")
+        cpus = ctx.opts.cpus or ctx.cpus
+        mem = ctx.opts.mem or cfg["vm.memory_mib"]
+        group, port = _mcast(cfg, ctx.job_id)
+        mcast = f"socket,id=net0,mcast={group}:{port}"
+        if cfg["vm.mcast_localaddr"]:
+            mcast += f",localaddr={cfg['vm.mcast_localaddr']}"
+        from ..meta import guest_mac
+        argv = [cfg["vm.qemu"], "-name", f"charlie-{ctx.job_id}-chgu{n},process="
+                f"charlie-{ctx.job_id}-chgu{n}", "-nodefaults", "-no-user-config",
+                "-display", "none", "-accel", accel, "-cpu", cpu,
+                "-smp", str(cpus), "-m", f"{mem}M",
+                "-kernel", cfg["vm.kernel"],
+                "-append", f"{cfg['vm.cmdline']} charlie.guest={n}",
+                "-drive", f"file={p['overlay']},format=qcow2,if=virtio,cache={cache},"
+                "discard=unmap",
+                "-drive", f"file={p['tmp']},format=qcow2,if=virtio,cache={cache},"
+                "discard=unmap",
+                "-netdev", mcast,
+                "-device", f"virtio-net-pci,netdev=net0,mac={guest_mac(ctx.job_id, n)}",
+                "-chardev", f"socket,id=con0,path={p['console']},server=on,wait=off,"
+                f"logfile={p['console_log']},logappend=on",
+                "-serial", "chardev:con0",
+                "-qmp", f"unix:{p['qmp']},server=on,wait=off"]
+        if cfg["vm.initrd"]:
+            argv += ["-initrd", cfg["vm.initrd"]]
+        shares = [("meta", ctx.paths.meta, True), ("sync", f"{ctx.paths.meta}/sync", False),
+                  ("out", ctx.paths.out, False), ("opt", GUEST_DIR, True)]
+        shares += [(f"data{i}", d, False) for i, d in enumerate(ctx.opts.dir, start=1)]
+        for tag, path, ro in shares:
+            argv += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none"
+                     + (",readonly=on" if ro else "")]
+        return argv
+
+    def start(self, ctx: Context) -> dict[str, Any]:
+        cfg, p, n = ctx.cfg, self._paths(ctx), ctx.guest_id
+        kind, fmt = call_as(ctx.user, images.detect, ctx.opts.image)
+        qemu_img = shutil.which(cfg["vm.qemu_img"])
+        qemu = shutil.which(cfg["vm.qemu"])
+        for key, found in (("vm.qemu_img", qemu_img), ("vm.qemu", qemu)):
+            if found is None:
+                raise NodeFault(key, "not found on this node", cfg[key],
+                                hint="install qemu-system-x86 and qemu-utils")
+        call_as(ctx.user, check_image, qemu_img, ctx.opts.image, fmt,
+                ctx.opts.commit is not None)
+        tmp_mib = ctx.opts.tmp_size or cfg["vm.tmp_size_mib"]
+        cache = call_as(ctx.user, _make_disks, qemu_img, ctx.opts.image, fmt,
+                        p["overlay"], p["tmp"], tmp_mib)
+        warnings = []
+        if cache != "none":
+            warnings.append(f"node {ctx.node}: the runtime directory has no O_DIRECT; "
+                            "guest disks use the host page cache (cache=writeback)")
+        for key in ("qmp", "console", "ready", "down"):
+            call_as(ctx.user, _remove, p[key])
+        argv = self.argv(ctx, cache, fmt)
+        log.info("starting guest %d as %s: %s", n, ctx.user, " ".join(argv))
+        fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, f"{n}_qemu.log")
+        if fd is None:
+            raise NodeFault("job directory", "cannot open", p["qemu_log"])
+        with os.fdopen(fd, "ab") as f:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f, cwd="/",
+                env=ctx.user.env(), user=ctx.user.uid, group=ctx.user.gid,
+                extra_groups=list(ctx.user.groups), start_new_session=True)
+        info = {"qemu_pid": proc.pid, "qemu_start": _starttime(proc.pid),
+                "guest": n, "image": ctx.opts.image, "format": fmt,
+                "commit": ctx.opts.commit == n, "work_dir": ctx.work_dir,
+                "batch": bool(ctx.opts.job) and not ctx.opts.interactive}
+        call_as(ctx.user, _write_record, p["record"],
+                f"{proc.pid} {info['qemu_start']}\n")
+        deadline = time.monotonic() + cfg["timeouts.boot"]
+        while not os.path.exists(p["ready"]):
+            if proc.poll() is not None:
+                qlog = call_as(ctx.user, _tail, p["qemu_log"], 5)
+                con = call_as(ctx.user, _tail, p["console_log"], 10)
+                raise UserError(f"guest {n}", f"QEMU exited with {proc.returncode} "
+                                "before the guest was ready",
+                                (qlog or con).strip().splitlines()[-1] if (qlog or con)
+                                else None,
+                                hint=f"console tail:\n{con}\n(check vm.accel and "
+                                "vm.cpu_model in the site config if QEMU itself failed)")
+            if time.monotonic() > deadline:
+                proc.kill()
+                con = call_as(ctx.user, _tail, p["console_log"], 15)
+                raise UserError(f"guest {n}", "not ready after "
+                                f"{cfg['timeouts.boot']} s (timeouts.boot)",
+                                hint=f"console tail:\n{con}")
+            time.sleep(0.1)
+        if info["batch"] and n == 0:
+            call_as(ctx.user, _write_record, os.path.join(ctx.paths.run, WAIT_MARKER), "0\n")
+        log.info("guest %d ready", n)
+        info["warnings"] = warnings
+        return info
+
+    # -- epilog ---------------------------------------------------------------
+    def _find_qemu(self, ctx: Context, backend: dict[str, Any]) -> int | None:
+        pid, start = backend.get("qemu_pid"), backend.get("qemu_start")
+        if pid and start and _starttime(pid) == start and not is_zombie(pid):
+            return pid
+        needle = f"charlie-{ctx.job_id}-chgu".encode()
+        run_dir = ctx.paths.run.encode()
+        for pid in pids_of(ctx.user.uid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if needle in cmd and run_dir in cmd and not is_zombie(pid):
+                return pid
+        return None
+
+    def stop(self, ctx: Context, state: dict[str, Any] | None) -> None:
+        cfg = ctx.cfg
+        backend = (state or {}).get("backend") or {}
+        n = int(backend.get("guest", ctx.guest_id))
+        ctx = _with_guest(ctx, n)
+        p = self._paths(ctx)
+        pid = self._find_qemu(ctx, backend)
+        clean = False
+        if pid is not None:
+            acked = call_as(ctx.user, _poweroff_as_user, f"{ctx.paths.meta}/sync", p["qmp"])
+            log.info("guest %d: power-off requested (ACPI %s)", n,
+                     "acknowledged" if acked else "not acknowledged")
+            deadline = time.monotonic() + cfg["timeouts.shutdown"]
+            while not is_zombie(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not is_zombie(pid):
+                log.warning("guest %d: no clean power-off in %d s; killing QEMU",
+                            n, cfg["timeouts.shutdown"])
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + cfg["timeouts.kill"]
+                while not is_zombie(pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not is_zombie(pid):
+                    raise NodeFault("vm", "QEMU did not die", pid,
+                                    hint="look for QEMU in D state (hung I/O)")
+            else:
+                clean = (call_as(ctx.user, _read_small, p["down"]) or "").startswith("clean")
+        note = None
+        if backend.get("commit"):
+            note = self._commit_or_keep(ctx, backend, p, clean)
+        work_dir = backend.get("work_dir")
+        if work_dir:
+            dest = os.path.join(work_dir, f"charlie-{ctx.job_id}")
+            saved = call_as(ctx.user, _save_outputs, ctx.paths.out, dest, n, note)
+            if saved:
+                log.info("guest %d outputs saved in %s", n, saved)
+
+    def _commit_or_keep(self, ctx: Context, backend: dict[str, Any],
+                        p: dict[str, str], clean: bool) -> str:
+        cfg, n = ctx.cfg, int(backend.get("guest", 0))
+        qemu_img = shutil.which(cfg["vm.qemu_img"]) or cfg["vm.qemu_img"]
+        image = backend.get("image")
+        if clean:
+            ok, why = call_as(ctx.user, _commit, qemu_img, p["overlay"],
+                              cfg["timeouts.commit"])
+            if ok:
+                msg = f"guest {n}: changes committed into {image}"
+                log.info("%s", msg)
+                return msg
+        else:
+            why = "the guest did not shut down cleanly"
+        kept_root = config.expand_node(cfg["vm.kept_dir"], ctx.node) if cfg["vm.kept_dir"] \
+            else os.path.join(ctx.paths.root, "kept")
+        kept = layout.create_user_dir(kept_root, ctx.user.uid, ctx.user.gid)
+        dst = call_as(ctx.user, _keep, p["overlay"], kept,
+                      f"job{ctx.job_id}-chgu{n}.overlay.qcow2")
+        msg = (f"guest {n}: NOT committed into {image} ({why}); its changes are "
+               f"kept in {dst} on {ctx.node}; commit later with: "
+               f"slurm-charlie commit {dst}")
+        log.warning("%s", msg)
+        return msg
+
+
+def _with_guest(ctx: Context, n: int) -> Context:
+    import dataclasses
+    return dataclasses.replace(ctx, guest_id=n)

@@ -1,0 +1,186 @@
+# slurm-charlie guest boot script: PID 1 of every guest, run by busybox sh
+# after the initrd mounted the root disk and this directory (/ch/opt).
+# Everything it needs comes from /ch/meta (same on all guests) and the
+# kernel command line (charlie.guest=N).  Logs go to the console, which the
+# host keeps as out/N_console.out.
+BB=/run/charlie/bin
+/run/charlie/bin/busybox --install -s $BB
+export PATH=$BB:/usr/sbin:/usr/bin:/sbin:/bin
+JOBPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+START=$(cut -d' ' -f1 /proc/uptime 2>/dev/null)
+
+log() { echo "$(date +%FT%T) charlie: $*"; }
+
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=620 devpts /dev/pts
+mount -t tmpfs -o mode=1777 shm /dev/shm
+exec </dev/console >/dev/console 2>&1
+
+GUEST=
+for arg in $(cat /proc/cmdline); do
+    case $arg in charlie.guest=*) GUEST=${arg#charlie.guest=} ;; esac
+done
+NAME=chgu$GUEST
+SYNC=/ch/meta/sync
+OUT=/run/charlie/out
+
+powerdown() {  # clean shutdown; the host commits only after it
+    log "shutting down"
+    trap '' TERM USR1 USR2
+    kill -TERM -1 2>/dev/null
+    sleep 1
+    kill -KILL -1 2>/dev/null
+    sync
+    for m in /ch/data1 /ch/data2 /ch/data3 /ch/data4 /ch/tmp /home; do
+        mountpoint -q $m && umount $m
+    done
+    mount -o remount,ro / || log "cannot remount / read-only"
+    sync
+    echo "clean $(date +%s)" > $SYNC/$GUEST.down
+    umount $OUT $SYNC 2>/dev/null
+    poweroff -f
+}
+trap powerdown TERM USR2
+
+mount9p() {  # tag dir [ro]
+    mkdir -p "$2" 2>/dev/null
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144${3:+,$3} "$1" "$2"
+}
+log "guest $GUEST boot script starting"
+mount9p meta /ch/meta ro || { log "FATAL: cannot mount meta"; poweroff -f; }
+mount9p sync $SYNC || { log "FATAL: cannot mount meta/sync"; poweroff -f; }
+mkdir -p $OUT
+mount9p out $OUT || log "cannot mount the output share"
+. /ch/meta/env
+for i in 1 2 3 4; do
+    eval "d=\${CH_DATA$i:-}"
+    [ -n "$d" ] && { mount9p data$i /ch/data$i || log "cannot mount /ch/data$i"; }
+done
+
+# /ch/tmp: the tmp disk (second virtio disk), formatted at first boot
+mkdir -p /ch/tmp
+if ! mount -t ext2 /dev/vdb /ch/tmp 2>/dev/null; then
+    mke2fs -q -m 0 /dev/vdb >/dev/null && mount -t ext2 /dev/vdb /ch/tmp \
+        || log "cannot set up /ch/tmp on /dev/vdb"
+fi
+chmod 1777 /ch/tmp
+
+# names, never stale: everything from meta at every boot (seed 004)
+hostname $NAME
+echo $NAME > /etc/hostname 2>/dev/null
+cp /ch/meta/hosts /etc/hosts
+cp /ch/meta/resolv.conf /etc/resolv.conf
+# guest names come from /etc/hosts (minimal images may lack nsswitch.conf)
+grep -q '^hosts:.*files' /etc/nsswitch.conf 2>/dev/null \
+    || echo "hosts: files dns" >> /etc/nsswitch.conf
+ip link set lo up
+set -- $(grep "^$NAME " /ch/meta/guest-macs)
+MAC=$2
+ADDR=$3
+IFACE=
+for d in /sys/class/net/*; do
+    [ "$(cat $d/address 2>/dev/null)" = "$MAC" ] && IFACE=${d##*/}
+done
+if [ -n "$IFACE" ]; then
+    ip addr flush dev $IFACE
+    ip addr add $ADDR dev $IFACE
+    ip link set $IFACE up
+    log "network: $IFACE $MAC $ADDR"
+else
+    log "no network interface with MAC $MAC"
+fi
+
+# the job user: same name, uid, gid and groups as on the host (seed 003)
+read -r UNAME UID_ GID_ GNAME < /ch/meta/user
+drop_user() {  # drop entries with name or id $2 from file $1 (fields 1, 3)
+    awk -F: -v n="$2" -v i="$3" '$1 != n && $3 != i' "$1" > "$1.charlie" && cat "$1.charlie" > "$1"
+    rm -f "$1.charlie"
+}
+HOME_=/home/$UNAME
+drop_user /etc/passwd "$UNAME" "$UID_"
+[ -f /etc/shadow ] && drop_user /etc/shadow "$UNAME" "-"
+drop_user /etc/group "$GNAME" "$GID_"
+SH=/bin/sh
+[ -x /bin/bash ] && SH=/bin/bash
+echo "$UNAME:x:$UID_:$GID_::$HOME_:$SH" >> /etc/passwd
+[ -f /etc/shadow ] && echo "$UNAME:*:19000:0:99999:7:::" >> /etc/shadow
+echo "$GNAME:x:$GID_:" >> /etc/group
+tail -n +2 /ch/meta/user | while read -r gid gname; do
+    if grep -q "^[^:]*:[^:]*:$gid:" /etc/group; then
+        sed -i "/^[^:]*:[^:]*:$gid:/ s/\$/,$UNAME/; s/:,/:/" /etc/group
+    else
+        drop_user /etc/group "$gname" "-"
+        echo "$gname:x:$gid:$UNAME" >> /etc/group
+    fi
+done
+mkdir -p $HOME_
+[ "$(stat -c %u $HOME_)" = "$UID_" ] || chown -R "$UID_:$GID_" $HOME_
+
+# ssh: per-job keys from meta; every guest trusts the job's key
+if [ -d /ch/meta/ssh ]; then
+    mkdir -p $HOME_/.ssh /run/sshd /etc/ssh
+    cp /ch/meta/ssh/id_ed25519 /ch/meta/ssh/id_ed25519.pub $HOME_/.ssh/
+    cp /ch/meta/ssh/id_ed25519.pub $HOME_/.ssh/authorized_keys
+    chown -R "$UID_:$GID_" $HOME_/.ssh
+    chmod 700 $HOME_/.ssh
+    chmod 600 $HOME_/.ssh/id_ed25519 $HOME_/.ssh/authorized_keys
+    cp /ch/meta/ssh/known_hosts /etc/ssh/ssh_known_hosts
+    install -m 600 /ch/meta/ssh/id_ed25519 /run/charlie/ssh_host_ed25519_key
+    if [ -x /usr/sbin/sshd ]; then
+        /usr/sbin/sshd -o HostKey=/run/charlie/ssh_host_ed25519_key \
+            -o PidFile=/run/charlie/sshd.pid -o UsePAM=no \
+            -o PasswordAuthentication=no -o PermitRootLogin=no \
+            || log "sshd did not start"
+    else
+        log "no /usr/sbin/sshd in the image: guests cannot ssh to each other"
+    fi
+fi
+
+# ACPI power button (QMP system_powerdown from the host's epilog)
+for e in /sys/class/input/event*; do
+    case "$(cat $e/device/name 2>/dev/null)" in
+        *"Power Button"*)
+            (head -c 1 /dev/input/${e##*/} >/dev/null && kill -TERM 1) & ;;
+    esac
+done
+
+# site and image hooks, like the seed's boot.d scripts
+for f in /etc/charlie/boot.d/*.sh; do
+    [ -f "$f" ] && { log "running $f"; sh "$f" || log "$f failed"; }
+done
+
+NOW=$(cut -d' ' -f1 /proc/uptime)
+echo "$NOW" > $SYNC/$GUEST.ready
+log "guest $GUEST ready (${NOW}s after kernel start)"
+
+run_job() {
+    # wait until every guest answers, so MPI across guests can start
+    n=0
+    for g in $(cat /ch/meta/guests); do
+        until ping -c 1 -W 1 $g >/dev/null 2>&1; do
+            n=$((n + 1))
+            [ $n -gt 600 ] && { log "guest $g does not answer"; break; }
+        done
+    done
+    log "running the job script as $UNAME"
+    cd /ch/data1 2>/dev/null || cd $HOME_
+    env -i PATH=$JOBPATH HOME=$HOME_ USER=$UNAME LOGNAME=$UNAME SHELL=$SH TERM=dumb \
+        CH_GUEST_ID=$GUEST $(sed "s/'//g" /ch/meta/env) \
+        su -s /bin/sh "$UNAME" -c /ch/meta/jobscript \
+        > $OUT/${GUEST}_job.out 2> $OUT/${GUEST}_job.err
+    rc=$?
+    echo $rc > $SYNC/$GUEST.jobdone
+    log "user job complete with exit code $rc; wrote $GUEST.jobdone"
+}
+
+case "$CH_MODE" in
+    batch) run_job & ;;
+    *) log "interactive mode: waiting" ;;
+esac
+while :; do
+    [ -e $SYNC/poweroff ] && powerdown
+    sleep 1 &
+    wait $!
+done

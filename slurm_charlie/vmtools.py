@@ -1,0 +1,187 @@
+"""Commands users run around VM jobs (as themselves):
+
+guest-wait   the batch step of a VM batch job: streams guest 0's job output
+             to the job's stdout/stderr, exits with its exit code
+console      attaches to a guest's serial console from inside the allocation
+commit       commits an overlay a job kept (when the job-end commit was unsafe)
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+from . import PROG, config, hostlist, layout
+from .errors import UserError
+
+POLL = 0.2
+
+
+def _alive(record: str) -> bool:
+    """QEMU of run/N.qemu ("PID STARTTIME") still runs."""
+    try:
+        pid, start = open(record).read().split()
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0] != "Z" and fields[19] == start
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+class _Follower:
+    def __init__(self, path: str, out) -> None:
+        self.path, self.out, self.pos = path, out, 0
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except OSError:
+            return
+        if data:
+            self.pos += len(data)
+            self.out.buffer.write(data)
+            self.out.flush()
+
+
+def guest_wait(job_dir: str, guest: int = 0) -> int:
+    out = os.path.join(job_dir, "out")
+    done = os.path.join(job_dir, "meta", "sync", f"{guest}.jobdone")
+    record = os.path.join(job_dir, "run", f"{guest}.qemu")
+    followers = [_Follower(os.path.join(out, f"{guest}_job.out"), sys.stdout),
+                 _Follower(os.path.join(out, f"{guest}_job.err"), sys.stderr)]
+    while True:
+        for f in followers:
+            f.pump()
+        if os.path.exists(done):
+            time.sleep(POLL)  # the guest closes its outputs before the marker
+            for f in followers:
+                f.pump()
+            text = open(done).read().strip()
+            try:
+                return int(text) & 255
+            except ValueError:
+                print(f"{PROG}: error: guest {guest}: bad exit status {text!r}",
+                      file=sys.stderr)
+                return 1
+        if not _alive(record):
+            from .backends.vm import _tail
+            print(f"{PROG}: error: guest {guest} stopped before its job finished; "
+                  f"console tail:\n{_tail(os.path.join(out, f'{guest}_console.out'))}",
+                  file=sys.stderr)
+            return 1
+        time.sleep(POLL)
+
+
+# --- console ------------------------------------------------------------------
+
+def console(guest: int, job_dir: str | None) -> int:
+    if job_dir is None:
+        return _console_via_srun(guest)
+    sock_path = os.path.join(job_dir, "run", f"{guest}.console")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sock_path)
+    except OSError as e:
+        raise UserError("console", f"cannot connect: {e.strerror}", sock_path,
+                        hint="the guest runs on another node, or is not running") from None
+    tty = os.isatty(0)
+    saved = None
+    if tty:
+        import termios
+        import tty as ttymod
+        saved = termios.tcgetattr(0)
+        ttymod.setraw(0)
+        os.write(1, f"[{PROG}: console of guest {guest}; Ctrl-] quits]\r\n".encode())
+    try:
+        eof_in = False
+        while True:
+            fds = [s] + ([] if eof_in else [0])
+            ready, _, _ = select.select(fds, [], [])
+            if s in ready:
+                data = s.recv(65536)
+                if not data:
+                    return 0
+                os.write(1, data)
+            if 0 in ready:
+                data = os.read(0, 4096)
+                if not data:
+                    eof_in = True  # keep showing output until the guest closes
+                    if not tty:
+                        _drain(s)
+                        return 0
+                    continue
+                if tty and b"\x1d" in data:
+                    return 0
+                s.sendall(data)
+    finally:
+        if saved is not None:
+            import termios
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        s.close()
+
+
+def _drain(s: socket.socket, quiet: float = 1.0) -> None:
+    """After stdin ends (non-interactive use): show output until it is quiet."""
+    while True:
+        ready, _, _ = select.select([s], [], [], quiet)
+        if not ready:
+            return
+        data = s.recv(65536)
+        if not data:
+            return
+        os.write(1, data)
+
+
+def _console_via_srun(guest: int) -> int:
+    job = os.environ.get("SLURM_JOB_ID")
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not job or not nodes:
+        raise UserError("console", "not inside a job's allocation",
+                        hint="run it in salloc, or: srun --jobid=JOB --overlap "
+                        f"{PROG} console N")
+    names = hostlist.expand(nodes)
+    if not 0 <= guest < len(names):
+        raise UserError("console", f"no guest {guest} in this job",
+                        hint=f"guests are 0 .. {len(names) - 1}")
+    node = names[guest]
+    job_dir = layout.JobPaths(config.load().runtime_root(node), job).job_dir
+    argv = [shutil.which("srun") or "srun", "--overlap", "-N1", "-n1", "-w", node,
+            "--quiet"]
+    if os.isatty(0):
+        argv.append("--pty")
+    argv += [sys.argv[0] if os.path.isabs(sys.argv[0]) else shutil.which(PROG) or PROG,
+             "console", str(guest), "--job-dir", job_dir]
+    return subprocess.call(argv)
+
+
+# --- commit a kept overlay ------------------------------------------------------
+
+def commit_kept(overlay: str, cfg: config.Config) -> int:
+    import json
+    from .backends.vm import _commit, check_image
+    qemu_img = shutil.which(cfg["vm.qemu_img"]) or cfg["vm.qemu_img"]
+    p = subprocess.run([qemu_img, "info", "--output=json", "-f", "qcow2", overlay],
+                       capture_output=True)
+    if p.returncode != 0:
+        raise UserError("commit", "not a qcow2 overlay", overlay,
+                        hint=p.stderr.decode(errors="replace").strip()[-200:])
+    info = json.loads(p.stdout)
+    base = info.get("full-backing-filename") or info.get("backing-filename")
+    fmt = info.get("backing-filename-format")
+    if not base or fmt not in ("qcow2", "raw"):
+        raise UserError("commit", "the overlay has no usable backing image", overlay)
+    check_image(qemu_img, base, fmt, commit=True)
+    ok, why = _commit(qemu_img, overlay, cfg["timeouts.commit"])
+    if not ok:
+        raise UserError("commit", why, overlay,
+                        hint="another job may be using the image; try again later")
+    os.unlink(overlay)
+    print(f"{PROG}: committed {overlay} into {base}", file=sys.stderr)
+    return 0

@@ -1,0 +1,52 @@
+#!/bin/sh
+# Build the test guest under DIR (make guest): Debian's kernel, slurm-charlie's
+# initrd, and a qcow2 root disk (debootstrap minbase + MPICH + OpenSSH + the
+# test programs).  Each part is rebuilt only when missing.  Root, network to
+# the Debian mirror the machine already uses.
+set -eu
+DIR=$1
+SB=$2
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$DIR"
+cd "$DIR"
+. /etc/os-release
+mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1)
+[ -n "$mirror" ] || mirror=$(awk '$1=="deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
+
+if [ ! -e vmlinuz ]; then
+    pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+    echo "guest kernel: $pkg"
+    rm -rf kernel ./*.deb
+    apt-get download -q "$pkg" 2>&1 | grep -v unsandboxed || true
+    dpkg-deb -x ./"$pkg"_*.deb kernel
+    kv=$(ls kernel/lib/modules)
+    depmod -b kernel "$kv"
+    rm -f ./*.deb
+    cp "kernel/boot/vmlinuz-$kv" vmlinuz.tmp && mv vmlinuz.tmp vmlinuz
+fi
+if [ ! -e initrd.img ] || [ "$SRC/../slurm_charlie/guest/initrd-init" -nt initrd.img ]; then
+    "$SB" vm-initrd --modules kernel/lib/modules/* --out initrd.img
+fi
+if [ ! -e guest.qcow2 ]; then
+    rm -rf rootfs
+    echo "guest root: debootstrap $VERSION_CODENAME from $mirror"
+    debootstrap --variant=minbase \
+        --include=mpich,openssh-server,openssh-client,iproute2,iputils-ping,procps \
+        "$VERSION_CODENAME" rootfs "$mirror" > debootstrap.log 2>&1 \
+        || { tail -20 debootstrap.log; exit 1; }
+    rm -f rootfs/etc/ssh/ssh_host_*   # guests get the job's key from meta
+    rm -rf rootfs/var/cache/apt/archives/*.deb rootfs/var/lib/apt/lists/*
+    for c in "$SRC"/cluster/src/mpi_allreduce.c "$SRC"/vm/src/*.c; do
+        [ -e "$c" ] || continue
+        mpicc.mpich -O2 -o "rootfs/usr/local/bin/$(basename "$c" .c)" "$c"
+    done
+    mkdir -p rootfs/ch/meta rootfs/ch/opt rootfs/ch/tmp rootfs/ch/data1 \
+        rootfs/ch/data2 rootfs/ch/data3 rootfs/ch/data4
+    rm -f guest.raw
+    mke2fs -q -t ext4 -L charlie-root -d rootfs guest.raw 1536M
+    qemu-img convert -f raw -O qcow2 guest.raw guest.qcow2.tmp
+    rm -f guest.raw
+    rm -rf rootfs
+    mv guest.qcow2.tmp guest.qcow2
+fi
+ls -la vmlinuz initrd.img guest.qcow2
