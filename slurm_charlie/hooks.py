@@ -32,6 +32,7 @@ def _write_file(path: str, data: bytes, mode: int = 0o644) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
+        os.fchmod(fd, mode)  # whatever the user's umask: guests read meta as others
         os.write(fd, data)
     finally:
         os.close(fd)
