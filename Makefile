@@ -92,6 +92,7 @@ unit: venv
 bench: sandbox-up
 	$(VENV)/bin/python tests/bench/run.py
 	$(VENV)/bin/python tests/bench/containers.py
+	$(VENV)/bin/python tests/bench/vm.py
 
 docs-gen: venv
 	$(SB) gen options-rst > docs/options.rst

@@ -69,8 +69,9 @@ DEFAULTS: tuple[Key, ...] = (
         "QEMU -cpu model; empty: 'host' with kvm, 'max' with tcg"),
     Key("vm.memory_overhead_mib", 256, int,
         "memory kept for QEMU itself out of the job's allocation"),
-    Key("vm.kernel", "", str, "guest kernel for direct boot (empty: boot the image)"),
-    Key("vm.initrd", "", str, "guest initrd for direct boot"),
+    Key("vm.kernel", "", str, "guest kernel for direct boot (empty: VM jobs are "
+        "refused at submit)"),
+    Key("vm.initrd", "", str, "guest initrd for direct boot (slurm-charlie vm-initrd)"),
     Key("vm.tmp_size_mib", 2048, int, "default size of /ch/tmp in each guest"),
     Key("vm.subnet", "172.22.0.0/16", str, "private guest network of a job"),
     Key("vm.nameservers", [], list, "nameservers written to meta/resolv.conf"),

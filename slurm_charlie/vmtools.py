@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import PROG, config, hostlist, layout
+from . import PROG, config, hostlist
 from .errors import UserError
 
 POLL = 0.2
@@ -82,8 +82,15 @@ def guest_wait(job_dir: str, guest: int = 0) -> int:
 # --- console ------------------------------------------------------------------
 
 def console(guest: int, job_dir: str | None) -> int:
+    """Without job_dir: hop to the guest's node with srun, whose task gets
+    the node's job directory as CH_JOB_DIR (the shim sets it)."""
     if job_dir is None:
         return _console_via_srun(guest)
+    if job_dir == "-":
+        job_dir = os.environ.get("CH_JOB_DIR")
+        if not job_dir:
+            raise UserError("console", "no CH_JOB_DIR in this step",
+                            hint="the job is not a charlie VM job")
     sock_path = os.path.join(job_dir, "run", f"{guest}.console")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -127,7 +134,7 @@ def console(guest: int, job_dir: str | None) -> int:
         s.close()
 
 
-def _drain(s: socket.socket, quiet: float = 1.0) -> None:
+def _drain(s: socket.socket, quiet: float = 3.0) -> None:
     """After stdin ends (non-interactive use): show output until it is quiet."""
     while True:
         ready, _, _ = select.select([s], [], [], quiet)
@@ -151,13 +158,12 @@ def _console_via_srun(guest: int) -> int:
         raise UserError("console", f"no guest {guest} in this job",
                         hint=f"guests are 0 .. {len(names) - 1}")
     node = names[guest]
-    job_dir = layout.JobPaths(config.load().runtime_root(node), job).job_dir
     argv = [shutil.which("srun") or "srun", "--overlap", "-N1", "-n1", "-w", node,
             "--quiet"]
     if os.isatty(0):
         argv.append("--pty")
     argv += [sys.argv[0] if os.path.isabs(sys.argv[0]) else shutil.which(PROG) or PROG,
-             "console", str(guest), "--job-dir", job_dir]
+             "console", str(guest), "--job-dir", "-"]
     return subprocess.call(argv)
 
 

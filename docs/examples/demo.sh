@@ -50,3 +50,15 @@ echo "\$ sbatch -N3 --ntasks-per-node=2 --charlie-image=mpi-image --wait -o mpi.
 runuser -u "$user" -- env SLURM_CONF="$SLURM_CONF" sh -c \
   "cd '$work' && sbatch -N3 --ntasks-per-node=2 --charlie-image=mpi-image --wait -o mpi.out mpi-job.sh"
 cat "$work/mpi.out"
+
+echo
+echo "== The virtual-cluster tutorial's mpihello in VMs: one QEMU guest per node (tcg here)"
+guest_dir=$(sed -n 's/.*"guest_dir": *"\([^"]*\)".*/\1/p' "$SLURM_CHARLIE_SANDBOX/sandbox.json")
+cp "$guest_dir/guest.qcow2" "$work/image.qcow2"
+cp "$here/mpihello.sh" "$work/"
+mkdir -p "$work/data"
+chown -R "$user:" "$work"
+echo "\$ sbatch -N3 --charlie-image=image.qcow2 --charlie-job=mpihello.sh --charlie-dir=data --wait -o vm.out --wrap true   (as $user)"
+runuser -u "$user" -- env SLURM_CONF="$SLURM_CONF" sh -c \
+  "cd '$work' && sbatch -N3 --charlie-image=image.qcow2 --charlie-job=mpihello.sh --charlie-dir=data --wait -o vm.out --wrap true"
+cat "$work/vm.out"

@@ -152,6 +152,13 @@ for f in /etc/charlie/boot.d/*.sh; do
     [ -f "$f" ] && { log "running $f"; sh "$f" || log "$f failed"; }
 done
 
+# a root shell on the serial console (slurm-charlie console), respawned;
+# the guest is the job user's own machine
+(while :; do
+    setsid cttyhack sh -c 'cd /root 2>/dev/null; exec sh -l' </dev/ttyS0 >/dev/ttyS0 2>&1
+    sleep 1
+done) &
+
 NOW=$(cut -d' ' -f1 /proc/uptime)
 echo "$NOW" > $SYNC/$GUEST.ready
 log "guest $GUEST ready (${NOW}s after kernel start)"
@@ -175,13 +182,6 @@ run_job() {
     echo $rc > $SYNC/$GUEST.jobdone
     log "user job complete with exit code $rc; wrote $GUEST.jobdone"
 }
-
-# a root shell on the serial console (slurm-charlie console), respawned;
-# the guest is the job user's own machine
-(while :; do
-    setsid cttyhack sh -c 'cd /root 2>/dev/null; exec sh -l' </dev/ttyS0 >/dev/ttyS0 2>&1
-    sleep 1
-done) &
 
 case "$CH_MODE" in
     batch) run_job & ;;

@@ -102,7 +102,7 @@ class Cluster:
         root = os.path.join(self.sb.state, "runtime")
         return [os.path.join(root, n, j) for n in os.listdir(root)
                 if os.path.isdir(os.path.join(root, n))
-                for j in os.listdir(os.path.join(root, n))]
+                for j in os.listdir(os.path.join(root, n)) if j.isdigit()]
 
     def user_processes(self, timeout: float = 10) -> list[str]:
         """Processes of the sandbox user still there after timeout seconds
@@ -198,6 +198,10 @@ def build_mpi_image(path: str) -> str:
 
 @pytest.fixture(scope="session")
 def cluster():
+    return make_cluster()
+
+
+def make_cluster() -> Cluster:
     sb = sbmod.Sandbox()
     if not os.path.exists(sb.conf) or sb.status() != 0:
         pytest.fail("the sandbox is not up: run `make test` (or "

@@ -1,0 +1,11 @@
+#!/bin/sh
+# The virtual-cluster tutorial's job script: every guest runs it at boot;
+# guest 0 does the work, the others lend their CPUs.
+if [ "$CH_GUEST_ID" != 0 ]; then
+    echo "not guest 0; waiting for work"
+    exit 0
+fi
+echo "Are we running on all nodes?"
+for g in $(cat /ch/meta/guests); do ssh "$g" hostname; done
+echo "Can we do MPI?"
+mpiexec -f /ch/meta/hostfile -n "$CH_GUEST_COUNT" /usr/local/bin/mpi_allreduce | sort

@@ -1,0 +1,319 @@
+"""VM jobs on the real sandbox: QEMU (tcg) guests booted by the prolog from
+the test guest `make guest` builds (Debian kernel, slurm-charlie initrd,
+debootstrap root with MPICH and OpenSSH).  A test that cannot run fails."""
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "cluster"))
+from conftest import USER, make_cluster  # noqa: E402
+
+BOOT_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return make_cluster()
+
+
+@pytest.fixture(scope="module")
+def guest(cluster):
+    gdir = cluster.sb.guest_dir
+    if not gdir or not os.path.exists(os.path.join(gdir, "guest.qcow2")):
+        pytest.fail("no test guest: run `make guest` and bring the sandbox up "
+                    "with --guest-dir (make test does both)", pytrace=False)
+    return os.path.join(gdir, "guest.qcow2")
+
+
+def image_copy(cluster, guest, wd, name="image.qcow2"):
+    path = os.path.join(wd, name)
+    shutil.copyfile(guest, path)
+    os.chmod(path, 0o644)
+    shutil.chown(path, USER, USER)
+    return path
+
+
+def qemu_pids(job=None):
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == "Z" or not cmd[0].endswith(b"qemu-system-x86_64"):
+            continue
+        if job is None or f"charlie-{job}-chgu".encode() in b" ".join(cmd):
+            out.append(int(d))
+    return out
+
+
+def wait_for(cond, what, timeout=BOOT_TIMEOUT):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_clean(cluster, job):
+    """Nothing of the job is left: QEMU, job directory, overlay, devices."""
+    cluster.wait_done(job, timeout=180)
+    wait_for(lambda: not qemu_pids(job), f"QEMU of job {job} to go", 120)
+    wait_for(lambda: not [d for d in cluster.job_dirs() if d.endswith(f"/{job}")],
+             f"job directory of {job} to go", 120)
+    assert cluster.user_processes(timeout=20) == []
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True,
+                           text=True).stdout
+    assert not re.search(r"^\d+: (tap|vxlan|chbr)", links, re.M), links
+
+
+def saved(wd, job, name, timeout=120):
+    """A file the epilog copies into <workdir>/charlie-<job>/."""
+    path = os.path.join(wd, f"charlie-{job}", name)
+    wait_for(lambda: os.path.exists(path), path, timeout)
+    time.sleep(0.2)
+    return open(path, errors="replace").read()
+
+
+GUEST_JOB = r"""#!/bin/sh
+echo "GUEST $CH_GUEST_ID $(hostname) $(id -un) $(id -u) $(id -G)"
+for f in guest-count guests hosts hostfile nodes env guest-macs user; do
+    echo "SUM $f $(sha256sum /ch/meta/$f | cut -c1-16)"
+done
+for m in /ch/meta /ch/meta/sync /ch/opt /ch/data1 /ch/tmp; do
+    mountpoint -q $m && echo "MOUNT $m"
+done
+echo "DATA $(cat /ch/data1/input)"
+touch /ch/tmp/probe && echo TMP-WRITABLE
+touch /ch/meta/probe 2>/dev/null || echo META-READONLY
+if [ "$CH_GUEST_ID" = 0 ]; then
+    for g in $(cat /ch/meta/guests); do echo "SSH $(ssh $g hostname)"; done
+    ping -c 1 -W 5 chgu2 >/dev/null && echo PING-OK
+    mpiexec -f /ch/meta/hostfile -n "$CH_GUEST_COUNT" /usr/local/bin/mpi_allreduce
+    echo "guest 0 stderr" >&2
+fi
+"""
+
+
+def test_batch_job_three_guests(cluster, guest):
+    wd = cluster.workdir("vm-batch")
+    img = image_copy(cluster, guest, wd)
+    os.mkdir(os.path.join(wd, "data"))
+    cluster.write(os.path.join(wd, "data", "input"), "forty-two\n", 0o644)
+    shutil.chown(os.path.join(wd, "data"), USER, USER)
+    cluster.write(os.path.join(wd, "job.sh"), GUEST_JOB)
+    p, job = cluster.sbatch(wd, ["-N3", "-o", "out", "-e", "err",
+                                 f"--charlie-image={img}", "--charlie-job=job.sh",
+                                 "--charlie-dir=data", "--wrap", "echo not run"])
+    assert job, p.stderr
+    out, err = open(os.path.join(wd, "out")).read(), open(os.path.join(wd, "err")).read()
+    assert p.returncode == 0, (out, err)
+    assert "not run" not in out
+    assert "guest 0 stderr" in err
+    # guest 0 reached every guest by name over ssh, and ran MPI across them
+    assert re.findall(r"^SSH (\S+)$", out, re.M) == ["chgu0", "chgu1", "chgu2"], out
+    assert "PING-OK" in out
+    ranks = re.findall(r"^rank (\d) of 3 on (chgu\d) sum 3$", out, re.M)
+    assert sorted(ranks) == [("0", "chgu0"), ("1", "chgu1"), ("2", "chgu2")], out
+    uid = subprocess.run(["id", "-u", USER], capture_output=True, text=True).stdout.strip()
+    groups = subprocess.run(["id", "-G", USER], capture_output=True, text=True).stdout.split()
+    outs = [out] + [saved(wd, job, f"{g}_job.out") for g in (1, 2)]
+    sums = []
+    for g, text in enumerate(outs):
+        m = re.search(r"^GUEST (\d) (\S+) (\S+) (\d+) (.*)$", text, re.M)
+        assert m and m.groups()[:4] == (str(g), f"chgu{g}", USER, uid), text
+        assert sorted(m.group(5).split()) == sorted(groups), text
+        assert re.findall(r"^MOUNT (\S+)$", text, re.M) == [
+            "/ch/meta", "/ch/meta/sync", "/ch/opt", "/ch/data1", "/ch/tmp"], text
+        assert "DATA forty-two" in text and "TMP-WRITABLE" in text
+        assert "META-READONLY" in text
+        sums.append(re.findall(r"^SUM .*$", text, re.M))
+    assert len(sums[0]) == 9 and sums[0] == sums[1] == sums[2], sums
+    for g in range(3):
+        assert f"charlie: guest {g} ready" in saved(wd, job, f"{g}_console.out")
+    assert_clean(cluster, job)
+
+
+def test_exit_code_is_guest_zeros(cluster, guest):
+    wd = cluster.workdir("vm-exit")
+    img = image_copy(cluster, guest, wd)
+    cluster.write(os.path.join(wd, "job.sh"),
+                  "#!/bin/sh\necho about to fail\necho bad >&2\nexit 7\n")
+    p, job = cluster.sbatch(wd, ["-N1", "-o", "out", "-e", "err",
+                                 f"--charlie-image={img}", "--charlie-job=job.sh",
+                                 "--wrap", "true"])
+    assert job, p.stderr
+    assert p.returncode == 7, p.stderr
+    assert open(os.path.join(wd, "out")).read().strip() == "about to fail"
+    assert "bad" in open(os.path.join(wd, "err")).read()
+    assert cluster.job(job)["ExitCode"] == "7:0"
+    assert_clean(cluster, job)
+
+
+def test_interactive_salloc_and_console(cluster, guest):
+    wd = cluster.workdir("vm-interactive")
+    img = image_copy(cluster, guest, wd)
+    sc = cluster.sb.charlie_bin()
+    p = cluster.as_user(["salloc", "-N2", f"--charlie-image={img}",
+                         "--charlie-interactive", "sh", "-c",
+                         f'echo "echo CONSOLE-\\$(hostname)-\\$(id -u)" | {sc} console 1; '
+                         'echo "JOB=$SLURM_JOB_ID"'],
+                        wd, timeout=BOOT_TIMEOUT)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "CONSOLE-chgu1-0" in p.stdout, (p.stdout, p.stderr)
+    job = re.search(r"JOB=(\d+)", p.stdout).group(1)
+    assert_clean(cluster, job)
+    # the console outside an allocation says what to do
+    q = cluster.as_user([sc, "console", "0"], wd)
+    assert q.returncode == 1 and "not inside a job's allocation" in q.stderr
+
+
+def test_commit_waits_for_other_users_of_the_image(cluster, guest):
+    wd = cluster.workdir("vm-commit")
+    img = image_copy(cluster, guest, wd)
+    # job B uses the image (no commit) and holds it for a while
+    b = cluster.as_user(["sbatch", "--no-requeue", "-N1", "-w", "node2", "-o", "b.out",
+                         f"--charlie-image={img}", "--charlie-interactive",
+                         "--wrap", "sleep 45"], wd)
+    job_b = re.search(r"Submitted batch job (\d+)", b.stdout).group(1)
+    wait_for(lambda: any(os.path.exists(f"{d}/meta/sync/0.ready")
+                         for d in cluster.job_dirs() if d.endswith(f"/{job_b}")),
+             "job B's guest")
+    cluster.write(os.path.join(wd, "job.sh"),
+                  "#!/bin/sh\necho kept-by-commit > $HOME/marker\nsync\n")
+    p, job_a = cluster.sbatch(wd, ["-N1", "-w", "node1", "-o", "a.out",
+                                   f"--charlie-image={img}", "--charlie-job=job.sh",
+                                   "--charlie-commit"])
+    assert p.returncode == 0, (p.stderr, open(os.path.join(wd, "a.out")).read())
+    note = saved(wd, job_a, "0_commit.txt", timeout=180)
+    assert note.startswith(f"guest 0: changes committed into {img}"), note
+    b_end = cluster.wait_done(job_b, timeout=120)
+    assert b_end["JobState"] == "COMPLETED"
+    # the commit waited for B's guest to let go of the image
+    committed_at = os.stat(os.path.join(wd, f"charlie-{job_a}", "0_commit.txt")).st_mtime
+    b_ended = time.mktime(time.strptime(b_end["EndTime"], "%Y-%m-%dT%H:%M:%S"))
+    assert committed_at >= b_ended, (committed_at, b_end["EndTime"])
+    assert not qemu_pids(job_b)
+    check = subprocess.run(["qemu-img", "check", "-f", "qcow2", img],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # the next job sees the change
+    cluster.write(os.path.join(wd, "job2.sh"), "#!/bin/sh\ncat $HOME/marker\n")
+    p, job_c = cluster.sbatch(wd, ["-N1", "-o", "c.out", f"--charlie-image={img}",
+                                   "--charlie-job=job2.sh"])
+    assert p.returncode == 0
+    assert open(os.path.join(wd, "c.out")).read().strip() == "kept-by-commit"
+    log = open(os.path.join(cluster.sb.state, "log", "charlie-node1.log")).read()
+    waited = re.findall(rf"job {job_a}: .*qemu-img commit", log)
+    assert len(waited) >= 2, "the commit did not have to wait for job B"
+    for j in (job_a, job_b, job_c):
+        assert_clean(cluster, j)
+
+
+def test_killed_guest_is_not_committed_and_kept(cluster, guest):
+    wd = cluster.workdir("vm-killed")
+    img = image_copy(cluster, guest, wd)
+    before = hashlib.sha256(open(img, "rb").read()).hexdigest()
+    cluster.write(os.path.join(wd, "job.sh"),
+                  "#!/bin/sh\necho written > $HOME/marker\nsync\necho WROTE\nsleep 300\n")
+    b = cluster.as_user(["sbatch", "--no-requeue", "-N1", "-o", "out", "-e", "err",
+                         f"--charlie-image={img}", "--charlie-job=job.sh",
+                         "--charlie-commit"], wd)
+    job = re.search(r"Submitted batch job (\d+)", b.stdout).group(1)
+    wait_for(lambda: "WROTE" in open(os.path.join(wd, "out")).read()
+             if os.path.exists(os.path.join(wd, "out")) else False, "the job to write")
+    for pid in qemu_pids(job):
+        os.kill(pid, 9)
+    info = cluster.wait_done(job, timeout=120)
+    assert info["JobState"] == "FAILED", info
+    assert "stopped before its job finished" in open(os.path.join(wd, "err")).read()
+    note = saved(wd, job, "0_commit.txt")
+    m = re.search(r"NOT committed into (\S+) \(the guest did not shut down cleanly\); "
+                  r"its changes are kept in (\S+) on node1", note)
+    assert m and m.group(1) == img, note
+    kept = m.group(2)
+    assert os.path.exists(kept)
+    assert hashlib.sha256(open(img, "rb").read()).hexdigest() == before
+    # committed later, by hand
+    p = cluster.as_user([cluster.sb.charlie_bin(), "commit", kept], wd)
+    assert p.returncode == 0, p.stderr
+    assert not os.path.exists(kept)
+    assert hashlib.sha256(open(img, "rb").read()).hexdigest() != before
+    assert_clean(cluster, job)
+
+
+@pytest.fixture(scope="module")
+def bad_images(cluster, guest):
+    wd = cluster.workdir("vm-bad")
+    q = lambda *a: subprocess.run(["qemu-img", *a], check=True, capture_output=True)  # noqa
+    q("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "/etc/shadow",
+      os.path.join(wd, "shadow.qcow2"), "1G")
+    q("create", "-q", "-f", "qcow2", os.path.join(wd, "zero.qcow2"), "0")
+    with open(os.path.join(wd, "garbage.qcow2"), "wb") as f:
+        f.write(b"QFI\xfb" + os.urandom(8192))
+    with open(os.path.join(wd, "garbage.bin"), "wb") as f:
+        f.write(os.urandom(8192))
+    shutil.copyfile(guest, os.path.join(wd, "readonly.qcow2"))
+    shutil.copyfile(guest, os.path.join(wd, "mine.qcow2"))
+    for n in os.listdir(wd):
+        os.chmod(os.path.join(wd, n), 0o644)
+    shutil.chown(os.path.join(wd, "mine.qcow2"), USER, USER)
+    return wd
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--charlie-image=shadow.qcow2"], r"has a backing file \(/etc/shadow\); refused"),
+    (["--charlie-image=zero.qcow2"], "virtual size is 0"),
+    (["--charlie-image=garbage.qcow2"], "qemu-img cannot read it as qcow2"),
+    (["--charlie-image=garbage.bin"], "not a recognised image"),
+    (["--charlie-image=readonly.qcow2", "--charlie-commit"], "image not writable by you"),
+    (["-N3", "--charlie-image=mine.qcow2", "--charlie-commit=5"],
+     "guest 5 does not exist in a job of 3 node"),
+])
+def test_bad_inputs_refused_at_submit(cluster, bad_images, args, message):
+    before = cluster.run(["squeue", "-h", "-o", "%i"]).stdout
+    p = cluster.as_user(["sbatch", *args, "--charlie-job=/bin/true", "--wrap", "true"],
+                        bad_images)
+    assert p.returncode != 0
+    assert re.search(message, p.stderr), p.stderr
+    assert "Submitted" not in p.stdout
+    assert cluster.run(["squeue", "-h", "-o", "%i"]).stdout == before
+
+
+def test_scancel_during_boot_and_during_job(cluster, guest):
+    wd = cluster.workdir("vm-cancel")
+    img = image_copy(cluster, guest, wd)
+    for phase in ("boot", "job"):
+        b = cluster.as_user(["sbatch", "--no-requeue", "-N2", "-o", f"{phase}.out",
+                             f"--charlie-image={img}", "--charlie-interactive",
+                             "--wrap", "sleep 300"], wd)
+        job = re.search(r"Submitted batch job (\d+)", b.stdout).group(1)
+        if phase == "boot":
+            wait_for(lambda: qemu_pids(job), "QEMU to start")
+            assert not any(os.path.exists(f"{d}/meta/sync/0.ready")
+                           for d in cluster.job_dirs() if d.endswith(f"/{job}"))
+        else:
+            wait_for(lambda: cluster.job(job).get("JobState") == "RUNNING"
+                     and os.path.exists(os.path.join(wd, f"{phase}.out")), "the job")
+            def both_ready():
+                dirs = sorted(d for d in cluster.job_dirs() if d.endswith(f"/{job}"))
+                return len(dirs) == 2 and all(os.path.exists(f"{d}/meta/sync/{i}.ready")
+                                              for i, d in enumerate(dirs))
+            wait_for(both_ready, "both guests")
+        cluster.run(["scancel", job], check=True)
+        assert_clean(cluster, job)
+        overlays = subprocess.run(["find", cluster.sb.state, "-name", "*.qcow2"],
+                                  capture_output=True, text=True).stdout.split()
+        assert [o for o in overlays if f"job{job}-" in o or f"/{job}/" in o] == []
+        for node in ("node1", "node2"):
+            assert "drain" not in cluster.sb.node_states()[node]
