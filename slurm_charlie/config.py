@@ -67,8 +67,6 @@ DEFAULTS: tuple[Key, ...] = (
         ("kvm", "tcg")),
     Key("vm.cpu_model", "", str,
         "QEMU -cpu model; empty: 'host' with kvm, 'max' with tcg"),
-    Key("vm.memory_overhead_mib", 256, int,
-        "memory kept for QEMU itself out of the job's allocation"),
     Key("vm.kernel", "", str, "guest kernel for direct boot (empty: VM jobs are "
         "refused at submit)"),
     Key("vm.initrd", "", str, "guest initrd for direct boot (slurm-charlie vm-initrd)"),
@@ -76,8 +74,8 @@ DEFAULTS: tuple[Key, ...] = (
     Key("vm.subnet", "172.22.0.0/16", str, "private guest network of a job"),
     Key("vm.nameservers", [], list, "nameservers written to meta/resolv.conf"),
     Key("vm.memory_mib", 1024, int,
-        "guest memory when neither --charlie-mem nor the job's memory "
-        "allocation says"),
+        "guest memory when --charlie-mem is not given (Slurm does not tell "
+        "the prolog the job's memory)"),
     Key("vm.cmdline", "root=/dev/vda rw console=ttyS0", str,
         "guest kernel command line for direct boot (charlie.guest=N is added)"),
     Key("vm.mcast_group", "239.77.0.0/16", str,

@@ -99,7 +99,7 @@ touch /ch/meta/probe 2>/dev/null || echo META-READONLY
 if [ "$CH_GUEST_ID" = 0 ]; then
     for g in $(cat /ch/meta/guests); do echo "SSH $(ssh $g hostname)"; done
     ping -c 1 -W 5 chgu2 >/dev/null && echo PING-OK
-    mpiexec -f /ch/meta/hostfile -n "$CH_GUEST_COUNT" /usr/local/bin/mpi_allreduce
+    mpirun -hostfile /ch/meta/hostfile.openmpi -np "$CH_GUEST_COUNT" /usr/local/bin/mpi_allreduce
     echo "guest 0 stderr" >&2
 fi
 """

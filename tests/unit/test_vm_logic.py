@@ -1,0 +1,81 @@
+"""Pure parts of the VM path: key derivation (checked by the real
+ssh-keygen), module load order, guest network numbers, QEMU command line."""
+
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+from slurm_charlie import config, layout, meta, sshkey, vmbuild
+from slurm_charlie.backends import Context
+from slurm_charlie.backends.vm import VMBackend, _mcast
+from slurm_charlie.errors import UserError
+from slurm_charlie.options import Options
+from slurm_charlie.proc import User
+
+
+def test_job_key_is_valid_for_openssh_and_deterministic(tmp_path):
+    seed = sshkey.job_seed(b"site secret", "42", 1001)
+    private, public = sshkey.openssh_keys(seed, "slurm-charlie-job-42")
+    assert (private, public) == sshkey.openssh_keys(seed, "slurm-charlie-job-42")
+    key = tmp_path / "id"
+    key.write_bytes(private)
+    key.chmod(0o600)
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True,
+                             text=True, check=True).stdout
+    assert derived.split()[:2] == public.decode().split()[:2]
+
+
+def test_job_key_differs_by_job_user_and_secret():
+    keys = {sshkey.openssh_keys(sshkey.job_seed(s, j, u), "c")[1]
+            for s, j, u in ((b"a", "1", 1), (b"a", "2", 1), (b"a", "1", 2), (b"b", "1", 1))}
+    assert len(keys) == 4
+
+
+def test_module_load_order_puts_dependencies_first(tmp_path):
+    moddir = tmp_path / "6.1.0-x"
+    moddir.mkdir()
+    (moddir / "modules.dep").write_text(
+        "kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz\n"
+        "kernel/net/9p/9pnet.ko.xz:\n"
+        "kernel/fs/netfs/netfs.ko.xz:\n"
+        "kernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/drivers/virtio/virtio.ko.xz\n"
+        "kernel/drivers/virtio/virtio.ko.xz:\n")
+    (moddir / "modules.builtin").write_text("kernel/drivers/virtio/virtio.ko\n")
+    order = vmbuild.load_order(str(moddir), ("9p", "9pnet_virtio", "virtio"))
+    assert order.index("kernel/net/9p/9pnet.ko.xz") < order.index("kernel/fs/9p/9p.ko.xz")
+    assert order.index("kernel/fs/netfs/netfs.ko.xz") < order.index("kernel/fs/9p/9p.ko.xz")
+    assert order.count("kernel/net/9p/9pnet.ko.xz") == 1
+    with pytest.raises(UserError, match="kernel has no module ext4"):
+        vmbuild.load_order(str(moddir), ("ext4",))
+
+
+def test_guest_network_numbers():
+    cfg = config.parse('[vm]\nmcast_group = "239.77.0.0/16"\nmcast_port = 20000\n')
+    assert _mcast(cfg, "5") == ("239.77.0.5", 20005)
+    assert _mcast(cfg, "65541") == ("239.77.0.5", 25541)   # same group, other port
+    assert meta.guest_mac("258", 3) == "52:54:01:02:00:03"
+    assert meta.guest_mac("258", 3) != meta.guest_mac("259", 3)
+
+
+def test_qemu_command_line():
+    cfg = config.parse('[vm]\naccel = "tcg"\nkernel = "/k"\ninitrd = "/i"\n'
+                       'mcast_localaddr = "10.0.0.5"\n')
+    user = User(1001, 1001, (1001,), "u", "/home/u")
+    paths = layout.JobPaths("/rt", "17")
+    ctx = Context(opts=Options(image="/img.qcow2", dir=("/d1", "/d2"), cpus=3, mem=700),
+                  cfg=cfg, paths=paths, user=user, job_id="17", node="n2",
+                  guest_id=1, nodes=("n1", "n2"), cpus=8)
+    argv = VMBackend().argv(ctx, "none", "qcow2")
+    line = " ".join(argv)
+    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-smp") + 1] == "3" and argv[argv.index("-m") + 1] == "700M"
+    assert "charlie.guest=1" in argv[argv.index("-append") + 1]
+    assert "file=/rt/17/run/1.overlay.qcow2,format=qcow2,if=virtio,cache=none" in line
+    assert "mcast=239.77.0.17:20017,localaddr=10.0.0.5" in line
+    assert "mac=52:54:00:11:00:01" in line
+    assert "path=/rt/17/meta,mount_tag=meta,security_model=none,readonly=on" in line
+    assert "path=/rt/17/meta/sync,mount_tag=sync,security_model=none " in line + " "
+    assert "path=/d2,mount_tag=data2,security_model=none" in line
+    assert "logfile=/rt/17/out/1_console.out" in line
