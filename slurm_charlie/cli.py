@@ -131,6 +131,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     for job in jobs:
         st = state.read(layout.JobPaths(root, job).state) or {}
         print(f"{job}\ttype={st.get('type', '?')}\tphase={st.get('phase', '?')}")
+    kept = config.expand_node(cfg["vm.kept_dir"], node) if cfg["vm.kept_dir"] \
+        else os.path.join(root, "kept")
+    try:
+        users = sorted(os.listdir(kept))
+    except OSError:
+        users = []
+    for uid in users:
+        try:
+            names = sorted(os.listdir(os.path.join(kept, uid)))
+        except OSError:  # another user's: only root sees inside
+            continue
+        for name in names:
+            print(f"kept\t{os.path.join(kept, uid, name)}\t(commit with: "
+                  f"{PROG} commit PATH)")
     return 0
 
 
