@@ -165,6 +165,11 @@ def cmd_console(args: argparse.Namespace) -> int:
     return vmtools.console(args.guest, args.job_dir)
 
 
+def cmd_ssh(args: argparse.Namespace) -> int:
+    from . import vmtools
+    return vmtools.ssh(args.guest, args.remote_command, args.job_dir)
+
+
 def cmd_commit(args: argparse.Namespace) -> int:
     from . import vmtools
     return vmtools.commit_kept(args.overlay, config.load())
@@ -242,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("guest", nargs="?", type=int, default=0)
     co.add_argument("--job-dir", help=argparse.SUPPRESS)
     co.set_defaults(func=cmd_console)
+
+    sh = sub.add_parser("ssh", help="ssh into a guest as yourself (inside the "
+                        "job's allocation)")
+    sh.add_argument("guest", nargs="?", type=int, default=0)
+    sh.add_argument("remote_command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                    help="command to run (default: a login shell)")
+    sh.add_argument("--job-dir", help=argparse.SUPPRESS)
+    sh.set_defaults(func=cmd_ssh)
 
     cm = sub.add_parser("commit", help="commit a kept guest overlay into its image")
     cm.add_argument("overlay", help="the overlay a job kept (its path was in "

@@ -85,6 +85,9 @@ DEFAULTS: tuple[Key, ...] = (
     Key("vm.mcast_localaddr", "", str,
         "host address whose interface carries the guest networks (empty: "
         "the route to 224.0.0.0/4 decides)"),
+    Key("vm.ssh_port_base", 40000, int,
+        "guest N of job J is reachable by ssh on its node at 127.0.0.1:"
+        "base + J mod 20000 (a second, restricted user-mode NIC; 0: off)"),
     Key("vm.ssh_secret", "/etc/munge/munge.key", str,
         "root-only file, identical on all nodes, from which each job's guest "
         "ssh key is derived (empty: no ssh keys)"),

@@ -142,6 +142,7 @@ class Sandbox:
                     f'log_file = "{self._p("log", "charlie-%n.log")}"\n'
                     "syslog = false\n"
                     'log_level = "debug"\n'
+                    + self._vm_conf() +
                     "[container]\n"
                     f'cache_dir = "{self._p("cache", "%n")}"\n'
                     "# Sandbox nodes share one kernel, so UCX takes ranks on different\n"
@@ -151,8 +152,7 @@ class Sandbox:
                     "# messages would go by cross-memory attach, which the kernel refuses\n"
                     "# between user namespaces (ranks hang): no cma. Real nodes have\n"
                     "# their own boot id and talk over the network instead.\n"
-                    'env = ["UCX_POSIX_USE_PROC_LINK=n", "UCX_TLS=^cma"]\n'
-                    + self._vm_conf())
+                    'env = ["UCX_POSIX_USE_PROC_LINK=n", "UCX_TLS=^cma"]\n')
         plugstack = self._p("etc", "plugstack.conf")
         if not os.path.exists(plugstack):
             self._write(plugstack, "# slurm-charlie sandbox\n")

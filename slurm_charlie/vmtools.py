@@ -146,7 +146,35 @@ def _drain(s: socket.socket, quiet: float = 3.0) -> None:
         os.write(1, data)
 
 
-def _console_via_srun(guest: int) -> int:
+def ssh(guest: int, command: list[str], job_dir: str | None) -> int:
+    """ssh into guest N as yourself, from its node's loopback (port forward)."""
+    if job_dir is None:
+        return _console_via_srun(guest, "ssh", command)
+    if job_dir == "-":
+        job_dir = os.environ.get("CH_JOB_DIR")
+        if not job_dir:
+            raise UserError("ssh", "no CH_JOB_DIR in this step",
+                            hint="the job is not a charlie VM job")
+    try:
+        port = open(os.path.join(job_dir, "run", f"{guest}.ssh")).read().strip()
+    except OSError:
+        raise UserError("ssh", f"guest {guest} has no ssh port here",
+                        hint="the site turned it off (vm.ssh_port_base = 0), or "
+                        "the guest runs on another node") from None
+    key = os.path.join(job_dir, "meta", "ssh", "id_ed25519")
+    known = os.path.join(job_dir, "meta", "ssh", "known_hosts")
+    argv = ["ssh", "-q", "-i", key, "-p", port, "-o", f"UserKnownHostsFile={known}",
+            "-o", f"HostKeyAlias=chgu{guest}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]
+    if os.isatty(0) and not command:
+        argv.append("-t")
+    argv += ["127.0.0.1", *command]
+    os.execvp("ssh", argv)
+    return 1
+
+
+def _console_via_srun(guest: int, what: str = "console",
+                      command: list[str] | None = None) -> int:
     job = os.environ.get("SLURM_JOB_ID")
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not job or not nodes:
@@ -163,7 +191,7 @@ def _console_via_srun(guest: int) -> int:
     if os.isatty(0):
         argv.append("--pty")
     argv += [sys.argv[0] if os.path.isabs(sys.argv[0]) else shutil.which(PROG) or PROG,
-             "console", str(guest), "--job-dir", "-"]
+             what, "--job-dir", "-", str(guest), *(command or [])]
     return subprocess.call(argv)
 
 

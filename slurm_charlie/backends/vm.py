@@ -34,6 +34,9 @@ from . import Backend, Context
 
 GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guest")
 WAIT_MARKER = "guest-wait"
+#: the guest's second NIC: QEMU user-mode networking, restricted (no way
+#: out), only for the ssh port forward from the node's loopback
+HOST_NIC_MAC = "52:56:00:00:00:02"
 
 
 def _starttime(pid: int) -> int | None:
@@ -211,6 +214,10 @@ def _remove(path: str) -> None:
 
 # --- the back end -------------------------------------------------------------
 
+def ssh_port(cfg: config.Config, job_id: str) -> int:
+    return cfg["vm.ssh_port_base"] + int(job_id) % 20000 if cfg["vm.ssh_port_base"] else 0
+
+
 def _mcast(cfg: config.Config, job_id: str) -> tuple[str, int]:
     net = ipaddress.IPv4Network(cfg["vm.mcast_group"])
     group = net.network_address + int(job_id) % net.num_addresses
@@ -271,6 +278,7 @@ class VMBackend(Backend):
                 "discard=unmap",
                 "-netdev", mcast,
                 "-device", f"virtio-net-pci,netdev=net0,mac={guest_mac(ctx.job_id, n)}",
+                *self._host_nic(ctx),
                 "-chardev", f"socket,id=con0,path={p['console']},server=on,wait=off,"
                 f"logfile={p['console_log']},logappend=on",
                 "-serial", "chardev:con0",
@@ -284,6 +292,14 @@ class VMBackend(Backend):
             argv += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none"
                      + (",readonly=on" if ro else "")]
         return argv
+
+    @staticmethod
+    def _host_nic(ctx: Context) -> list[str]:
+        port = ssh_port(ctx.cfg, ctx.job_id)
+        if not port:
+            return []
+        return ["-netdev", f"user,id=net1,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
+                "-device", f"virtio-net-pci,netdev=net1,mac={HOST_NIC_MAC}"]
 
     def start(self, ctx: Context) -> dict[str, Any]:
         cfg, p, n = ctx.cfg, self._paths(ctx), ctx.guest_id
@@ -321,6 +337,9 @@ class VMBackend(Backend):
                 "batch": bool(ctx.opts.job) and not ctx.opts.interactive}
         call_as(ctx.user, _write_record, p["record"],
                 f"{proc.pid} {info['qemu_start']}\n")
+        if ssh_port(cfg, ctx.job_id):
+            call_as(ctx.user, _write_record, f"{ctx.paths.run}/{n}.ssh",
+                    f"{ssh_port(cfg, ctx.job_id)}\n")
         deadline = time.monotonic() + cfg["timeouts.boot"]
         while not os.path.exists(p["ready"]):
             if proc.poll() is not None:

@@ -92,6 +92,15 @@ if [ -n "$IFACE" ]; then
 else
     log "no network interface with MAC $MAC"
 fi
+# second NIC (if any): QEMU user-mode, only for ssh from the host node
+for d in /sys/class/net/*; do
+    if [ "$(cat $d/address 2>/dev/null)" = "52:56:00:00:00:02" ]; then
+        ip addr flush dev ${d##*/}
+        ip addr add 10.0.2.15/24 dev ${d##*/}
+        ip link set ${d##*/} up
+        log "host ssh link: ${d##*/} 10.0.2.15"
+    fi
+done
 
 # the job user: same name, uid, gid and groups as on the host (seed 003)
 read -r UNAME UID_ GID_ GNAME < /ch/meta/user

@@ -235,7 +235,8 @@ def test_sandbox_status_and_config_check(cluster):
     p = cluster.run([bin_, "config", "check"])
     assert p.returncode == 0, p.stderr
     assert re.search(r"runtime_root\s+= '.*/runtime/%n'\s+# .*charlie.toml", p.stdout)
-    assert re.search(r"vm\.accel\s+= 'kvm'\s+# default", p.stdout)
+    assert re.search(r"vm\.accel\s+= 'tcg'\s+# .*charlie.toml", p.stdout)
+    assert re.search(r"vm\.qemu\s+= 'qemu-system-x86_64'\s+# default", p.stdout)
     p = cluster.run([bin_, "sandbox", "status"])
     assert p.returncode == 0 and p.stdout.count("idle") == 3
 

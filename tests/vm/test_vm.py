@@ -167,10 +167,15 @@ def test_interactive_salloc_and_console(cluster, guest):
     p = cluster.as_user(["salloc", "-N2", f"--charlie-image={img}",
                          "--charlie-interactive", "sh", "-c",
                          f'echo "echo CONSOLE-\\$(hostname)-\\$(id -u)" | {sc} console 1; '
+                         f'{sc} ssh 1 echo SSH-\\$\\(hostname\\)-\\$\\(id -un\\) </dev/null; '
+                         f'{sc} ssh 0 ssh chgu1 hostname </dev/null | sed s/^/HOP-/; '
                          'echo "JOB=$SLURM_JOB_ID"'],
                         wd, timeout=BOOT_TIMEOUT)
     assert p.returncode == 0, (p.stdout, p.stderr)
     assert "CONSOLE-chgu1-0" in p.stdout, (p.stdout, p.stderr)
+    # ssh from the guest's node as the user, and on from guest to guest
+    assert f"SSH-chgu1-{USER}" in p.stdout, (p.stdout, p.stderr)
+    assert "HOP-chgu1" in p.stdout, (p.stdout, p.stderr)
     job = re.search(r"JOB=(\d+)", p.stdout).group(1)
     assert_clean(cluster, job)
     # the console outside an allocation says what to do
