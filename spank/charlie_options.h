@@ -18,14 +18,14 @@ static const struct charlie_opt charlie_opts[] = {
     { "charlie-image", "PATH", "VM image (qcow2/raw) or container image (dir, tarball, squashfs)", 1, 1, NULL },
     { "charlie-type", "TYPE", "auto|container|vm|none: what to start (auto: from the image)", 1, 1, "auto|container|vm|none" },
     { "charlie-dir", "DIR", "host directory shown as /ch/dataN (repeat, up to 4); sets CH_DATAn", 1, 4, NULL },
-    { "charlie-job", "SCRIPT", "VM batch mode: run SCRIPT on every guest at boot", 1, 1, NULL },
+    { "charlie-job", "SCRIPT", "VM batch mode: run SCRIPT on every guest at boot; the job's output and exit code are guest 0's", 1, 1, NULL },
     { "charlie-interactive", NULL, "boot the guests and wait; do not run a job script", 0, 1, NULL },
     { "charlie-commit", "GUEST", "at job end save guest GUEST's (default 0) root changes into the image", 2, 1, NULL },
     { "charlie-write", NULL, "container image writable (ch-run -w)", 0, 1, NULL },
     { "charlie-uid", "UID", "container: run as this user id inside (e.g. 0), mapped to you", 1, 1, NULL },
     { "charlie-gid", "GID", "container: run with this group id inside, mapped to your group", 1, 1, NULL },
     { "charlie-cpus", "N", "VM CPUs per guest (default: the job's CPUs on that node)", 1, 1, NULL },
-    { "charlie-mem", "SIZE", "VM memory per guest, e.g. 4G (default: from the allocation)", 1, 1, NULL },
+    { "charlie-mem", "SIZE", "VM memory per guest, e.g. 4G (default: site config vm.memory_mib)", 1, 1, NULL },
     { "charlie-tmp-size", "SIZE", "size of each guest's /ch/tmp disk, e.g. 2G (default: site config)", 1, 1, NULL },
 };
 
