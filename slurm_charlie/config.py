@@ -97,6 +97,9 @@ DEFAULTS: tuple[Key, ...] = (
     Key("timeouts.boot", 300, int, "seconds to wait for a guest to be ready"),
     Key("timeouts.shutdown", 60, int, "seconds to wait for a clean guest power-off"),
     Key("timeouts.kill", 10, int, "seconds to wait for killed processes to go"),
+    Key("timeouts.probe", 120, int,
+        "seconds the first VM job on a node waits for the accel/CPU probe "
+        "(the guest kernel booting to a panic)"),
     Key("timeouts.commit", 120, int,
         "seconds a commit waits for other users of the image to let go"),
     Key("timeouts.unpack", 600, int,

@@ -214,6 +214,57 @@ def _remove(path: str) -> None:
 
 # --- the back end -------------------------------------------------------------
 
+PROBE_FILE = ".vm-probe"
+
+
+def _probe_key(qemu: str, accel: str, cpu: str, kernel: str) -> str:
+    import hashlib
+    parts = [accel, cpu]
+    for path in (qemu, kernel):
+        try:
+            st = os.stat(path)
+            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{path}:missing")
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:32]
+
+
+def probe(ctx: Context, qemu: str) -> None:
+    """Can this node run the site's accel and CPU model?  Boots the guest
+    kernel with no root file system until it panics (QEMU then exits, thanks
+    to -no-reboot) -- once per node and setting; the result is kept in
+    <runtime_root>/.vm-probe.  A node that cannot is a node fault (seed 001:
+    a CPU model or accelerator the host lacks; here KVM hangs and -cpu host
+    aborts)."""
+    cfg = ctx.cfg
+    accel = cfg["vm.accel"]
+    cpu = cfg["vm.cpu_model"] or ("host" if accel == "kvm" else "max")
+    record = os.path.join(ctx.paths.root, PROBE_FILE)
+    key = _probe_key(qemu, accel, cpu, cfg["vm.kernel"])
+    if (_read_small(record) or "").strip() == key:
+        return
+    argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-accel", accel, "-cpu", cpu, "-smp", "1", "-m", "256M",
+            "-kernel", cfg["vm.kernel"], "-append", "console=ttyS0 panic=-1",
+            "-serial", "stdio"]
+    hint = ("set vm.accel and vm.cpu_model in the site config to what this node "
+            "runs (tcg and max always work; -cpu host needs a working KVM)")
+    try:
+        p = run(argv, as_user=ctx.user, timeout=cfg["timeouts.probe"], check=False)
+    except NodeFault:
+        raise NodeFault("vm.accel/vm.cpu_model", f"a test guest with -accel {accel} "
+                        f"-cpu {cpu} did not finish booting within "
+                        f"{cfg['timeouts.probe']} s", cfg["vm.kernel"], hint=hint) from None
+    out = p.stdout.decode(errors="replace")
+    if p.returncode != 0 or "Kernel panic" not in out:
+        err = (p.stderr.decode(errors="replace").strip() or out.strip()).splitlines()
+        raise NodeFault("vm.accel/vm.cpu_model", f"QEMU cannot run -accel {accel} "
+                        f"-cpu {cpu} here (exit {p.returncode})",
+                        err[-1] if err else None, hint=hint)
+    _write_record(record, key + "\n")
+    log.info("probe: -accel %s -cpu %s works here", accel, cpu)
+
+
 def ssh_port(cfg: config.Config, job_id: str) -> int:
     return cfg["vm.ssh_port_base"] + int(job_id) % 20000 if cfg["vm.ssh_port_base"] else 0
 
@@ -310,6 +361,7 @@ class VMBackend(Backend):
             if found is None:
                 raise NodeFault(key, "not found on this node", cfg[key],
                                 hint="install qemu-system-x86 and qemu-utils")
+        probe(ctx, qemu)
         call_as(ctx.user, check_image, qemu_img, ctx.opts.image, fmt,
                 ctx.opts.commit is not None)
         tmp_mib = ctx.opts.tmp_size or cfg["vm.tmp_size_mib"]

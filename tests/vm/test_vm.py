@@ -356,3 +356,39 @@ def test_guest_that_cannot_boot_fails_the_job_with_its_console(cluster, bad_imag
     assert "console tail:" in err and "FATAL: cannot mount /dev/vda" in err, err
     assert_clean(cluster, job)
     assert not any("drain" in s for s in cluster.sb.node_states().values())
+
+
+def test_cpu_model_the_node_cannot_run_drains_it(cluster, guest):
+    """The first VM job on a node probes the site's accel and CPU model (the
+    guest kernel boots to a panic); -cpu host without KVM cannot start, so
+    the node is drained with a reason that names the setting (seed 001)."""
+    wd = cluster.workdir("vm-probe")
+    img = image_copy(cluster, guest, wd)
+    conf = cluster.sb.charlie_conf
+    saved = open(conf).read()
+    assert "[vm]\n" in saved
+    probe_record = os.path.join(cluster.sb.state, "runtime", "node3", ".vm-probe")
+    try:
+        with open(conf, "w") as f:
+            f.write(saved.replace("[vm]\n", '[vm]\ncpu_model = "host"\n', 1))
+        p = cluster.as_user(["sbatch", "--parsable", "--no-requeue", "-N1", "-w", "node3",
+                             "-o", "job.out", f"--charlie-image={img}",
+                             "--charlie-job=/bin/true", "--wrap", "true"], wd)
+        assert p.returncode == 0, p.stderr
+        info = cluster.wait_done(p.stdout.strip(), timeout=180)
+        assert info["JobState"] in ("CANCELLED", "FAILED", "NODE_FAIL"), info
+        reasons = cluster.run(["sinfo", "-h", "-R", "-o", "%N|%E"]).stdout
+        assert re.search(r"node3\|slurm-charlie: vm.accel/vm.cpu_model: QEMU cannot run "
+                         r"-accel tcg -cpu host here", reasons), reasons
+        assert not qemu_pids(p.stdout.strip())
+    finally:
+        with open(conf, "w") as f:
+            f.write(saved)
+        cluster.resume_until_stable("node3")
+    # with the site's setting back, the probe passes and is remembered
+    p, job = cluster.sbatch(wd, ["-N1", "-w", "node3", "-o", "ok.out",
+                                 f"--charlie-image={img}", "--charlie-job=/bin/true",
+                                 "--wrap", "true"])
+    assert p.returncode == 0, p.stderr
+    assert len(open(probe_record).read().strip()) == 32
+    assert_clean(cluster, job)
