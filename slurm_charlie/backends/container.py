@@ -219,7 +219,7 @@ class ContainerBackend(Backend):
         namespaces.  Without state, find them by the holder's FIFO path."""
         backend = (state or {}).get("backend") or {}
         mntns = backend.get("holder_mntns")
-        fifo = os.path.join(ctx.paths.meta, HOLDER_FIFO)
+        fifo = _fifo_id(os.path.join(ctx.paths.meta, HOLDER_FIFO))
         victims = [pid for pid in pids_of(ctx.user.uid)
                    if (mntns and _ns_inode(pid, "mnt") == mntns) or _holds_fifo(pid, fifo)]
         for pid in victims:
@@ -246,9 +246,33 @@ def _in_read(pid: int) -> bool:
     return any(t.endswith(HOLDER_FIFO) for t in fd_targets(pid))
 
 
-def _holds_fifo(pid: int, fifo: str) -> bool:
-    """pid has the holder FIFO open (host path, or /ch/meta inside)."""
-    return any(t in (fifo, "/ch/meta/" + HOLDER_FIFO) for t in fd_targets(pid))
+def _fifo_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of this job's holder FIFO; lstat only, never followed."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
+
+
+def _holds_fifo(pid: int, fifo: tuple[int, int] | None) -> bool:
+    """pid has this job's holder FIFO open.  Compared by inode: the path a
+    holder shows for it is /ch/meta/.holder inside *every* job's container,
+    so a path match would also hit the user's other jobs on this node."""
+    if fifo is None:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == fifo:
+            return True
+    return False
 
 
 def _make_fifo(path: str) -> None:

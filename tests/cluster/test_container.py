@@ -79,6 +79,32 @@ def test_scancel_leaves_nothing(cluster, images):
     assert cluster.job_dirs() == []
 
 
+def test_another_jobs_end_leaves_my_container_alone(cluster, images):
+    """Two container jobs of one user on one node: the first to end must not
+    kill the other's holder (every holder shows its FIFO as
+    /ch/meta/.holder; the epilog matches this job's FIFO by inode)."""
+    wd = cluster.workdir("container-two-jobs")
+    p = cluster.as_user(["sbatch", "--parsable", "--no-requeue", "-N1", "-n1",
+                         "-w", "node1", f"--charlie-image={images['bb']}", "-o", "a.out",
+                         "--wrap", "sleep 12; srun cat /MARKER"], wd)
+    assert p.returncode == 0, p.stderr
+    job_a = p.stdout.strip()
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not any(
+            d.endswith(f"/{job_a}") and os.path.exists(f"{d}/run/holder")
+            for d in cluster.job_dirs()):
+        time.sleep(0.1)
+    p, job_b = cluster.sbatch(wd, ["-N1", "-n1", "-w", "node1",
+                                   f"--charlie-image={images['bb']}", "-o", "b.out",
+                                   "--wrap", "srun cat /MARKER"])
+    assert p.returncode == 0, p.stderr
+    cluster.wait_done(job_b)
+    info = cluster.wait_done(job_a, timeout=60)
+    out = open(os.path.join(wd, "a.out")).read()
+    assert info["JobState"] == "COMPLETED" and "inside-the-image" in out, (info, out)
+    assert cluster.user_processes() == []
+
+
 def test_write_mode(cluster, images):
     wd = cluster.workdir("container-write")
     target = os.path.join(images["mine"], "written")
