@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
 	iproute2 util-linux gcc make python3-venv charliecloud-runtime mpich libmpich-dev \
 	busybox-static squashfs-tools qemu-system-x86 qemu-utils cpio debootstrap e2fsprogs kmod \
-	openmpi-bin libopenmpi-dev
+	openmpi-bin libopenmpi-dev extlinux syslinux-common
 
 .PHONY: all guest deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench \
 	docs docs-gen clean
@@ -66,8 +66,8 @@ shim-other-slurm: $(OTHER_INC)/slurm/spank.h
 
 # The test guest (kernel, initrd, root disk), cached under $(CACHE)/vm
 VMC := $(CACHE)/vm
-guest: $(VMC)/guest.qcow2 $(VMC)/initrd.img
-$(VMC)/guest.qcow2 $(VMC)/initrd.img: tests/vm/build_guest.sh slurm_charlie/guest/initrd-init \
+guest: $(VMC)/guest.qcow2 $(VMC)/initrd.img $(VMC)/guest-boot.qcow2
+$(VMC)/guest.qcow2 $(VMC)/initrd.img $(VMC)/guest-boot.qcow2: tests/vm/build_guest.sh slurm_charlie/guest/initrd-init \
 		slurm_charlie/vmbuild.py | venv
 	sh tests/vm/build_guest.sh $(VMC) $(abspath $(SB))
 

@@ -67,8 +67,8 @@ DEFAULTS: tuple[Key, ...] = (
         ("kvm", "tcg")),
     Key("vm.cpu_model", "", str,
         "QEMU -cpu model; empty: 'host' with kvm, 'max' with tcg"),
-    Key("vm.kernel", "", str, "guest kernel for direct boot (empty: VM jobs are "
-        "refused at submit)"),
+    Key("vm.kernel", "", str, "guest kernel for direct boot (empty: boot the "
+        "image's own boot loader)"),
     Key("vm.initrd", "", str, "guest initrd for direct boot (slurm-charlie vm-initrd)"),
     Key("vm.tmp_size_mib", 2048, int, "default size of /ch/tmp in each guest"),
     Key("vm.subnet", "172.22.0.0/16", str, "private guest network of a job"),

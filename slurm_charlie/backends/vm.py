@@ -279,10 +279,6 @@ class VMBackend(Backend):
     name = "vm"
 
     def check(self, opts: Options, cfg: config.Config) -> None:
-        if not cfg["vm.kernel"]:
-            raise UserError("--charlie-type=vm", "this cluster has no guest kernel "
-                            "configured (vm.kernel)", hint="ask the admin: VM jobs "
-                            "boot the site's kernel and initrd (see the admin guide)")
         if not opts.image:
             return
         _, fmt = images.detect(opts.image)
@@ -321,8 +317,7 @@ class VMBackend(Backend):
                 f"charlie-{ctx.job_id}-chgu{n}", "-nodefaults", "-no-user-config",
                 "-display", "none", "-accel", accel, "-cpu", cpu,
                 "-smp", str(cpus), "-m", f"{mem}M",
-                "-kernel", cfg["vm.kernel"],
-                "-append", f"{cfg['vm.cmdline']} charlie.guest={n}",
+                *self._boot(cfg, n),
                 "-drive", f"file={p['overlay']},format=qcow2,if=virtio,cache={cache},"
                 "discard=unmap",
                 "-drive", f"file={p['tmp']},format=qcow2,if=virtio,cache={cache},"
@@ -334,14 +329,24 @@ class VMBackend(Backend):
                 f"logfile={p['console_log']},logappend=on",
                 "-serial", "chardev:con0",
                 "-qmp", f"unix:{p['qmp']},server=on,wait=off"]
-        if cfg["vm.initrd"]:
-            argv += ["-initrd", cfg["vm.initrd"]]
         shares = [("meta", ctx.paths.meta, True), ("sync", f"{ctx.paths.meta}/sync", False),
                   ("out", ctx.paths.out, False), ("opt", GUEST_DIR, True)]
         shares += [(f"data{i}", d, False) for i, d in enumerate(ctx.opts.dir, start=1)]
         for tag, path, ro in shares:
             argv += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none"
                      + (",readonly=on" if ro else "")]
+        return argv
+
+    @staticmethod
+    def _boot(cfg: config.Config, n: int) -> list[str]:
+        """Direct kernel boot with the site's kernel and initrd, or (vm.kernel
+        empty) the image's own boot loader from the first disk."""
+        if not cfg["vm.kernel"]:
+            return ["-boot", "order=c"]
+        argv = ["-kernel", cfg["vm.kernel"],
+                "-append", f"{cfg['vm.cmdline']} charlie.guest={n}"]
+        if cfg["vm.initrd"]:
+            argv += ["-initrd", cfg["vm.initrd"]]
         return argv
 
     @staticmethod
@@ -361,7 +366,8 @@ class VMBackend(Backend):
             if found is None:
                 raise NodeFault(key, "not found on this node", cfg[key],
                                 hint="install qemu-system-x86 and qemu-utils")
-        probe(ctx, qemu)
+        if cfg["vm.kernel"]:  # the probe boots the site's kernel
+            probe(ctx, qemu)
         call_as(ctx.user, check_image, qemu_img, ctx.opts.image, fmt,
                 ctx.opts.commit is not None)
         tmp_mib = ctx.opts.tmp_size or cfg["vm.tmp_size_mib"]

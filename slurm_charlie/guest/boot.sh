@@ -22,7 +22,6 @@ GUEST=
 for arg in $(cat /proc/cmdline); do
     case $arg in charlie.guest=*) GUEST=${arg#charlie.guest=} ;; esac
 done
-NAME=chgu$GUEST
 SYNC=/ch/meta/sync
 OUT=/run/charlie/out
 
@@ -50,6 +49,16 @@ mount9p() {  # tag dir [ro]
 }
 log "guest $GUEST boot script starting"
 mount9p meta /ch/meta ro || { log "FATAL: cannot mount meta"; poweroff -f; }
+if [ -z "$GUEST" ]; then
+    # booted by the image's own boot loader: no charlie.guest=N on the kernel
+    # command line; the job network card's MAC says which guest this is
+    for d in /sys/class/net/*; do
+        g=$(awk -v m="$(cat $d/address 2>/dev/null)" '$2 == m {print $1}' /ch/meta/guest-macs)
+        [ -n "$g" ] && GUEST=${g#chgu}
+    done
+    [ -n "$GUEST" ] || { log "FATAL: cannot tell which guest this is"; poweroff -f; }
+fi
+NAME=chgu$GUEST
 mount9p sync $SYNC || { log "FATAL: cannot mount meta/sync"; poweroff -f; }
 mkdir -p $OUT
 mount9p out $OUT || log "cannot mount the output share"

@@ -79,6 +79,11 @@ def test_qemu_command_line():
     assert "path=/rt/17/meta/sync,mount_tag=sync,security_model=none " in line + " "
     assert "path=/d2,mount_tag=data2,security_model=none" in line
     assert "logfile=/rt/17/out/1_console.out" in line
+    assert argv[argv.index("-kernel") + 1] == "/k" and argv[argv.index("-initrd") + 1] == "/i"
+    # no site kernel: the image's boot loader
+    own = VMBackend().argv(Context(**{**ctx.__dict__, "cfg": config.parse("")}),
+                           "none", "qcow2")
+    assert "-kernel" not in own and own[own.index("-boot") + 1] == "order=c"
     # ssh from the node only: restricted user-mode NIC, loopback forward
     assert "user,id=net1,restrict=on,hostfwd=tcp:127.0.0.1:40017-:22" in line
     off = config.parse('[vm]\nkernel = "/k"\nssh_port_base = 0\n')

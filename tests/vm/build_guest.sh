@@ -54,10 +54,38 @@ MCA
     mkdir -p rootfs/ch/meta rootfs/ch/opt rootfs/ch/tmp rootfs/ch/data1 \
         rootfs/ch/data2 rootfs/ch/data3 rootfs/ch/data4
     rm -f guest.raw
-    mke2fs -q -t ext4 -L charlie-root -d rootfs guest.raw 1536M
+    # no 64bit/metadata_csum: extlinux (guest-boot.qcow2 below) reads the fs
+    mke2fs -q -t ext4 -O ^64bit,^metadata_csum -L charlie-root -d rootfs guest.raw 1536M
     qemu-img convert -f raw -O qcow2 guest.raw guest.qcow2.tmp
     rm -f guest.raw
     rm -rf rootfs
     mv guest.qcow2.tmp guest.qcow2
 fi
-ls -la vmlinuz initrd.img guest.qcow2
+# the same guest booting through its own boot loader (extlinux on the whole
+# disk, a kernel and slurm-charlie's initrd inside the image): vm.kernel unset
+if [ ! -e guest-boot.qcow2 ] || [ initrd.img -nt guest-boot.qcow2 ]; then
+    rm -f boot.raw
+    qemu-img convert -f qcow2 -O raw guest.qcow2 boot.raw
+    mkdir -p mnt
+    mount -o loop boot.raw mnt
+    trap 'umount mnt 2>/dev/null; rm -f boot.raw' EXIT
+    mkdir -p mnt/boot/extlinux
+    cp vmlinuz mnt/boot/vmlinuz
+    cp initrd.img mnt/boot/initrd.img
+    cat > mnt/boot/extlinux/extlinux.conf <<'CONF'
+DEFAULT charlie
+PROMPT 0
+TIMEOUT 1
+LABEL charlie
+  KERNEL /boot/vmlinuz
+  INITRD /boot/initrd.img
+  APPEND root=/dev/vda rw console=ttyS0
+CONF
+    extlinux --install mnt/boot/extlinux >/dev/null
+    umount mnt
+    trap - EXIT
+    qemu-img convert -f raw -O qcow2 boot.raw guest-boot.qcow2.tmp
+    rm -f boot.raw
+    mv guest-boot.qcow2.tmp guest-boot.qcow2
+fi
+ls -la vmlinuz initrd.img guest.qcow2 guest-boot.qcow2

@@ -392,3 +392,37 @@ def test_cpu_model_the_node_cannot_run_drains_it(cluster, guest):
     assert p.returncode == 0, p.stderr
     assert len(open(probe_record).read().strip()) == 32
     assert_clean(cluster, job)
+
+
+def test_image_boot_loader_when_the_site_sets_no_kernel(cluster, guest):
+    """vm.kernel unset: QEMU boots the image's own boot loader (extlinux in
+    guest-boot.qcow2, with a kernel and slurm-charlie's initrd inside); each
+    guest learns its index from its MAC, not from the kernel command line."""
+    boot_img = os.path.join(os.path.dirname(guest), "guest-boot.qcow2")
+    assert os.path.exists(boot_img), "make guest builds guest-boot.qcow2"
+    wd = cluster.workdir("vm-bootloader")
+    img = image_copy(cluster, boot_img, wd)
+    cluster.write(os.path.join(wd, "job.sh"),
+                  '#!/bin/sh\necho "BOOTED $(hostname) $CH_GUEST_ID $(cat /proc/cmdline)"\n')
+    conf = cluster.sb.charlie_conf
+    saved = open(conf).read()
+    lines = [l for l in saved.splitlines(True) if not l.startswith(("kernel =", "initrd ="))]
+    assert len(lines) == len(saved.splitlines(True)) - 2
+    try:
+        with open(conf, "w") as f:
+            f.write("".join(lines))
+        p, job = cluster.sbatch(wd, ["-N2", "-o", "out", f"--charlie-image={img}",
+                                     "--charlie-job=job.sh", "--wrap", "true"])
+    finally:
+        with open(conf, "w") as f:
+            f.write(saved)
+    assert p.returncode == 0, (p.stderr, open(os.path.join(wd, "out")).read())
+    out = open(os.path.join(wd, "out")).read()
+    assert re.search(r"^BOOTED chgu0 0 .*root=/dev/vda", out, re.M), out
+    assert "charlie.guest=" not in out
+    assert re.search(r"^BOOTED chgu1 1 ", saved_file := saved_out(wd, job), re.M), saved_file
+    assert_clean(cluster, job)
+
+
+def saved_out(wd, job):
+    return saved(wd, job, "1_job.out")
