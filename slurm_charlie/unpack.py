@@ -142,9 +142,13 @@ def archive_key(archive: str, index_dir: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     digest = h.hexdigest()
-    with open(path + ".tmp", "w") as f:
+    # jobs of the user on this node may hash the same archive at once: each
+    # writes its own temporary file (a shared name was renamed away under
+    # the other's feet)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
         f.write(digest + "\n")
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
     return digest
 
 

@@ -117,3 +117,24 @@ def test_archive_hashed_once(tmp_path, monkeypatch):
     first = unpack.archive_key(tgz, str(tmp_path / "idx"))
     monkeypatch.setattr(unpack.hashlib, "sha256", lambda: (_ for _ in ()).throw(AssertionError))
     assert unpack.archive_key(tgz, str(tmp_path / "idx")) == first
+
+
+def test_archive_key_from_several_processes_at_once(tmp_path):
+    """Jobs of one user on one node hash the same new archive together (the
+    sandbox once drained a node when two renamed one shared temporary file)."""
+    tgz = make_tar(str(tmp_path / "img.tgz"), GOOD_IMAGE)
+    for round_ in range(20):
+        idx = str(tmp_path / f"idx{round_}")
+        pids = []
+        for _ in range(4):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    unpack.archive_key(tgz, idx)
+                    os._exit(0)
+                except BaseException:
+                    os._exit(1)
+            pids.append(pid)
+        codes = [os.waitpid(p, 0)[1] for p in pids]
+        assert codes == [0, 0, 0, 0], (round_, codes)
+        assert [n for n in os.listdir(idx) if ".tmp" in n] == []
