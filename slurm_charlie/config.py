@@ -74,8 +74,11 @@ DEFAULTS: tuple[Key, ...] = (
     Key("vm.subnet", "172.22.0.0/16", str, "private guest network of a job"),
     Key("vm.nameservers", [], list, "nameservers written to meta/resolv.conf"),
     Key("vm.memory_mib", 1024, int,
-        "guest memory when --charlie-mem is not given (Slurm does not tell "
-        "the prolog the job's memory)"),
+        "guest memory when neither --charlie-mem nor the job's memory "
+        "request (sbatch --mem/--mem-per-cpu) says"),
+    Key("vm.memory_overhead_mib", 256, int,
+        "kept for QEMU out of the job's memory request when the guest size "
+        "comes from it"),
     Key("vm.cmdline", "root=/dev/vda rw console=ttyS0", str,
         "guest kernel command line for direct boot (charlie.guest=N is added)"),
     Key("vm.mcast_group", "239.77.0.0/16", str,

@@ -79,8 +79,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "VM CPUs per guest (default: the job's CPUs on that node)",
                1, default="allocation"),
     OptionSpec("mem", "size", "SIZE",
-               "VM memory per guest, e.g. 4G (default: site config vm.memory_mib)",
-               1, default="site config"),
+               "VM memory per guest, e.g. 4G (default: the job's --mem less "
+               "QEMU's share, else site config)",
+               1, default="allocation"),
     OptionSpec("tmp-size", "size", "SIZE",
                "size of each guest's /ch/tmp disk, e.g. 2G (default: site config)",
                1, default="site config"),

@@ -25,7 +25,7 @@ static const struct charlie_opt charlie_opts[] = {
     { "charlie-uid", "UID", "container: run as this user id inside (e.g. 0), mapped to you", 1, 1, NULL },
     { "charlie-gid", "GID", "container: run with this group id inside, mapped to your group", 1, 1, NULL },
     { "charlie-cpus", "N", "VM CPUs per guest (default: the job's CPUs on that node)", 1, 1, NULL },
-    { "charlie-mem", "SIZE", "VM memory per guest, e.g. 4G (default: site config vm.memory_mib)", 1, 1, NULL },
+    { "charlie-mem", "SIZE", "VM memory per guest, e.g. 4G (default: the job's --mem less QEMU's share, else site config)", 1, 1, NULL },
     { "charlie-tmp-size", "SIZE", "size of each guest's /ch/tmp disk, e.g. 2G (default: site config)", 1, 1, NULL },
 };
 

@@ -33,6 +33,7 @@ class Context:
     nodes: tuple[str, ...]
     cpus: int = 1                  # CPUs of the job on this node
     work_dir: str | None = None    # the job's working directory (user path)
+    mem_mib: int | None = None     # VM: guest memory chosen by the prolog
 
 
 class Backend:

@@ -16,6 +16,7 @@ netdev, no privileges, no host devices); group and port come from the job id.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -265,6 +266,43 @@ def probe(ctx: Context, qemu: str) -> None:
     log.info("probe: -accel %s -cpu %s works here", accel, cpu)
 
 
+_UNITS_MIB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+
+
+def parse_job_memory(scontrol_line: str, cpus: int) -> int | None:
+    """MiB per node the job asked for, from `scontrol -o show job`
+    (MinMemoryNode, or MinMemoryCPU x this node's CPUs); None when not set."""
+    fields = dict(kv.split("=", 1) for kv in scontrol_line.split() if "=" in kv)
+    for key, factor in (("MinMemoryNode", 1), ("MinMemoryCPU", cpus)):
+        value = fields.get(key, "")
+        if value and value[:-1].isdigit() and value[-1] in _UNITS_MIB:
+            mib = int(int(value[:-1]) * _UNITS_MIB[value[-1]] * factor)
+            if mib > 0:
+                return mib
+        elif value.isdigit() and int(value) > 0:
+            return int(value) * factor
+    return None
+
+
+def guest_memory(ctx: Context) -> tuple[int, str]:
+    """(MiB, where from): --charlie-mem, else the job's memory request minus
+    vm.memory_overhead_mib, else vm.memory_mib."""
+    cfg = ctx.cfg
+    if ctx.opts.mem:
+        return ctx.opts.mem, "--charlie-mem"
+    scontrol = shutil.which("scontrol") or "/usr/bin/scontrol"
+    try:
+        p = run([scontrol, "-o", "show", "job", ctx.job_id], timeout=30, check=False)
+        asked = parse_job_memory(p.stdout.decode(errors="replace"), ctx.cpus) \
+            if p.returncode == 0 else None
+    except NodeFault:
+        asked = None
+    if asked:
+        return max(128, asked - cfg["vm.memory_overhead_mib"]), \
+            f"the job's {asked} MiB minus vm.memory_overhead_mib"
+    return cfg["vm.memory_mib"], "vm.memory_mib"
+
+
 def ssh_port(cfg: config.Config, job_id: str) -> int:
     return cfg["vm.ssh_port_base"] + int(job_id) % 20000 if cfg["vm.ssh_port_base"] else 0
 
@@ -307,7 +345,7 @@ class VMBackend(Backend):
         accel = cfg["vm.accel"]
         cpu = cfg["vm.cpu_model"] or ("host" if accel == "kvm" else "max")
         cpus = ctx.opts.cpus or ctx.cpus
-        mem = ctx.opts.mem or cfg["vm.memory_mib"]
+        mem = ctx.mem_mib or ctx.opts.mem or cfg["vm.memory_mib"]
         group, port = _mcast(cfg, ctx.job_id)
         mcast = f"socket,id=net0,mcast={group}:{port}"
         if cfg["vm.mcast_localaddr"]:
@@ -379,6 +417,9 @@ class VMBackend(Backend):
                             "guest disks use the host page cache (cache=writeback)")
         for key in ("qmp", "console", "ready", "down"):
             call_as(ctx.user, _remove, p[key])
+        mem, source = guest_memory(ctx)
+        log.info("guest %d memory: %d MiB (%s)", n, mem, source)
+        ctx = dataclasses.replace(ctx, mem_mib=mem)
         argv = self.argv(ctx, cache, fmt)
         log.info("starting guest %d as %s: %s", n, ctx.user, " ".join(argv))
         fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, f"{n}_qemu.log")
@@ -503,5 +544,4 @@ class VMBackend(Backend):
 
 
 def _with_guest(ctx: Context, n: int) -> Context:
-    import dataclasses
     return dataclasses.replace(ctx, guest_id=n)

@@ -89,3 +89,12 @@ def test_qemu_command_line():
     off = config.parse('[vm]\nkernel = "/k"\nssh_port_base = 0\n')
     assert "user,id=net1" not in " ".join(VMBackend().argv(
         Context(**{**ctx.__dict__, "cfg": off}), "none", "qcow2"))
+
+
+def test_job_memory_from_scontrol():
+    from slurm_charlie.backends.vm import parse_job_memory
+    line = "JobId=5 MinCPUsNode=1 MinMemoryNode=700M MinTmpDiskNode=0"
+    assert parse_job_memory(line, 2) == 700
+    assert parse_job_memory("JobId=5 MinMemoryCPU=2G", 3) == 6144
+    assert parse_job_memory("JobId=5 MinMemoryNode=0 MinTmpDiskNode=0", 2) is None
+    assert parse_job_memory("JobId=5 MinTmpDiskNode=0", 2) is None

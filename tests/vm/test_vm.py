@@ -426,3 +426,25 @@ def test_image_boot_loader_when_the_site_sets_no_kernel(cluster, guest):
 
 def saved_out(wd, job):
     return saved(wd, job, "1_job.out")
+
+
+def test_guest_memory_follows_the_job_request(cluster, guest):
+    """sbatch --mem=700M: the guest gets 700 MiB less vm.memory_overhead_mib
+    (256) for QEMU; --charlie-mem overrides it."""
+    wd = cluster.workdir("vm-mem")
+    img = image_copy(cluster, guest, wd)
+    cluster.write(os.path.join(wd, "job.sh"),
+                  "#!/bin/sh\nawk '/MemTotal/ {print \"MEM\", $2}' /proc/meminfo\n")
+    seen = {}
+    for name, args in (("asked", ["--mem=700M"]), ("given", ["--mem=700M", "--charlie-mem=600M"])):
+        p, job = cluster.sbatch(wd, ["-N1", "-w", "node2", "-o", f"{name}.out", *args,
+                                     f"--charlie-image={img}", "--charlie-job=job.sh",
+                                     "--wrap", "true"])
+        assert p.returncode == 0, p.stderr
+        log = open(os.path.join(cluster.sb.state, "log", "charlie-node2.log")).read()
+        seen[name] = re.findall(rf"job {job}: info: guest 0 memory: (\d+) MiB \(([^)]*)\)", log)
+        kib = int(re.search(r"MEM (\d+)", open(os.path.join(wd, f"{name}.out")).read()).group(1))
+        assert kib * 1024 <= int(seen[name][0][0]) << 20, (kib, seen[name])
+        assert_clean(cluster, job)
+    assert seen["asked"] == [("444", "the job's 700 MiB minus vm.memory_overhead_mib")]
+    assert seen["given"] == [("600", "--charlie-mem")]
