@@ -131,8 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for job in jobs:
         st = state.read(layout.JobPaths(root, job).state) or {}
         print(f"{job}\ttype={st.get('type', '?')}\tphase={st.get('phase', '?')}")
-    kept = config.expand_node(cfg["vm.kept_dir"], node) if cfg["vm.kept_dir"] \
-        else os.path.join(root, "kept")
+    kept = cfg.kept_dir(node)
     try:
         users = sorted(os.listdir(kept))
     except OSError:

@@ -128,6 +128,12 @@ class Config:
     def runtime_root(self, node: str) -> str:
         return expand_node(self.values["runtime_root"], node)
 
+    def kept_dir(self, node: str) -> str:
+        """Where overlays that could not be committed are kept."""
+        if self.values["vm.kept_dir"]:
+            return expand_node(self.values["vm.kept_dir"], node)
+        return os.path.join(self.runtime_root(node), "kept")
+
 
 def expand_node(path: str, node: str) -> str:
     return path.replace("%n", node)

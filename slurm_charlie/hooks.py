@@ -28,17 +28,6 @@ log = logmod.log
 
 # --- work done as the job user --------------------------------------------
 
-def _write_file(path: str, data: bytes, mode: int = 0o644) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)  # whatever the user's umask: guests read meta as others
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _link_jobscript(src: str, dst: str) -> str | None:
     """Hard link the --charlie-job script into meta (edits stay visible, as
     in the seed tutorial); copy when linking fails.  Returns a warning."""
@@ -102,7 +91,8 @@ def prepare_as_user(ctx: backends.Context, raw: options.Options,
         if data is None:
             os.makedirs(path, mode=0o755, exist_ok=True)
         else:
-            _write_file(path, data, 0o600 if name == "ssh/id_ed25519" else 0o644)
+            # 0644 whatever the user's umask: guests read meta as others
+            layout.write_file(path, data, 0o600 if name == "ssh/id_ed25519" else 0o644)
     warnings = []
     if opts.job:
         w = _link_jobscript(opts.job, os.path.join(p.meta, "jobscript"))
@@ -139,13 +129,13 @@ def _task_env_lines(pairs: list[tuple[str, str]]) -> bytes:
 def finish_as_user(ctx: backends.Context, task_env: list[tuple[str, str]],
                    started: dict[str, Any], notices: list[str]) -> None:
     if notices:  # the shim copies these to the batch script's stderr
-        _write_file(ctx.paths.notice, "".join(n + "\n" for n in notices).encode(), 0o600)
+        layout.write_file(ctx.paths.notice, "".join(n + "\n" for n in notices).encode(), 0o600)
     else:
         try:  # left by an earlier run of this prolog
             os.unlink(ctx.paths.notice)
         except FileNotFoundError:
             pass
-    _write_file(ctx.paths.task_env, _task_env_lines(task_env), 0o600)
+    layout.write_file(ctx.paths.task_env, _task_env_lines(task_env), 0o600)
     state.update(ctx.paths.state, phase="started", backend=started)
 
 
@@ -273,7 +263,7 @@ def _prolog(env: Mapping[str, str]) -> int:
         log.error("%s (job fails, node stays in service)", e.line())
         if user is not None and paths is not None:
             try:  # every task prints this and fails (the shim's task_init)
-                call_as(user, _write_file, paths.error,
+                call_as(user, layout.write_file, paths.error,
                         (format_message(e, job_id) + "\n").encode())
             except CharlieError as e2:
                 log.error("cannot record the error for the job: %s", e2.line())

@@ -50,6 +50,32 @@ _SUBPATHS = {
 }
 
 
+def write_file(path: str, data: bytes | str, mode: int = 0o644) -> None:
+    """Replace path atomically with data: a temporary file per process (jobs
+    may write the same file at once), never following a link, with exactly
+    this mode whatever the umask."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data.encode() if isinstance(data, str) else data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_tail(path: str, lines: int) -> str:
+    """The last lines of a (log) file, "" when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.replace("\r", "").strip().splitlines()[-lines:])
+
+
 def check_job_id(job_id: str) -> None:
     if not job_id.isdigit():
         raise NodeFault("job id", "not a number", repr(job_id))

@@ -66,6 +66,12 @@ def proc_stat(pid: int | str) -> list[str] | None:
         return None
 
 
+def starttime(pid: int | str) -> int | None:
+    """Start time of pid (field 22 of /proc/PID/stat), None when gone."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
 def is_zombie(pid: int | str) -> bool:
     """Gone, or a zombie nobody has reaped yet."""
     fields = proc_stat(pid)

@@ -30,6 +30,7 @@ import tarfile
 import filelock
 
 from .errors import NodeFault, UserError
+from .layout import write_file
 
 MOUNT_POINTS = ("ch/meta", "ch/data1", "ch/data2", "ch/data3", "ch/data4")
 
@@ -142,13 +143,8 @@ def archive_key(archive: str, index_dir: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     digest = h.hexdigest()
-    # jobs of the user on this node may hash the same archive at once: each
-    # writes its own temporary file (a shared name was renamed away under
-    # the other's feet)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(digest + "\n")
-    os.replace(tmp, path)
+    # jobs of the user on this node may hash the same archive at once
+    write_file(path, digest + "\n", 0o600)
     return digest
 
 

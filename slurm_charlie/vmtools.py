@@ -18,6 +18,8 @@ import time
 
 from . import PROG, config, hostlist
 from .errors import UserError
+from .layout import read_tail
+from .proc import is_zombie, starttime
 
 POLL = 0.2
 
@@ -26,11 +28,9 @@ def _alive(record: str) -> bool:
     """QEMU of run/N.qemu ("PID STARTTIME") still runs."""
     try:
         pid, start = open(record).read().split()
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0] != "Z" and fields[19] == start
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return False
+    return str(starttime(pid)) == start and not is_zombie(pid)
 
 
 class _Follower:
@@ -71,9 +71,8 @@ def guest_wait(job_dir: str, guest: int = 0) -> int:
                       file=sys.stderr)
                 return 1
         if not _alive(record):
-            from .backends.vm import _tail
             print(f"{PROG}: error: guest {guest} stopped before its job finished; "
-                  f"console tail:\n{_tail(os.path.join(out, f'{guest}_console.out'))}",
+                  f"console tail:\n{read_tail(os.path.join(out, f'{guest}_console.out'), 15)}",
                   file=sys.stderr)
             return 1
         time.sleep(POLL)
@@ -86,11 +85,7 @@ def console(guest: int, job_dir: str | None) -> int:
     the node's job directory as CH_JOB_DIR (the shim sets it)."""
     if job_dir is None:
         return _console_via_srun(guest)
-    if job_dir == "-":
-        job_dir = os.environ.get("CH_JOB_DIR")
-        if not job_dir:
-            raise UserError("console", "no CH_JOB_DIR in this step",
-                            hint="the job is not a charlie VM job")
+    job_dir = _step_job_dir(job_dir, "console")
     sock_path = os.path.join(job_dir, "run", f"{guest}.console")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -150,11 +145,7 @@ def ssh(guest: int, command: list[str], job_dir: str | None) -> int:
     """ssh into guest N as yourself, from its node's loopback (port forward)."""
     if job_dir is None:
         return _console_via_srun(guest, "ssh", command)
-    if job_dir == "-":
-        job_dir = os.environ.get("CH_JOB_DIR")
-        if not job_dir:
-            raise UserError("ssh", "no CH_JOB_DIR in this step",
-                            hint="the job is not a charlie VM job")
+    job_dir = _step_job_dir(job_dir, "ssh")
     try:
         port = open(os.path.join(job_dir, "run", f"{guest}.ssh")).read().strip()
     except OSError:
@@ -171,6 +162,18 @@ def ssh(guest: int, command: list[str], job_dir: str | None) -> int:
     argv += ["127.0.0.1", *command]
     os.execvp("ssh", argv)
     return 1
+
+
+def _step_job_dir(job_dir: str, what: str) -> str:
+    """"-": this node's job directory, which the shim gives every task of the
+    job as CH_JOB_DIR (the srun hop lands here)."""
+    if job_dir != "-":
+        return job_dir
+    found = os.environ.get("CH_JOB_DIR")
+    if not found:
+        raise UserError(what, "no CH_JOB_DIR in this step",
+                        hint="the job is not a charlie VM job")
+    return found
 
 
 def _console_via_srun(guest: int, what: str = "console",

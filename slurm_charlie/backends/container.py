@@ -24,17 +24,12 @@ from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
 from .. import config, images, layout, unpack
-from ..proc import call_as, fd_targets, is_zombie, log, pids_of, proc_stat, run
+from ..proc import call_as, fd_targets, is_zombie, log, pids_of, run, starttime
 from . import Backend, Context
 
 MOUNT_POINTS = ("ch/meta",) + tuple(f"ch/data{i}" for i in range(1, 5))
 HOLDER_FIFO = ".holder"
 HOLDER_SCRIPT = 'exec 3<>/ch/meta/.holder; read -r _ <&3'
-
-
-def _starttime(pid: int) -> int | None:
-    fields = proc_stat(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
 
 
 def _ns_inode(pid: int | str, ns: str) -> int | None:
@@ -195,7 +190,7 @@ class ContainerBackend(Backend):
         deadline = time.monotonic() + ctx.cfg["timeouts.boot"]
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                text = call_as(ctx.user, _tail, holder_log)
+                text = call_as(ctx.user, layout.read_tail, holder_log, 1)
                 raise UserError("container", f"ch-run exited with {proc.returncode}",
                                 text.splitlines()[-1] if text else None,
                                 hint=f"{holder_log} has ch-run's output")
@@ -207,10 +202,11 @@ class ContainerBackend(Backend):
             proc.kill()
             raise NodeFault("container", "holder did not start in time",
                             ctx.cfg["timeouts.boot"])
-        info = {"holder_pid": proc.pid, "holder_start": _starttime(proc.pid),
+        info = {"holder_pid": proc.pid, "holder_start": starttime(proc.pid),
                 "holder_mntns": mnt, "holder_userns": _ns_inode(proc.pid, "user"),
                 **image}  # "warnings" is taken out by the prolog
-        call_as(ctx.user, _write_holder, ctx.paths.run, info)
+        call_as(ctx.user, layout.write_file, os.path.join(ctx.paths.run, "holder"),
+                f"{proc.pid} {info['holder_start']} {mnt}\n", 0o600)
         return info
 
     # -- epilog ---------------------------------------------------------------
@@ -286,13 +282,3 @@ def _make_fifo(path: str) -> None:
     os.mkfifo(path, 0o600)
 
 
-def _tail(path: str) -> str:
-    with open(path, "rb") as f:
-        return f.read()[-4000:].decode(errors="replace").strip()
-
-
-def _write_holder(run_dir: str, info: dict[str, Any]) -> None:
-    path = os.path.join(run_dir, "holder")
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{info['holder_pid']} {info['holder_start']} {info['holder_mntns']}\n")
-    os.replace(path + ".tmp", path)

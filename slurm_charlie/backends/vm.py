@@ -17,6 +17,7 @@ netdev, no privileges, no host devices); group and port come from the job id.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
@@ -29,8 +30,10 @@ from typing import Any
 
 from .. import config, images, layout
 from ..errors import NodeFault, UserError
+from ..layout import read_tail, write_file
+from ..meta import guest_mac
 from ..options import Options
-from ..proc import call_as, is_zombie, log, pids_of, proc_stat, run
+from ..proc import call_as, is_zombie, log, pids_of, run, starttime
 from . import Backend, Context
 
 GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guest")
@@ -40,19 +43,10 @@ WAIT_MARKER = "guest-wait"
 HOST_NIC_MAC = "52:56:00:00:00:02"
 
 
-def _starttime(pid: int) -> int | None:
-    fields = proc_stat(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
-
-
 # --- image checks (as the user) --------------------------------------------
 
 def image_info(qemu_img: str, image: str, fmt: str) -> dict[str, Any]:
-    try:
-        p = run([qemu_img, "info", "--output=json", "-f", fmt, image],
-                timeout=60, check=False)
-    except NodeFault:
-        raise
+    p = run([qemu_img, "info", "--output=json", "-f", fmt, image], timeout=60, check=False)
     if p.returncode != 0:
         err = p.stderr.decode(errors="replace").strip().splitlines()
         raise UserError("--charlie-image", f"qemu-img cannot read it as {fmt}",
@@ -92,11 +86,7 @@ def _make_disks(qemu_img: str, image: str, fmt: str, overlay: str, tmp: str,
                 tmp_mib: int) -> str:
     """Overlay and tmp disk (recreated: a rerun prolog starts fresh).
     Returns the cache mode: none (O_DIRECT) where the file system has it."""
-    for path in (overlay, tmp):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    _remove(overlay, tmp)
     for argv in ([qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt, "-b", image, overlay],
                  [qemu_img, "create", "-q", "-f", "qcow2", tmp, f"{tmp_mib}M"]):
         p = run(argv, timeout=60, check=False)
@@ -151,17 +141,6 @@ def _read_small(path: str) -> str | None:
         return None
 
 
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
-
-
 def _commit(qemu_img: str, overlay: str, timeout: int) -> tuple[bool, str]:
     """qemu-img commit, retried while another process holds the image
     (QEMU's image locks: a running guest of any job keeps the base locked)."""
@@ -200,17 +179,12 @@ def _save_outputs(out_dir: str, dest: str, guest: int, extra: str | None) -> str
         return None
 
 
-def _write_record(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _remove(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 # --- the back end -------------------------------------------------------------
@@ -218,8 +192,11 @@ def _remove(path: str) -> None:
 PROBE_FILE = ".vm-probe"
 
 
+def _cpu_model(cfg: config.Config) -> str:
+    return cfg["vm.cpu_model"] or ("host" if cfg["vm.accel"] == "kvm" else "max")
+
+
 def _probe_key(qemu: str, accel: str, cpu: str, kernel: str) -> str:
-    import hashlib
     parts = [accel, cpu]
     for path in (qemu, kernel):
         try:
@@ -238,8 +215,7 @@ def probe(ctx: Context, qemu: str) -> None:
     a CPU model or accelerator the host lacks; here KVM hangs and -cpu host
     aborts)."""
     cfg = ctx.cfg
-    accel = cfg["vm.accel"]
-    cpu = cfg["vm.cpu_model"] or ("host" if accel == "kvm" else "max")
+    accel, cpu = cfg["vm.accel"], _cpu_model(cfg)
     record = os.path.join(ctx.paths.root, PROBE_FILE)
     key = _probe_key(qemu, accel, cpu, cfg["vm.kernel"])
     if (_read_small(record) or "").strip() == key:
@@ -262,7 +238,7 @@ def probe(ctx: Context, qemu: str) -> None:
         raise NodeFault("vm.accel/vm.cpu_model", f"QEMU cannot run -accel {accel} "
                         f"-cpu {cpu} here (exit {p.returncode})",
                         err[-1] if err else None, hint=hint)
-    _write_record(record, key + "\n")
+    write_file(record, key + "\n")
     log.info("probe: -accel %s -cpu %s works here", accel, cpu)
 
 
@@ -342,18 +318,15 @@ class VMBackend(Backend):
 
     def argv(self, ctx: Context, cache: str, fmt: str) -> list[str]:
         cfg, p, n = ctx.cfg, self._paths(ctx), ctx.guest_id
-        accel = cfg["vm.accel"]
-        cpu = cfg["vm.cpu_model"] or ("host" if accel == "kvm" else "max")
         cpus = ctx.opts.cpus or ctx.cpus
         mem = ctx.mem_mib or ctx.opts.mem or cfg["vm.memory_mib"]
         group, port = _mcast(cfg, ctx.job_id)
         mcast = f"socket,id=net0,mcast={group}:{port}"
         if cfg["vm.mcast_localaddr"]:
             mcast += f",localaddr={cfg['vm.mcast_localaddr']}"
-        from ..meta import guest_mac
         argv = [cfg["vm.qemu"], "-name", f"charlie-{ctx.job_id}-chgu{n},process="
                 f"charlie-{ctx.job_id}-chgu{n}", "-nodefaults", "-no-user-config",
-                "-display", "none", "-accel", accel, "-cpu", cpu,
+                "-display", "none", "-accel", cfg["vm.accel"], "-cpu", _cpu_model(cfg),
                 "-smp", str(cpus), "-m", f"{mem}M",
                 *self._boot(cfg, n),
                 "-drive", f"file={p['overlay']},format=qcow2,if=virtio,cache={cache},"
@@ -397,7 +370,7 @@ class VMBackend(Backend):
 
     def start(self, ctx: Context) -> dict[str, Any]:
         cfg, p, n = ctx.cfg, self._paths(ctx), ctx.guest_id
-        kind, fmt = call_as(ctx.user, images.detect, ctx.opts.image)
+        _, fmt = call_as(ctx.user, images.detect, ctx.opts.image)
         qemu_img = shutil.which(cfg["vm.qemu_img"])
         qemu = shutil.which(cfg["vm.qemu"])
         for key, found in (("vm.qemu_img", qemu_img), ("vm.qemu", qemu)):
@@ -406,8 +379,8 @@ class VMBackend(Backend):
                                 hint="install qemu-system-x86 and qemu-utils")
         if cfg["vm.kernel"]:  # the probe boots the site's kernel
             probe(ctx, qemu)
-        call_as(ctx.user, check_image, qemu_img, ctx.opts.image, fmt,
-                ctx.opts.commit is not None)
+        # the image itself was checked as the user by validate.resolve (the
+        # prolog's prepare step calls this back end's check())
         tmp_mib = ctx.opts.tmp_size or cfg["vm.tmp_size_mib"]
         cache = call_as(ctx.user, _make_disks, qemu_img, ctx.opts.image, fmt,
                         p["overlay"], p["tmp"], tmp_mib)
@@ -415,8 +388,7 @@ class VMBackend(Backend):
         if cache != "none":
             warnings.append(f"node {ctx.node}: the runtime directory has no O_DIRECT; "
                             "guest disks use the host page cache (cache=writeback)")
-        for key in ("qmp", "console", "ready", "down"):
-            call_as(ctx.user, _remove, p[key])
+        call_as(ctx.user, _remove, *(p[k] for k in ("qmp", "console", "ready", "down")))
         mem, source = guest_memory(ctx)
         log.info("guest %d memory: %d MiB (%s)", n, mem, source)
         ctx = dataclasses.replace(ctx, mem_mib=mem)
@@ -430,20 +402,20 @@ class VMBackend(Backend):
                 argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f, cwd="/",
                 env=ctx.user.env(), user=ctx.user.uid, group=ctx.user.gid,
                 extra_groups=list(ctx.user.groups), start_new_session=True)
-        info = {"qemu_pid": proc.pid, "qemu_start": _starttime(proc.pid),
+        info = {"qemu_pid": proc.pid, "qemu_start": starttime(proc.pid),
                 "guest": n, "image": ctx.opts.image, "format": fmt,
                 "commit": ctx.opts.commit == n, "work_dir": ctx.work_dir,
                 "batch": bool(ctx.opts.job) and not ctx.opts.interactive}
-        call_as(ctx.user, _write_record, p["record"],
-                f"{proc.pid} {info['qemu_start']}\n")
-        if ssh_port(cfg, ctx.job_id):
-            call_as(ctx.user, _write_record, f"{ctx.paths.run}/{n}.ssh",
-                    f"{ssh_port(cfg, ctx.job_id)}\n")
+        call_as(ctx.user, write_file, p["record"], f"{proc.pid} {info['qemu_start']}\n",
+                0o600)
+        port = ssh_port(cfg, ctx.job_id)
+        if port:
+            call_as(ctx.user, write_file, f"{ctx.paths.run}/{n}.ssh", f"{port}\n", 0o600)
         deadline = time.monotonic() + cfg["timeouts.boot"]
         while not os.path.exists(p["ready"]):
             if proc.poll() is not None:
-                qlog = call_as(ctx.user, _tail, p["qemu_log"], 5)
-                con = call_as(ctx.user, _tail, p["console_log"], 10)
+                qlog = call_as(ctx.user, read_tail, p["qemu_log"], 5)
+                con = call_as(ctx.user, read_tail, p["console_log"], 10)
                 raise UserError(f"guest {n}", f"QEMU exited with {proc.returncode} "
                                 "before the guest was ready",
                                 (qlog or con).strip().splitlines()[-1] if (qlog or con)
@@ -452,13 +424,14 @@ class VMBackend(Backend):
                                 "vm.cpu_model in the site config if QEMU itself failed)")
             if time.monotonic() > deadline:
                 proc.kill()
-                con = call_as(ctx.user, _tail, p["console_log"], 15)
+                con = call_as(ctx.user, read_tail, p["console_log"], 15)
                 raise UserError(f"guest {n}", "not ready after "
                                 f"{cfg['timeouts.boot']} s (timeouts.boot)",
                                 hint=f"console tail:\n{con}")
             time.sleep(0.1)
         if info["batch"] and n == 0:
-            call_as(ctx.user, _write_record, os.path.join(ctx.paths.run, WAIT_MARKER), "0\n")
+            call_as(ctx.user, write_file, os.path.join(ctx.paths.run, WAIT_MARKER), "0\n",
+                    0o600)
         log.info("guest %d ready", n)
         info["warnings"] = warnings
         return info
@@ -466,7 +439,7 @@ class VMBackend(Backend):
     # -- epilog ---------------------------------------------------------------
     def _find_qemu(self, ctx: Context, backend: dict[str, Any]) -> int | None:
         pid, start = backend.get("qemu_pid"), backend.get("qemu_start")
-        if pid and start and _starttime(pid) == start and not is_zombie(pid):
+        if pid and start and starttime(pid) == start and not is_zombie(pid):
             return pid
         needle = f"charlie-{ctx.job_id}-chgu".encode()
         run_dir = ctx.paths.run.encode()
@@ -484,7 +457,7 @@ class VMBackend(Backend):
         cfg = ctx.cfg
         backend = (state or {}).get("backend") or {}
         n = int(backend.get("guest", ctx.guest_id))
-        ctx = _with_guest(ctx, n)
+        ctx = dataclasses.replace(ctx, guest_id=n)
         p = self._paths(ctx)
         pid = self._find_qemu(ctx, backend)
         clean = False
@@ -519,7 +492,7 @@ class VMBackend(Backend):
 
     def _commit_or_keep(self, ctx: Context, backend: dict[str, Any],
                         p: dict[str, str], clean: bool) -> str:
-        cfg, n = ctx.cfg, int(backend.get("guest", 0))
+        cfg, n = ctx.cfg, ctx.guest_id
         qemu_img = shutil.which(cfg["vm.qemu_img"]) or cfg["vm.qemu_img"]
         image = backend.get("image")
         if clean:
@@ -531,9 +504,7 @@ class VMBackend(Backend):
                 return msg
         else:
             why = "the guest did not shut down cleanly"
-        kept_root = config.expand_node(cfg["vm.kept_dir"], ctx.node) if cfg["vm.kept_dir"] \
-            else os.path.join(ctx.paths.root, "kept")
-        kept = layout.create_user_dir(kept_root, ctx.user.uid, ctx.user.gid)
+        kept = layout.create_user_dir(cfg.kept_dir(ctx.node), ctx.user.uid, ctx.user.gid)
         dst = call_as(ctx.user, _keep, p["overlay"], kept,
                       f"job{ctx.job_id}-chgu{n}.overlay.qcow2")
         msg = (f"guest {n}: NOT committed into {image} ({why}); its changes are "
@@ -542,6 +513,3 @@ class VMBackend(Backend):
         log.warning("%s", msg)
         return msg
 
-
-def _with_guest(ctx: Context, n: int) -> Context:
-    return dataclasses.replace(ctx, guest_id=n)

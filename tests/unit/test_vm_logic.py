@@ -1,9 +1,7 @@
 """Pure parts of the VM path: key derivation (checked by the real
 ssh-keygen), module load order, guest network numbers, QEMU command line."""
 
-import os
 import subprocess
-import tempfile
 
 import pytest
 

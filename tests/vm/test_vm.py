@@ -420,12 +420,9 @@ def test_image_boot_loader_when_the_site_sets_no_kernel(cluster, guest):
     out = open(os.path.join(wd, "out")).read()
     assert re.search(r"^BOOTED chgu0 0 .*root=/dev/vda", out, re.M), out
     assert "charlie.guest=" not in out
-    assert re.search(r"^BOOTED chgu1 1 ", saved_file := saved_out(wd, job), re.M), saved_file
+    guest1 = saved(wd, job, "1_job.out")
+    assert re.search(r"^BOOTED chgu1 1 ", guest1, re.M), guest1
     assert_clean(cluster, job)
-
-
-def saved_out(wd, job):
-    return saved(wd, job, "1_job.out")
 
 
 def test_guest_memory_follows_the_job_request(cluster, guest):
