@@ -405,9 +405,9 @@ def test_image_boot_loader_when_the_site_sets_no_kernel(cluster, guest):
     cluster.write(os.path.join(wd, "job.sh"),
                   '#!/bin/sh\necho "BOOTED $(hostname) $CH_GUEST_ID $(cat /proc/cmdline)"\n')
     conf = cluster.sb.charlie_conf
-    saved = open(conf).read()
-    lines = [l for l in saved.splitlines(True) if not l.startswith(("kernel =", "initrd ="))]
-    assert len(lines) == len(saved.splitlines(True)) - 2
+    saved_conf = open(conf).read()
+    lines = [l for l in saved_conf.splitlines(True) if not l.startswith(("kernel =", "initrd ="))]
+    assert len(lines) == len(saved_conf.splitlines(True)) - 2
     try:
         with open(conf, "w") as f:
             f.write("".join(lines))
@@ -415,7 +415,7 @@ def test_image_boot_loader_when_the_site_sets_no_kernel(cluster, guest):
                                      "--charlie-job=job.sh", "--wrap", "true"])
     finally:
         with open(conf, "w") as f:
-            f.write(saved)
+            f.write(saved_conf)
     assert p.returncode == 0, (p.stderr, open(os.path.join(wd, "out")).read())
     out = open(os.path.join(wd, "out")).read()
     assert re.search(r"^BOOTED chgu0 0 .*root=/dev/vda", out, re.M), out
