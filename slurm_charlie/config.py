@@ -71,6 +71,10 @@ DEFAULTS: tuple[Key, ...] = (
         "image's own boot loader)"),
     Key("vm.initrd", "", str, "guest initrd for direct boot (slurm-charlie vm-initrd)"),
     Key("vm.tmp_size_mib", 2048, int, "default size of /ch/tmp in each guest"),
+    Key("vm.disk_max_mib", 0, int,
+        "most a guest's disks may grow to on a node: its /ch/tmp size plus the "
+        "image's virtual size (the overlay's bound); 0: only the free space of "
+        "runtime_root bounds them"),
     Key("vm.subnet", "172.22.0.0/16", str, "private guest network of a job"),
     Key("vm.nameservers", [], list, "nameservers written to meta/resolv.conf"),
     Key("vm.memory_mib", 1024, int,

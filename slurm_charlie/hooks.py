@@ -16,12 +16,13 @@ import os
 import shutil
 import stat
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from . import backends, config, hostlist, jobenv, layout, meta, options, state, validate
+from . import (backends, config, hostlist, jobenv, layout, meta, options, privileged,
+               state, validate)
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError, format_message
-from .proc import User, call_as, fd_targets, pids_of, run
+from .proc import User, call_as, fd_targets, pids_of
 
 log = logmod.log
 
@@ -149,14 +150,7 @@ def _setup_logging(cfg: config.Config | None, job_id: str | None, node: str) -> 
                  syslog=cfg["syslog"] if cfg else True, node_log=node_log)
 
 
-def drain(node: str, err: CharlieError) -> None:
-    reason = f"slurm-charlie: {err.line()}"[:200]
-    scontrol = shutil.which("scontrol") or "/usr/bin/scontrol"
-    try:
-        run([scontrol, "update", f"NodeName={node}", "State=DRAIN",
-             f"Reason={reason}"], timeout=30)
-    except CharlieError as e:
-        log.error("could not drain %s: %s", node, e.line())
+drain = privileged.drain
 
 
 def _context(env: Mapping[str, str]) -> tuple[jobenv.JobEnv, config.Config,
@@ -176,7 +170,7 @@ def _unexpected(e: BaseException) -> NodeFault:
 def prolog_main(env: Mapping[str, str]) -> int:
     try:
         return _prolog(env)
-    except Exception as e:  # a bug must not look like success
+    except Exception as e:  # a bug in root's code must not look like success
         _setup_logging(None, env.get("SLURM_JOB_ID"), env.get("SLURMD_NODENAME", "?"))
         drain(env.get("SLURMD_NODENAME", "?"), _unexpected(e))
         return 1
@@ -189,6 +183,25 @@ def epilog_main(env: Mapping[str, str]) -> int:
         _setup_logging(None, env.get("SLURM_JOB_ID"), env.get("SLURMD_NODENAME", "?"))
         drain(env.get("SLURMD_NODENAME", "?"), _unexpected(e))
         return 1
+
+
+class Book:
+    """Root's record of the job being prepared, written at every change so
+    that an epilog (or reconcile) after a prolog that died half way knows
+    what was started."""
+
+    def __init__(self, records: privileged.Records, rec: privileged.JobRecord) -> None:
+        self.records, self.rec = records, rec
+        records.write(rec)
+
+    def update(self, **changes: Any) -> None:
+        self.rec = dataclasses.replace(self.rec, **changes)
+        self.records.write(self.rec)
+
+    def add_proc(self, proc: privileged.ProcRecord) -> None:
+        """Record (or, for a role already recorded, re-record) a process."""
+        self.update(procs=tuple(p for p in self.rec.procs if p.role != proc.role)
+                    + (proc,))
 
 
 def _prolog(env: Mapping[str, str]) -> int:
@@ -213,14 +226,28 @@ def _prolog(env: Mapping[str, str]) -> int:
             raise NodeFault("node name", f"not in the job's node list {job.nodelist}",
                             job.node_name, hint="NodeName in slurm.conf must match "
                             "SLURMD_NODENAME")
+        if len(cpus) != len(nodes):
+            raise NodeFault("environment", "SLURM_JOB_CPUS_PER_NODE does not match "
+                            "the node list", f"{job.cpus_per_node} / {job.nodelist}")
         user = User.lookup(job.uid, job.gid)
-        layout.create_job_dir(paths, user.uid, user.gid)
+        if user.uid == 0:
+            raise UserError("job user", "charlie jobs do not run as root", user,
+                            hint="submit as an ordinary user")
+        records = privileged.Records(paths.root)
+        old = records.read(job.job_id)
+        if old is not None:  # an earlier prolog of this id: undo it first
+            log.warning("prolog: root's record of an earlier run of job %s found; "
+                        "cleaning it up first", job.job_id)
+            _undo(cfg, paths, old, env)
+        guest_id = nodes.index(job.node_name)
+        book = Book(records, privileged.JobRecord(job_id=job.job_id, uid=user.uid,
+                                                   gid=user.gid, guest_id=guest_id))
+        privileged.create_job_dir(paths, user)
         fd = layout.open_log_as_root(paths, user.uid)
         ctx = backends.Context(opts=raw or options.Options(), cfg=cfg, paths=paths,
                                user=user, job_id=job.job_id, node=job.node_name,
-                               guest_id=nodes.index(job.node_name), nodes=nodes,
-                               cpus=cpus[nodes.index(job.node_name)],
-                               work_dir=job.work_dir or None)
+                               guest_id=guest_id, nodes=nodes, cpus=cpus[guest_id],
+                               work_dir=job.work_dir or None, on_spawn=book.add_proc)
         if early is not None:
             raise early
         vm_user, ssh = (), None
@@ -232,11 +259,14 @@ def _prolog(env: Mapping[str, str]) -> int:
         if fd is not None:
             logmod.add_fd(fd, job.job_id)
         warnings = list(prepared["warnings"])
-        opts = options.from_env({"SPANK_" + k: v for k, v in prepared["opts"]})
+        # what the user's step resolved, checked again as hostile input
+        opts = options.from_pairs(prepared["opts"])
         ctx = dataclasses.replace(ctx, opts=opts)
         backend = backends.get(opts.type)
+        book.update(type=opts.type)
         started = backend.start(ctx)
         warnings += started.pop("warnings", [])
+        book.update(phase="started", facts=started)
         for w in warnings:
             log.warning("%s", w)
         notices = [f"slurm-charlie: job {job.job_id}: "
@@ -345,6 +375,52 @@ def clean_shm_as_user(shm_dir: str = SHM_DIR, min_age: float = SHM_MIN_AGE) -> l
     return removed
 
 
+def _undo(cfg: config.Config, paths: layout.JobPaths,
+          rec: privileged.JobRecord | None, env: Mapping[str, str],
+          user: User | None = None) -> list[NodeFault]:
+    """Stop what root started for the job (by root's record; without one,
+    the job user's processes that carry the job's marks), clean the user's
+    leftovers, remove the job directory.  Every step runs whatever the
+    others did; returns the node faults met (facts root checked itself)."""
+    faults: list[NodeFault] = []
+
+    def step(what: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except NodeFault as e:
+            log.error("epilog: %s: %s", what, e.line())
+            faults.append(e)
+        except CharlieError as e:
+            log.warning("epilog: %s: %s", what, e.line())
+        except Exception:  # a bug: logged loudly, the next step still runs
+            import traceback
+            log.error("epilog: %s: internal error:\n%s", what, traceback.format_exc())
+
+    if user is None and rec is not None:
+        try:
+            user = User.lookup(rec.uid, rec.gid)
+        except NodeFault as e:
+            log.warning("epilog: %s", e.line())
+    if user is not None and user.uid != 0:
+        ctx = backends.Context(opts=options.Options(), cfg=cfg, paths=paths, user=user,
+                               job_id=paths.job_id, node=env.get("SLURMD_NODENAME", "?"),
+                               guest_id=rec.guest_id if rec else 0, nodes=())
+        if rec is not None:
+            step(f"stop {rec.type}", lambda: backends.get(rec.type).stop(ctx, rec))
+        else:  # no record: the prolog died before it wrote one
+            for name in backends.NAMES:
+                step(f"sweep {name}", lambda name=name: backends.get(name).stop(ctx, None))
+        if not _user_has_other_jobs(paths.root, paths.job_id, user.uid):
+            def shm() -> None:
+                removed = call_as(user, clean_shm_as_user, limit=60)
+                if removed:
+                    log.info("removed %d leftover /dev/shm entries of %s",
+                             len(removed), user.name)
+            step("/dev/shm", shm)
+    step("job directory", lambda: privileged.remove_job_dir(paths))
+    return faults
+
+
 def _epilog(env: Mapping[str, str]) -> int:
     if env.get("SPANK_" + options.MARKER) is None:
         return 0
@@ -353,35 +429,26 @@ def _epilog(env: Mapping[str, str]) -> int:
     try:
         job, cfg, paths = _context(env)
         _setup_logging(cfg, job.job_id, node)
-        if not os.path.isdir(paths.job_dir):
+        records = privileged.Records(paths.root)
+        rec = records.read(job.job_id)
+        if rec is None and not os.path.lexists(paths.job_dir):
             log.debug("epilog: nothing to clean")
             return 0
+        if rec is None:
+            log.warning("epilog: no record of what the prolog started; removing "
+                        "what can be found")
         try:
             user = User.lookup(job.uid, job.gid)
-            st = call_as(user, state.read, paths.state)
-        except CharlieError as e:
-            log.warning("epilog: %s; cleaning without state", e.line())
-            user, st = None, None
-        if st is None:
-            log.warning("epilog: state.json missing or corrupt; removing what "
-                        "can be found")
-        type_name = (st or {}).get("type") or env.get("SPANK_CHARLIE_TYPE", "none")
-        try:
-            backend = backends.get(type_name)
-        except UserError:
-            backend = backends.get("none")
-        if user is not None:
-            ctx = backends.Context(opts=options.Options(), cfg=cfg, paths=paths,
-                                   user=user, job_id=job.job_id, node=node,
-                                   guest_id=int((st or {}).get("guest_id", 0)),
-                                   nodes=())
-            backend.stop(ctx, st)
-            if not _user_has_other_jobs(paths.root, job.job_id, user.uid):
-                removed = call_as(user, clean_shm_as_user)
-                if removed:
-                    log.info("removed %d leftover /dev/shm entries of %s",
-                             len(removed), user.name)
-        layout.remove_job_dir(paths)
+        except NodeFault as e:
+            log.warning("epilog: %s", e.line())
+            user = None
+        if rec is not None and user is not None and rec.uid != user.uid:
+            user = None  # an earlier job of this id: its own user is used
+        faults = _undo(cfg, paths, rec, env, user)
+        if faults:
+            drain(node, faults[0])
+            return 1
+        records.remove(job.job_id)
         log.info("epilog done: job directory removed")
         return 0
     except NodeFault as e:

@@ -6,7 +6,7 @@
 Root creates and removes it; everything inside is written as the job user.
 Root never follows a path the user controls: creation and removal work
 relative to a file descriptor of the root-owned runtime_root, with
-O_NOFOLLOW, and removal uses shutil.rmtree's fd-based walk.
+O_NOFOLLOW, and removal is privileged.remove_tree (iterative, fd-based).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import shutil
 import stat
 
 from .config import check_root_safe
@@ -64,20 +63,72 @@ def write_file(path: str, data: bytes | str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def read_tail(path: str, lines: int) -> str:
-    """The last lines of a (log) file, "" when it cannot be read."""
+def _open_regular(path: str) -> int | None:
+    """An fd of path if it is a regular file: never through a final link,
+    never blocking on a FIFO or device.  None otherwise."""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            text = f.read().decode(errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_small(path: str, limit: int = 4096) -> str | None:
+    """At most limit bytes of a regular file as text; None when it is
+    missing, a link, a FIFO or anything else that is not a regular file."""
+    fd = _open_regular(path)
+    if fd is None:
+        return None
+    try:
+        return os.read(fd, limit).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_tail(path: str, lines: int) -> str:
+    """The last lines of a (log) file, "" when it cannot be read (or is not
+    a regular file: a FIFO planted there must not block the reader)."""
+    fd = _open_regular(path)
+    if fd is None:
+        return ""
+    try:
+        size = os.fstat(fd).st_size
+        text = os.pread(fd, 8192, max(0, size - 8192)).decode(errors="replace")
     except OSError:
         return ""
+    finally:
+        os.close(fd)
     return "\n".join(text.replace("\r", "").strip().splitlines()[-lines:])
 
 
+def lstat_in_job(paths: JobPaths, *parts: str) -> os.stat_result | None:
+    """lstat of <job_dir>/<parts…> as root, walking every directory with
+    O_NOFOLLOW from the job directory, so no link the user planted is
+    followed; None when anything on the way is missing or not a directory."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(paths.job_dir, flags)
+    except OSError:
+        return None
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return os.lstat(parts[-1], dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def check_job_id(job_id: str) -> None:
-    if not job_id.isdigit():
+    if not (job_id.isascii() and job_id.isdigit() and len(job_id) <= 20):
         raise NodeFault("job id", "not a number", repr(job_id))
 
 
@@ -140,40 +191,15 @@ def create_user_dir(base: str, uid: int, gid: int) -> str:
 
 
 def _remove_entry(rootfd: int, name: str) -> None:
-    st = os.lstat(name, dir_fd=rootfd)
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=rootfd)
-    else:
-        os.unlink(name, dir_fd=rootfd)
-
-
-def remove_job_dir(paths: JobPaths) -> bool:
-    """Remove the job directory; True if something was removed.  Safe to
-    repeat and safe against symlinks planted by the user."""
-    check_job_id(paths.job_id)
-    try:
-        rootfd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return False
-    except OSError as e:
-        raise NodeFault("runtime_root", f"cannot open: {e.strerror}", paths.root)
-    try:
-        _remove_entry(rootfd, paths.job_id)
-        return True
-    except FileNotFoundError:
-        return False
-    except OSError as e:
-        raise NodeFault("job directory", f"cannot remove: {e.strerror}",
-                        paths.job_dir, hint="look for processes still using it "
-                        "(fuser -vm) and mounts below it") from None
-    finally:
-        os.close(rootfd)
+    from .privileged import remove_tree  # iterative, never follows links
+    remove_tree(rootfd, name)
 
 
 def list_job_dirs(root: str) -> list[str]:
     """Job ids that have a directory under root."""
     try:
-        return sorted((e for e in os.listdir(root) if e.isdigit()), key=int)
+        return sorted((e for e in os.listdir(root) if e.isascii() and e.isdigit()),
+                      key=int)
     except FileNotFoundError:
         return []
 

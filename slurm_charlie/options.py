@@ -20,6 +20,9 @@ ENV_PREFIX = "CHARLIE_"
 SPANK_ENV_PREFIX = "SPANK_"
 MAX_DIRS = 4
 TYPES = ("auto", "container", "vm", "none")
+#: longest value any option takes (PATH_MAX); numbers are shorter still
+MAX_VALUE = 4096
+MAX_DIGITS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +114,13 @@ class Options:
         return self != Options()
 
 
-_SIZE_RE = re.compile(r"^([0-9]+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^([0-9]{1,%d})([KMGT]?)(i?B)?$" % MAX_DIGITS, re.IGNORECASE)
 _SIZE_MULT_MIB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
 
 
 def parse_size_mib(flag: str, text: str) -> int:
     """'512' (MiB, as Slurm's --mem), '512M', '4G', '1T' -> MiB."""
-    m = _SIZE_RE.match(text.strip())
+    m = _SIZE_RE.fullmatch(text.strip()) if text.isascii() else None
     if not m:
         raise UserError(flag, "not a size", repr(text),
                         hint="use a number with an optional K, M, G or T "
@@ -128,8 +131,18 @@ def parse_size_mib(flag: str, text: str) -> int:
     return mib
 
 
+
+def digits(text: str) -> bool:
+    """ASCII digits only, and not absurdly many: str.isdigit() is also true
+    for '²' or '٣', which int() then refuses or reads as another number."""
+    return 0 < len(text) <= MAX_DIGITS and text.isascii() and text.isdigit()
+
+
 def check_text(flag: str, value: str) -> None:
     """Reject values that cannot travel safely through env lines and logs."""
+    if len(value) > MAX_VALUE:
+        raise UserError(flag, f"value longer than {MAX_VALUE} characters",
+                        repr(value[:40] + "…"))
     if "\n" in value or "\r" in value:
         raise UserError(flag, "value contains a newline", repr(value),
                         hint="paths and values given to slurm-charlie must be "
@@ -160,7 +173,7 @@ def _convert(spec: OptionSpec, values: list[str | None]) -> object:
         v = values[-1]
         if v is None or v == "":
             return 0
-        if not v.isdigit():
+        if not digits(v):
             raise UserError(flag, "not a guest number", repr(v),
                             hint=f"use {flag} for guest 0 or {flag}=N with "
                                  "N a guest index (0 .. nodes-1)")
@@ -174,11 +187,11 @@ def _convert(spec: OptionSpec, values: list[str | None]) -> object:
                             hint="valid values: " + ", ".join(spec.choices))
         return v
     if spec.kind == "int":
-        if not v.isdigit() or int(v) < 1:
+        if not digits(v) or int(v) < 1:
             raise UserError(flag, "not a positive whole number", repr(v))
         return int(v)
     if spec.kind == "id":
-        if not v.isdigit() or int(v) >= 2**32 - 1:
+        if not digits(v) or int(v) >= 2**32 - 1:
             raise UserError(flag, "not a numeric id", repr(v),
                             hint="give a number, e.g. 0 (names are not looked up)")
         return int(v)
@@ -263,50 +276,88 @@ MARKER = "CHARLIE"
 
 
 def to_env(opts: Options) -> list[tuple[str, str]]:
-    out = [(MARKER, "1"), ("CHARLIE_TYPE", opts.type)]
-    if opts.image:
-        out.append(("CHARLIE_IMAGE", opts.image))
-    for i, d in enumerate(opts.dir, start=1):
-        out.append((f"CHARLIE_DIR{i}", d))
-    if opts.job:
-        out.append(("CHARLIE_JOB", opts.job))
-    if opts.interactive:
-        out.append(("CHARLIE_INTERACTIVE", "1"))
-    if opts.commit is not None:
-        out.append(("CHARLIE_COMMIT", str(opts.commit)))
-    if opts.write:
-        out.append(("CHARLIE_WRITE", "1"))
-    for field, name in (("uid", "CHARLIE_UID"), ("gid", "CHARLIE_GID"),
-                        ("cpus", "CHARLIE_CPUS"), ("mem", "CHARLIE_MEM"),
-                        ("tmp_size", "CHARLIE_TMP_SIZE")):
-        value = getattr(opts, field)
-        if value is not None:
-            out.append((name, str(value)))
+    """Options -> the CHARLIE_* pairs the prolog reads back with from_env();
+    every field comes from the table, so a new option travels too."""
+    out = [(MARKER, "1")]
+    for spec in OPTIONS:
+        value = getattr(opts, spec.field)
+        if spec.kind == "paths":
+            out += [(f"{spec.env}{i}", d) for i, d in enumerate(value, start=1)]
+        elif spec.kind == "flag":
+            if value:
+                out.append((spec.env, "1"))
+        elif value is not None:
+            out.append((spec.env, str(value)))
     return out
+
+
+#: every CHARLIE_* name to_env() can produce; anything else is refused
+def _known_names() -> set[str]:
+    names = {MARKER}
+    for spec in OPTIONS:
+        if spec.kind == "paths":
+            names |= {f"{spec.env}{i}" for i in range(1, spec.max_count + 1)}
+        else:
+            names.add(spec.env)
+    return names
 
 
 def from_env(environ: Mapping[str, str], prefix: str = SPANK_ENV_PREFIX
              ) -> Options | None:
     """Read what to_env() produced, as seen by the prolog (SPANK_CHARLIE_*).
-    None when this is not a charlie job."""
-    def get(name: str) -> str | None:
-        return environ.get(prefix + name)
-
-    if get(MARKER) is None:
+    None when this is not a charlie job.  These values are hostile input: a
+    user can load the shim with a validator of their own, so everything is
+    checked again here and any fault is a UserError."""
+    if environ.get(prefix + MARKER) is None:
         return None
+    known = _known_names()
+    for name in environ:
+        if name.startswith(prefix + ENV_PREFIX) and name[len(prefix):] not in known:
+            raise UserError(name, "not a variable slurm-charlie sets",
+                            hint="submit with the --charlie-* options of the "
+                            "site's slurm-charlie")
     values: dict[str, list[str | None]] = {}
     for spec in OPTIONS:
         if spec.kind == "paths":
-            dirs = [get(f"CHARLIE_DIR{i}") for i in range(1, MAX_DIRS + 2)]
-            found = [d for d in dirs if d is not None]
+            found = []
+            for i in range(1, spec.max_count + 1):
+                d = environ.get(f"{prefix}{spec.env}{i}")
+                if d is None:
+                    break
+                found.append(d)
             if found:
                 values[spec.name] = found
             continue
-        raw = get(spec.env)
+        raw = environ.get(prefix + spec.env)
         if raw is None:
             continue
-        if spec.kind in ("int", "size"):
-            values[spec.name] = [raw + ("M" if spec.kind == "size" else "")]
+        if spec.kind == "size":
+            if not digits(raw):
+                raise UserError(spec.flag, "not a size in MiB", repr(raw[:40]))
+            values[spec.name] = [raw + "M"]
+        elif spec.kind == "flag":
+            if raw not in ("1", "", "(null)"):
+                raise UserError(spec.flag, "takes no value", repr(raw[:40]))
+            values[spec.name] = [None]
         else:
-            values[spec.name] = [raw if spec.kind != "flag" else None]
-    return build(values)
+            values[spec.name] = [raw]
+    opts = build(values)
+    for path in (opts.image, opts.job, *opts.dir):
+        if path is not None and not path.startswith("/"):
+            raise UserError("--charlie-image/--charlie-job/--charlie-dir",
+                            "not an absolute path on the node", repr(path[:80]),
+                            hint="the submit side makes paths absolute; "
+                            "submit with the site's slurm-charlie")
+    return opts
+
+
+def from_pairs(pairs: Iterable[Iterable[str]]) -> Options:
+    """from_env() over (NAME, VALUE) pairs, as to_env() makes them."""
+    env = {}
+    for pair in pairs:
+        name, value = pair
+        env[SPANK_ENV_PREFIX + str(name)] = str(value)
+    opts = from_env(env)
+    if opts is None:
+        raise UserError("options", "the charlie marker is missing")
+    return opts

@@ -137,31 +137,58 @@ def run(argv: Sequence[str], as_user: User | None = None,
     return proc
 
 
-def call_as(user: User, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run fn(*args, **kwargs) as user in a forked child; return its result."""
+#: seconds a step as the user may take unless the caller says otherwise
+CALL_LIMIT = 120.0
+#: the most a step as the user may hand back (JSON bytes)
+RESULT_MAX = 16 << 20
+
+
+class _DropFailed(Exception):
+    pass
+
+
+def call_as(user: User, fn: Callable[..., Any], *args: Any,
+            limit: float | None = None, **kwargs: Any) -> Any:
+    """Run fn(*args, **kwargs) as user in a forked child; return its result.
+
+    The child is the user's: it may be killed or stopped by the user, and the
+    data it works on is the user's.  So every way it can fail -- an error it
+    reports, an exception, a signal, missing the deadline (`limit` seconds,
+    CALL_LIMIT by default), a result too large or not JSON -- comes back as a
+    UserError: the job fails, the node stays in service.  Only a failure to
+    drop root is a NodeFault.  On the deadline the child's whole process
+    group is killed (SIGKILL also ends a stopped process)."""
     if os.geteuid() != 0 or os.getuid() == user.uid:
         return fn(*args, **kwargs)
+    limit = CALL_LIMIT if limit is None else limit
+    what = getattr(fn, "__name__", "step")
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         os.close(rfd)
         code = 0
         try:
-            _drop(user)
+            os.setsid()  # its own process group: killed whole on the deadline
+            try:
+                _drop(user)
+            except BaseException as e:
+                raise _DropFailed(str(e)) from None
             os.umask(0o077)
             out = {"ok": fn(*args, **kwargs)}
+        except _DropFailed as e:
+            out = {"drop_failed": str(e)}
         except CharlieError as e:
             out = {"error": e.to_dict()}
         except BaseException as e:  # report, never escape into the caller's code
-            out = {"error": NodeFault("internal", f"{type(e).__name__}: {e}",
+            out = {"error": UserError(what, f"{type(e).__name__}: {e}",
                                       traceback.format_exc(limit=3)
                                       .strip().splitlines()[-1]).to_dict()}
         try:
             try:
                 data = json.dumps(out).encode()
             except TypeError as e:
-                data = json.dumps({"error": NodeFault(
-                    "internal", "result of a call as the user is not JSON", e
+                data = json.dumps({"error": UserError(
+                    what, "result of a step as the user is not JSON", e
                 ).to_dict()}).encode()
             while data:
                 data = data[os.write(wfd, data):]
@@ -169,19 +196,91 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> An
             code = 1
         os._exit(code)
     os.close(wfd)
-    chunks = []
-    with os.fdopen(rfd, "rb") as f:
-        chunks.append(f.read())
-    os.waitpid(pid, 0)
+    data, status, timed_out = _collect(pid, rfd, limit)
+    if timed_out:
+        raise UserError(what, f"a step run as the user did not finish within {limit:g} s",
+                        user, hint="a file it reads may block (a FIFO?) or the "
+                        "process was stopped; the job fails, the node stays in service")
+    if len(data) > RESULT_MAX:
+        raise UserError(what, "a step run as the user returned too much data",
+                        f"{len(data)} bytes")
     try:
-        out = json.loads(b"".join(chunks) or b"{}")
+        out = json.loads(data or b"{}")
     except ValueError:
         out = {}
-    if "error" in out:
-        raise CharlieError.from_dict(out["error"])
+    if not isinstance(out, dict):
+        out = {}
+    if "drop_failed" in out:
+        raise NodeFault("privileges", "could not become the job user", f"{user}: "
+                        f"{out['drop_failed']}")
+    if "error" in out and isinstance(out["error"], dict):
+        err = CharlieError.from_dict(out["error"])
+        if not isinstance(err, UserError):  # the user's side failed
+            err = UserError(err.subject, err.problem, err.value, err.hint)
+        raise err
     if "ok" not in out:
-        raise NodeFault("internal", "child running as the user died", user)
+        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit status {os.waitstatus_to_exitcode(status)}")
+        raise UserError(what, "a step run as the user died", how,
+                        hint="was it killed? the job fails, the node stays in service")
     return out["ok"]
+
+
+def _collect(pid: int, rfd: int, limit: float) -> tuple[bytes, int, bool]:
+    """Read the child's result until EOF and reap it, within limit seconds.
+    Returns (data, wait status, timed out).  Grandchildren that keep the pipe
+    open cannot hold us: once the child is gone, what is there is read."""
+    import select
+    import signal
+    import time
+    chunks: list[bytes] = []
+    size = 0
+    deadline = time.monotonic() + limit
+    status = None
+    eof = False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                os.waitpid(pid, 0)
+                return b"", 0, True
+            if not eof:
+                ready, _, _ = select.select([rfd], [], [], min(left, 0.05))
+                if ready:
+                    chunk = os.read(rfd, 1 << 16)
+                    if not chunk:
+                        eof = True
+                    else:
+                        size += len(chunk)
+                        if size <= RESULT_MAX + 1:
+                            chunks.append(chunk)
+                        continue
+            got, st = os.waitpid(pid, os.WNOHANG)
+            if got:
+                status = st
+                break
+            if eof:
+                time.sleep(0.01)
+        os.set_blocking(rfd, False)
+        while True:
+            try:
+                chunk = os.read(rfd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(rfd)
+    return b"".join(chunks), status, False
 
 
 __all__ = ["User", "run", "call_as", "UserError", "NodeFault"]

@@ -3,16 +3,21 @@
 A backend has four steps, each safe to repeat and to run after a crash:
 
     check(opts, cfg)            submit time and prolog, as the job user
-    start(ctx) -> dict          prolog, after meta is rendered; returns what
-                                goes into state.json
+    start(ctx) -> dict          prolog (root), after meta is rendered; starts
+                                processes through privileged.spawn and hands
+                                each record to ctx.on_spawn at once; returns
+                                the facts root keeps in its job record
     task_env(ctx) -> pairs      CH_* variables for every task on this node
-    stop(ctx, state)            epilog; state may be None (lost or corrupt)
+    stop(ctx, record)           epilog (root): undo start() from root's own
+                                record; record None means the prolog died
+                                before it wrote one: then only the job user's
+                                processes that carry this job's marks are hit
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from ..config import Config
 from ..errors import UserError
@@ -34,6 +39,12 @@ class Context:
     cpus: int = 1                  # CPUs of the job on this node
     work_dir: str | None = None    # the job's working directory (user path)
     mem_mib: int | None = None     # VM: guest memory chosen by the prolog
+    #: root's bookkeeping: called with each ProcRecord as soon as it exists
+    on_spawn: Callable[[Any], None] | None = None
+
+    def spawned(self, rec: Any) -> None:
+        if self.on_spawn is not None:
+            self.on_spawn(rec)
 
 
 class Backend:
@@ -48,7 +59,7 @@ class Backend:
     def task_env(self, ctx: Context) -> list[tuple[str, str]]:
         return []
 
-    def stop(self, ctx: Context, state: dict[str, Any] | None) -> None:
+    def stop(self, ctx: Context, record: Any) -> None:
         pass
 
 
@@ -63,16 +74,6 @@ class NoneBackend(Backend):
         return env
 
 
-class Unavailable(Backend):
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def check(self, opts: Options, cfg: Config) -> None:
-        raise UserError(f"--charlie-type={self.name}", "not available in this "
-                        "version of slurm-charlie", opts.image,
-                        hint="use --charlie-type=none (meta only) for now")
-
-
 def _container() -> Backend:
     from .container import ContainerBackend
     return ContainerBackend()
@@ -83,13 +84,17 @@ def _vm() -> Backend:
     return VMBackend()
 
 
-_REGISTRY: dict[str, Backend] = {"none": NoneBackend(),
-                                 "container": _container(),
-                                 "vm": _vm()}
+#: type -> how to make its back end; imported when the type is first used
+_MAKERS: dict[str, Callable[[], Backend]] = {"none": NoneBackend,
+                                             "container": _container, "vm": _vm}
+NAMES = tuple(_MAKERS)
+_MADE: dict[str, Backend] = {}
 
 
 def get(name: str) -> Backend:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UserError("--charlie-type", "unknown type", name) from None
+    if name not in _MADE:
+        try:
+            _MADE[name] = _MAKERS[name]()
+        except KeyError:
+            raise UserError("--charlie-type", "unknown type", name) from None
+    return _MADE[name]

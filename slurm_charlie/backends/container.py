@@ -12,19 +12,19 @@ time before it trusts the pid.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
 import stat
-import subprocess
 import time
 from typing import Any
 
 from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
-from .. import config, images, layout, unpack
-from ..proc import call_as, fd_targets, is_zombie, log, pids_of, run, starttime
+from .. import config, images, layout, privileged, unpack
+from ..proc import call_as, fd_targets, log, run
 from . import Backend, Context
 
 MOUNT_POINTS = ("ch/meta",) + tuple(f"ch/data{i}" for i in range(1, 5))
@@ -141,12 +141,14 @@ class ContainerBackend(Backend):
         cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
         user_cache = layout.create_user_dir(cache, ctx.user.uid, ctx.user.gid)
         got = call_as(ctx.user, unpack.unpack, ctx.opts.image, fmt, user_cache,
-                      ctx.job_id, ctx.cfg["timeouts.unpack"])
+                      ctx.job_id, ctx.cfg["timeouts.unpack"],
+                      limit=2 * ctx.cfg["timeouts.unpack"] + 60)
         log.info("image %s: %s %s", ctx.opts.image,
                  "unpacked into" if got["unpacked"] else "cached at", got["image"])
         running = set(layout.list_job_dirs(ctx.paths.root))
         removed = call_as(ctx.user, unpack.evict, user_cache,
-                          ctx.cfg["container.cache_max_mib"] << 20, running)
+                          ctx.cfg["container.cache_max_mib"] << 20, running,
+                          limit=ctx.cfg["timeouts.unpack"])
         for sha in removed:
             log.info("image cache: evicted %s", sha)
         # an archive's content is only seen now: warn in the job's output
@@ -175,22 +177,23 @@ class ContainerBackend(Backend):
         holder_log = os.path.join(ctx.paths.out, "holder.log")
         fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, "holder.log")
         if fd is None:
-            raise NodeFault("job directory", "cannot open", holder_log)
+            raise UserError("job directory", "cannot open", holder_log,
+                            hint="was out/ changed while the job started?")
         host_mnt = _ns_inode("self", "mnt")
         try:
-            with os.fdopen(fd, "ab") as f:
-                proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f, cwd="/",
-                    env=ctx.user.env(), user=ctx.user.uid, group=ctx.user.gid,
-                    extra_groups=list(ctx.user.groups), start_new_session=True)
-        except FileNotFoundError:
+            proc, rec = privileged.spawn(ctx.user, argv, fd, "holder")
+        except NodeFault:
             raise NodeFault("container.runtime", "not found", runtime,
                             hint="install charliecloud-runtime or fix "
                             "container.runtime in the site config") from None
-        deadline = time.monotonic() + ctx.cfg["timeouts.boot"]
+        finally:
+            os.close(fd)
+        ctx.spawned(rec)
+        limit = ctx.cfg["timeouts.boot"]
+        deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                text = call_as(ctx.user, layout.read_tail, holder_log, 1)
+                text = call_as(ctx.user, layout.read_tail, holder_log, 1, limit=30)
                 raise UserError("container", f"ch-run exited with {proc.returncode}",
                                 text.splitlines()[-1] if text else None,
                                 hint=f"{holder_log} has ch-run's output")
@@ -199,56 +202,48 @@ class ContainerBackend(Backend):
                 break
             time.sleep(0.005)
         else:
-            proc.kill()
-            raise NodeFault("container", "holder did not start in time",
-                            ctx.cfg["timeouts.boot"])
-        info = {"holder_pid": proc.pid, "holder_start": starttime(proc.pid),
-                "holder_mntns": mnt, "holder_userns": _ns_inode(proc.pid, "user"),
+            proc.kill()  # our own child, not yet reaped: the pid is still it
+            proc.wait()
+            raise UserError("container", f"the container did not start within {limit} s "
+                            "(its /bin/sh never opened the holder FIFO)", ctx.opts.image,
+                            hint="the image's /bin/sh must be a POSIX shell that "
+                            "runs `exec 3<>FILE; read -r _ <&3`")
+        rec = dataclasses.replace(rec, mntns=mnt or 0)
+        ctx.spawned(rec)
+        info = {"holder_mntns": mnt, "holder_userns": _ns_inode(proc.pid, "user"),
                 **image}  # "warnings" is taken out by the prolog
         call_as(ctx.user, layout.write_file, os.path.join(ctx.paths.run, "holder"),
-                f"{proc.pid} {info['holder_start']} {mnt}\n", 0o600)
+                f"{proc.pid} {rec.start} {mnt}\n", 0o600)
         return info
 
     # -- epilog ---------------------------------------------------------------
-    def stop(self, ctx: Context, state: dict[str, Any] | None) -> None:
-        """Kill the holder and every process of the job user in its
-        namespaces.  Without state, find them by the holder's FIFO path."""
-        backend = (state or {}).get("backend") or {}
-        mntns = backend.get("holder_mntns")
-        fifo = _fifo_id(os.path.join(ctx.paths.meta, HOLDER_FIFO))
-        victims = [pid for pid in pids_of(ctx.user.uid)
-                   if (mntns and _ns_inode(pid, "mnt") == mntns) or _holds_fifo(pid, fifo)]
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + ctx.cfg["timeouts.kill"]
-        while victims and time.monotonic() < deadline:
-            victims = [p for p in victims if not is_zombie(p)]
-            time.sleep(0.02)
-        if victims:
-            raise NodeFault("container", "processes did not die", victims,
-                            hint="look for processes in D state (hung I/O)")
-        if backend.get("sha") and backend.get("cache"):
-            cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
-            if os.path.dirname(backend["cache"]) == cache:  # state is only a hint
-                call_as(ctx.user, unpack.release, backend["cache"], backend["sha"],
-                        ctx.job_id)
+    def stop(self, ctx: Context, record: Any) -> None:
+        """Kill the holder and every process of the job user in its mount
+        namespace (root's record), or holding this job's FIFO.  Only the job
+        user's processes are candidates; each is checked through a pidfd."""
+        holder = record.proc("holder") if record is not None else None
+        mntns = holder.mntns if holder is not None else 0
+        fifo = layout.lstat_in_job(ctx.paths, "meta", HOLDER_FIFO)
+        fifo_id = (fifo.st_dev, fifo.st_ino) if fifo and stat.S_ISFIFO(fifo.st_mode) \
+            else None
+        if holder is not None:
+            privileged.signal_process(holder, signal.SIGKILL)
+        n = privileged.kill_user_processes(
+            ctx.user.uid, lambda pid: bool(mntns and _ns_inode(pid, "mnt") == mntns)
+            or _holds_fifo(pid, fifo_id), ctx.cfg["timeouts.kill"], "container")
+        if n:
+            log.info("container: %d processes of the job ended", n)
+        facts = record.facts if record is not None else {}
+        sha, cache = facts.get("sha"), facts.get("cache")
+        if isinstance(sha, str) and isinstance(cache, str):
+            here = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
+            if os.path.dirname(cache) == here:
+                call_as(ctx.user, unpack.release, cache, sha, ctx.job_id, limit=30)
 
 
 def _in_read(pid: int) -> bool:
     """The holder has exec'd sh and opened its FIFO."""
     return any(t.endswith(HOLDER_FIFO) for t in fd_targets(pid))
-
-
-def _fifo_id(path: str) -> tuple[int, int] | None:
-    """(device, inode) of this job's holder FIFO; lstat only, never followed."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
 
 
 def _holds_fifo(pid: int, fifo: tuple[int, int] | None) -> bool:

@@ -22,15 +22,14 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
+import stat
 import time
 from typing import Any
 
-from .. import config, images, layout
+from .. import config, images, layout, privileged
 from ..errors import NodeFault, UserError
-from ..layout import read_tail, write_file
+from ..layout import read_small, read_tail, write_file
 from ..meta import guest_mac
 from ..options import Options
 from ..proc import call_as, is_zombie, log, pids_of, run, starttime
@@ -82,10 +81,23 @@ def check_image(qemu_img: str, image: str, fmt: str, commit: bool) -> dict[str, 
 
 # --- prolog steps as the user -----------------------------------------------
 
+def _qcow2_size_mib(path: str) -> int:
+    """Virtual size of a qcow2 file from its header (bytes 24-31)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        head = os.pread(fd, 32, 0)
+    finally:
+        os.close(fd)
+    if len(head) < 32 or head[:4] != b"QFI\xfb":
+        raise UserError("vm disks", "overlay is not a qcow2 file", path)
+    return -(-int.from_bytes(head[24:32], "big") // (1 << 20))
+
+
 def _make_disks(qemu_img: str, image: str, fmt: str, overlay: str, tmp: str,
-                tmp_mib: int) -> str:
+                tmp_mib: int) -> tuple[str, int]:
     """Overlay and tmp disk (recreated: a rerun prolog starts fresh).
-    Returns the cache mode: none (O_DIRECT) where the file system has it."""
+    Returns the cache mode (none, i.e. O_DIRECT, where the file system has
+    it) and the overlay's virtual size in MiB (the image's)."""
     _remove(overlay, tmp)
     for argv in ([qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt, "-b", image, overlay],
                  [qemu_img, "create", "-q", "-f", "qcow2", tmp, f"{tmp_mib}M"]):
@@ -93,12 +105,13 @@ def _make_disks(qemu_img: str, image: str, fmt: str, overlay: str, tmp: str,
         if p.returncode != 0:
             raise UserError("vm disks", "qemu-img create failed",
                             p.stderr.decode(errors="replace").strip())
+    size = _qcow2_size_mib(overlay)
     try:
         fd = os.open(overlay, os.O_RDONLY | os.O_DIRECT)
         os.close(fd)
-        return "none"
+        return "none", size
     except OSError:
-        return "writeback"
+        return "writeback", size
 
 
 def _qmp(sock_path: str, command: str, timeout: float = 5.0) -> bool:
@@ -125,20 +138,16 @@ def _qmp(sock_path: str, command: str, timeout: float = 5.0) -> bool:
 
 def _poweroff_as_user(sync_dir: str, qmp: str) -> bool:
     """Ask the guest to power off: a marker it polls, then the ACPI button."""
-    try:
-        with open(os.path.join(sync_dir, "poweroff"), "w") as f:
-            f.write("epilog\n")
+    try:  # never through a link, never blocking on a FIFO planted there
+        fd = os.open(os.path.join(sync_dir, "poweroff"), os.O_WRONLY | os.O_CREAT
+                     | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        try:
+            os.write(fd, b"epilog\n")
+        finally:
+            os.close(fd)
     except OSError:
         pass
     return _qmp(qmp, "system_powerdown")
-
-
-def _read_small(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read(4096)
-    except OSError:
-        return None
 
 
 def _commit(qemu_img: str, overlay: str, timeout: int) -> tuple[bool, str]:
@@ -162,21 +171,89 @@ def _keep(overlay: str, kept_dir: str, name: str) -> str:
     return dst
 
 
-def _save_outputs(out_dir: str, dest: str, guest: int, extra: str | None) -> str | None:
-    """Copy this guest's outputs into the job's work directory (the job
-    directory is removed at job end).  Returns the destination or None."""
+def _save_outputs(out_dir: str, work_dir: str, name: str, guest: int,
+                  extra: str | None) -> str | None:
+    """As the user: copy this guest's outputs into <work_dir>/<name> (the job
+    directory goes at job end).  The directory is the user's own (created
+    here, or made by another node of the job): one that is someone else's,
+    not a directory, or writable by others is left alone and
+    <name>.1, .2 … is used instead.  Files are created afresh, never
+    through a link.  Returns the directory or None."""
     try:
-        os.makedirs(dest, mode=0o755, exist_ok=True)
-        for name in sorted(os.listdir(out_dir)):
-            if name.startswith(f"{guest}_"):
-                shutil.copyfile(os.path.join(out_dir, name), os.path.join(dest, name))
-        if extra:
-            with open(os.path.join(dest, f"{guest}_commit.txt"), "w") as f:
-                f.write(extra + "\n")
-        return dest
+        wfd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
-        log.warning("cannot save guest outputs to %s: %s", dest, e.strerror)
+        log.warning("cannot save guest outputs to %s: %s", work_dir, e.strerror)
         return None
+    try:
+        for attempt in range(100):
+            dest = name if attempt == 0 else f"{name}.{attempt}"
+            try:
+                os.mkdir(dest, 0o755, dir_fd=wfd)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                log.warning("cannot save guest outputs in %s: %s", work_dir, e.strerror)
+                return None
+            try:
+                dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                              dir_fd=wfd)
+            except OSError:
+                continue
+            st = os.fstat(dfd)
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                os.close(dfd)
+                continue
+            try:
+                _copy_outputs(out_dir, dfd, guest, extra)
+            finally:
+                os.close(dfd)
+            return os.path.join(work_dir, dest)
+        return None
+    except OSError as e:
+        log.warning("cannot save guest outputs to %s: %s", work_dir, e.strerror)
+        return None
+    finally:
+        os.close(wfd)
+
+
+def _copy_outputs(out_dir: str, dfd: int, guest: int, extra: str | None) -> None:
+    def create(fname: str) -> int:
+        try:  # a link or file of that name in our own directory: replaced
+            os.unlink(fname, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        return os.open(fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                       0o644, dir_fd=dfd)
+
+    ofd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for fname in sorted(os.listdir(ofd)):
+            if not fname.startswith(f"{guest}_"):
+                continue
+            try:
+                src = os.open(fname, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                              dir_fd=ofd)
+            except OSError:
+                continue
+            try:
+                if not stat.S_ISREG(os.fstat(src).st_mode):
+                    continue
+                dst = create(fname)
+                try:
+                    while chunk := os.read(src, 1 << 20):
+                        os.write(dst, chunk)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+    finally:
+        os.close(ofd)
+    if extra:
+        dst = create(f"{guest}_commit.txt")
+        try:
+            os.write(dst, (extra + "\n").encode())
+        finally:
+            os.close(dst)
 
 
 def _remove(*paths: str) -> None:
@@ -218,7 +295,7 @@ def probe(ctx: Context, qemu: str) -> None:
     accel, cpu = cfg["vm.accel"], _cpu_model(cfg)
     record = os.path.join(ctx.paths.root, PROBE_FILE)
     key = _probe_key(qemu, accel, cpu, cfg["vm.kernel"])
-    if (_read_small(record) or "").strip() == key:
+    if (read_small(record) or "").strip() == key:
         return
     argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-accel", accel, "-cpu", cpu, "-smp", "1", "-m", "256M",
@@ -260,23 +337,85 @@ def parse_job_memory(scontrol_line: str, cpus: int) -> int | None:
     return None
 
 
-def guest_memory(ctx: Context) -> tuple[int, str]:
-    """(MiB, where from): --charlie-mem, else the job's memory request minus
-    vm.memory_overhead_mib, else vm.memory_mib."""
-    cfg = ctx.cfg
-    if ctx.opts.mem:
-        return ctx.opts.mem, "--charlie-mem"
+def job_memory(ctx: Context) -> int | None:
+    """MiB the job has on this node (its --mem/--mem-per-cpu), None when it
+    asked for none."""
     scontrol = shutil.which("scontrol") or "/usr/bin/scontrol"
     try:
         p = run([scontrol, "-o", "show", "job", ctx.job_id], timeout=30, check=False)
-        asked = parse_job_memory(p.stdout.decode(errors="replace"), ctx.cpus) \
-            if p.returncode == 0 else None
     except NodeFault:
-        asked = None
+        return None
+    return parse_job_memory(p.stdout.decode(errors="replace"), ctx.cpus) \
+        if p.returncode == 0 else None
+
+
+def guest_memory(ctx: Context) -> tuple[int, str, int | None]:
+    """(MiB, where from, the job's MiB on the node or None): --charlie-mem,
+    else the job's memory request minus vm.memory_overhead_mib, else
+    vm.memory_mib."""
+    cfg = ctx.cfg
+    asked = job_memory(ctx)
+    if ctx.opts.mem:
+        return ctx.opts.mem, "--charlie-mem", asked
     if asked:
         return max(128, asked - cfg["vm.memory_overhead_mib"]), \
-            f"the job's {asked} MiB minus vm.memory_overhead_mib"
-    return cfg["vm.memory_mib"], "vm.memory_mib"
+            f"the job's {asked} MiB minus vm.memory_overhead_mib", asked
+    return cfg["vm.memory_mib"], "vm.memory_mib", None
+
+
+def _node_memory_mib() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
+def check_bounds(ctx: Context, mem: int, job_mib: int | None, tmp_mib: int) -> None:
+    """The guest stays inside the job's allocation on this node: CPUs <= the
+    job's CPUs here, memory + QEMU's share <= the job's memory here (or the
+    node's memory when the job asked for none), tmp disk <= the site bound."""
+    cfg = ctx.cfg
+    cpus = ctx.opts.cpus or ctx.cpus
+    if cpus > ctx.cpus:
+        raise UserError("--charlie-cpus", f"{cpus} guest CPUs, but the job has "
+                        f"{ctx.cpus} CPUs on {ctx.node}", cpus,
+                        hint="ask Slurm for more (-c/--cpus-per-task, --ntasks-per-node) "
+                        "or give a smaller --charlie-cpus")
+    need = mem + cfg["vm.memory_overhead_mib"]
+    have, what = (job_mib, "the job's memory") if job_mib else \
+        (_node_memory_mib(), "the node's memory")
+    if need > have:
+        raise UserError("--charlie-mem" if ctx.opts.mem else "guest memory",
+                        f"{mem} MiB guest memory + {cfg['vm.memory_overhead_mib']} MiB "
+                        f"for QEMU exceed {what} on {ctx.node} ({have} MiB)", mem,
+                        hint="ask Slurm for more memory (--mem) or give a smaller "
+                        "--charlie-mem")
+    limit = cfg["vm.disk_max_mib"]
+    if limit and tmp_mib > limit:
+        raise UserError("--charlie-tmp-size", f"{tmp_mib} MiB is more than this site "
+                        f"allows ({limit} MiB, vm.disk_max_mib)", tmp_mib,
+                        hint="give a smaller --charlie-tmp-size")
+
+
+def check_disk_space(ctx: Context, tmp_mib: int, image_mib: int) -> None:
+    """The guest's disks can grow to tmp + the image's virtual size: that
+    must fit the site bound and the free space of the runtime root."""
+    limit = ctx.cfg["vm.disk_max_mib"]
+    total = tmp_mib + image_mib
+    if limit and total > limit:
+        raise UserError("vm disks", f"/ch/tmp ({tmp_mib} MiB) and the image's virtual "
+                        f"size ({image_mib} MiB) exceed this site's bound "
+                        f"({limit} MiB, vm.disk_max_mib)", ctx.opts.image,
+                        hint="give a smaller --charlie-tmp-size or use a smaller image")
+    fd = os.open(ctx.paths.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        st = os.fstatvfs(fd)
+    finally:
+        os.close(fd)
+    free = st.f_bavail * st.f_frsize >> 20
+    if total > free:
+        raise UserError("vm disks", f"/ch/tmp ({tmp_mib} MiB) and the image's virtual "
+                        f"size ({image_mib} MiB) could outgrow the {free} MiB free on "
+                        f"{ctx.node}", ctx.opts.image,
+                        hint="give a smaller --charlie-tmp-size, or ask the site for "
+                        "nodes with more local disk")
 
 
 def ssh_port(cfg: config.Config, job_id: str) -> int:
@@ -382,40 +521,41 @@ class VMBackend(Backend):
         # the image itself was checked as the user by validate.resolve (the
         # prolog's prepare step calls this back end's check())
         tmp_mib = ctx.opts.tmp_size or cfg["vm.tmp_size_mib"]
-        cache = call_as(ctx.user, _make_disks, qemu_img, ctx.opts.image, fmt,
-                        p["overlay"], p["tmp"], tmp_mib)
+        mem, source, job_mib = guest_memory(ctx)
+        check_bounds(ctx, mem, job_mib, tmp_mib)
+        cache, vsize = call_as(ctx.user, _make_disks, qemu_img, ctx.opts.image, fmt,
+                               p["overlay"], p["tmp"], tmp_mib)
+        check_disk_space(ctx, tmp_mib, vsize)
         warnings = []
         if cache != "none":
             warnings.append(f"node {ctx.node}: the runtime directory has no O_DIRECT; "
                             "guest disks use the host page cache (cache=writeback)")
         call_as(ctx.user, _remove, *(p[k] for k in ("qmp", "console", "ready", "down")))
-        mem, source = guest_memory(ctx)
         log.info("guest %d memory: %d MiB (%s)", n, mem, source)
         ctx = dataclasses.replace(ctx, mem_mib=mem)
         argv = self.argv(ctx, cache, fmt)
         log.info("starting guest %d as %s: %s", n, ctx.user, " ".join(argv))
         fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, f"{n}_qemu.log")
         if fd is None:
-            raise NodeFault("job directory", "cannot open", p["qemu_log"])
-        with os.fdopen(fd, "ab") as f:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f, cwd="/",
-                env=ctx.user.env(), user=ctx.user.uid, group=ctx.user.gid,
-                extra_groups=list(ctx.user.groups), start_new_session=True)
-        info = {"qemu_pid": proc.pid, "qemu_start": starttime(proc.pid),
-                "guest": n, "image": ctx.opts.image, "format": fmt,
+            raise UserError("job directory", "cannot open", p["qemu_log"],
+                            hint="was out/ changed while the job started?")
+        try:
+            proc, rec = privileged.spawn(ctx.user, argv, fd, "qemu")
+        finally:
+            os.close(fd)
+        ctx.spawned(rec)
+        info = {"guest": n, "image": ctx.opts.image, "format": fmt,
                 "commit": ctx.opts.commit == n, "work_dir": ctx.work_dir,
                 "batch": bool(ctx.opts.job) and not ctx.opts.interactive}
-        call_as(ctx.user, write_file, p["record"], f"{proc.pid} {info['qemu_start']}\n",
-                0o600)
+        call_as(ctx.user, write_file, p["record"], f"{proc.pid} {rec.start}\n", 0o600)
         port = ssh_port(cfg, ctx.job_id)
         if port:
             call_as(ctx.user, write_file, f"{ctx.paths.run}/{n}.ssh", f"{port}\n", 0o600)
         deadline = time.monotonic() + cfg["timeouts.boot"]
-        while not os.path.exists(p["ready"]):
+        while layout.lstat_in_job(ctx.paths, "meta", "sync", f"{n}.ready") is None:
             if proc.poll() is not None:
-                qlog = call_as(ctx.user, read_tail, p["qemu_log"], 5)
-                con = call_as(ctx.user, read_tail, p["console_log"], 10)
+                qlog = call_as(ctx.user, read_tail, p["qemu_log"], 5, limit=30)
+                con = call_as(ctx.user, read_tail, p["console_log"], 10, limit=30)
                 raise UserError(f"guest {n}", f"QEMU exited with {proc.returncode} "
                                 "before the guest was ready",
                                 (qlog or con).strip().splitlines()[-1] if (qlog or con)
@@ -423,8 +563,9 @@ class VMBackend(Backend):
                                 hint=f"console tail:\n{con}\n(check vm.accel and "
                                 "vm.cpu_model in the site config if QEMU itself failed)")
             if time.monotonic() > deadline:
-                proc.kill()
-                con = call_as(ctx.user, read_tail, p["console_log"], 15)
+                proc.kill()  # our own child, not yet reaped: the pid is still it
+                proc.wait()
+                con = call_as(ctx.user, read_tail, p["console_log"], 15, limit=30)
                 raise UserError(f"guest {n}", "not ready after "
                                 f"{cfg['timeouts.boot']} s (timeouts.boot)",
                                 hint=f"console tail:\n{con}")
@@ -437,67 +578,65 @@ class VMBackend(Backend):
         return info
 
     # -- epilog ---------------------------------------------------------------
-    def _find_qemu(self, ctx: Context, backend: dict[str, Any]) -> int | None:
-        pid, start = backend.get("qemu_pid"), backend.get("qemu_start")
-        if pid and start and starttime(pid) == start and not is_zombie(pid):
-            return pid
+    def _sweep_qemu(self, ctx: Context) -> privileged.ProcRecord | None:
+        """No record (the prolog died before writing it): the job user's
+        QEMU whose command line names this job and its run directory."""
         needle = f"charlie-{ctx.job_id}-chgu".encode()
         run_dir = ctx.paths.run.encode()
         for pid in pids_of(ctx.user.uid):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
+                    cmd = f.read(1 << 16)
+                exe = os.readlink(f"/proc/{pid}/exe")
             except OSError:
                 continue
-            if needle in cmd and run_dir in cmd and not is_zombie(pid):
-                return pid
+            start = starttime(pid)
+            if needle in cmd and run_dir in cmd and start and not is_zombie(pid):
+                return privileged.ProcRecord("qemu", pid, start, ctx.user.uid, exe)
         return None
 
-    def stop(self, ctx: Context, state: dict[str, Any] | None) -> None:
+    def stop(self, ctx: Context, record: Any) -> None:
         cfg = ctx.cfg
-        backend = (state or {}).get("backend") or {}
-        n = int(backend.get("guest", ctx.guest_id))
+        facts = record.facts if record is not None else {}
+        qemu = record.proc("qemu") if record is not None else self._sweep_qemu(ctx)
+        n = facts.get("guest") if type(facts.get("guest")) is int else ctx.guest_id
         ctx = dataclasses.replace(ctx, guest_id=n)
         p = self._paths(ctx)
-        pid = self._find_qemu(ctx, backend)
         clean = False
-        if pid is not None:
-            acked = call_as(ctx.user, _poweroff_as_user, f"{ctx.paths.meta}/sync", p["qmp"])
+        if qemu is not None and privileged.alive(qemu):
+            try:
+                acked = call_as(ctx.user, _poweroff_as_user, f"{ctx.paths.meta}/sync",
+                                p["qmp"], limit=30)
+            except UserError as e:
+                log.warning("guest %d: power-off request: %s", n, e.line())
+                acked = False
             log.info("guest %d: power-off requested (ACPI %s)", n,
                      "acknowledged" if acked else "not acknowledged")
-            deadline = time.monotonic() + cfg["timeouts.shutdown"]
-            while not is_zombie(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if not is_zombie(pid):
-                log.warning("guest %d: no clean power-off in %d s; killing QEMU",
-                            n, cfg["timeouts.shutdown"])
-                os.kill(pid, signal.SIGKILL)
-                deadline = time.monotonic() + cfg["timeouts.kill"]
-                while not is_zombie(pid) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if not is_zombie(pid):
-                    raise NodeFault("vm", "QEMU did not die", pid,
-                                    hint="look for QEMU in D state (hung I/O)")
+            if privileged.stop_process(qemu, cfg["timeouts.shutdown"], cfg["timeouts.kill"],
+                                       first=None):
+                down = call_as(ctx.user, read_small, p["down"], limit=30)
+                clean = (down or "").startswith("clean")
             else:
-                clean = (call_as(ctx.user, _read_small, p["down"]) or "").startswith("clean")
+                log.warning("guest %d: no clean power-off in %d s; QEMU killed",
+                            n, cfg["timeouts.shutdown"])
         note = None
-        if backend.get("commit"):
-            note = self._commit_or_keep(ctx, backend, p, clean)
-        work_dir = backend.get("work_dir")
-        if work_dir:
-            dest = os.path.join(work_dir, f"charlie-{ctx.job_id}")
-            saved = call_as(ctx.user, _save_outputs, ctx.paths.out, dest, n, note)
+        if facts.get("commit") is True and isinstance(facts.get("image"), str):
+            note = self._commit_or_keep(ctx, facts, p, clean)
+        work_dir = facts.get("work_dir")
+        if isinstance(work_dir, str) and work_dir.startswith("/"):
+            saved = call_as(ctx.user, _save_outputs, ctx.paths.out, work_dir,
+                            f"charlie-{ctx.job_id}", n, note, limit=120)
             if saved:
                 log.info("guest %d outputs saved in %s", n, saved)
 
-    def _commit_or_keep(self, ctx: Context, backend: dict[str, Any],
+    def _commit_or_keep(self, ctx: Context, facts: dict[str, Any],
                         p: dict[str, str], clean: bool) -> str:
         cfg, n = ctx.cfg, ctx.guest_id
         qemu_img = shutil.which(cfg["vm.qemu_img"]) or cfg["vm.qemu_img"]
-        image = backend.get("image")
+        image = facts.get("image")
         if clean:
             ok, why = call_as(ctx.user, _commit, qemu_img, p["overlay"],
-                              cfg["timeouts.commit"])
+                              cfg["timeouts.commit"], limit=2 * cfg["timeouts.commit"] + 120)
             if ok:
                 msg = f"guest {n}: changes committed into {image}"
                 log.info("%s", msg)
@@ -506,7 +645,7 @@ class VMBackend(Backend):
             why = "the guest did not shut down cleanly"
         kept = layout.create_user_dir(cfg.kept_dir(ctx.node), ctx.user.uid, ctx.user.gid)
         dst = call_as(ctx.user, _keep, p["overlay"], kept,
-                      f"job{ctx.job_id}-chgu{n}.overlay.qcow2")
+                      f"job{ctx.job_id}-chgu{n}.overlay.qcow2", limit=60)
         msg = (f"guest {n}: NOT committed into {image} ({why}); its changes are "
                f"kept in {dst} on {ctx.node}; commit later with: "
                f"slurm-charlie commit {dst}")

@@ -1,0 +1,580 @@
+"""Everything root does for a job, in one place.
+
+Like OpenSSH's privilege-separation monitor, this module is the fixed set of
+operations the hooks perform as root; everything else (parsing user data,
+reading user paths, templating) runs as the job user through proc.call_as.
+A reviewer finds every root action on a job here:
+
+    Records(root)                 root's own record of a job, kept in
+                                  <runtime_root>/.root/ (root, 0700): what
+                                  root started and what it must undo.  The
+                                  epilog acts on this record only; files in
+                                  the user-owned job directory are hints.
+    create_job_dir(paths, user)   <runtime_root>/<job>, owned by the user, 0700
+    remove_tree(parent, name)     iterative removal, no link followed, nothing
+                                  opened that can block, no recursion limit
+    spawn(user, argv, log_fd)     start a program as the user, recorded
+    signal_process(rec, sig)      signal a recorded process through a pidfd,
+                                  only if it is still the job user's process
+                                  with the recorded start time and program
+    kill_user_processes(uid, fn)  SIGKILL the user's processes fn selects,
+                                  each identified by pidfd before it is hit
+    drain(node, err)              scontrol update State=DRAIN
+
+Inputs are typed and checked here (job ids are digits, uids are ints,
+records are schema-checked); no path handed in is followed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from typing import Any, Callable, Iterable
+
+from . import layout
+from .config import check_root_safe
+from .errors import CharlieError, NodeFault
+from .proc import User, is_zombie, log, pids_of, run, starttime
+
+RECORD_DIR = ".root"
+RECORD_VERSION = 1
+RECORD_MAX = 1 << 20
+
+
+# --- root's records -----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ProcRecord:
+    """A process root started: identified by more than its pid."""
+    role: str           # "qemu", "holder"
+    pid: int
+    start: int          # /proc/PID/stat field 22 (clock ticks since boot)
+    uid: int
+    exe: str            # /proc/PID/exe when started
+    mntns: int = 0      # container holder: its mount namespace inode
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ProcRecord":
+        if not isinstance(d, dict):
+            raise ValueError("process record is not an object")
+        out = cls(role=_typed(d, "role", str), pid=_typed(d, "pid", int),
+                  start=_typed(d, "start", int), uid=_typed(d, "uid", int),
+                  exe=_typed(d, "exe", str), mntns=_typed(d, "mntns", int, 0))
+        if out.pid <= 1 or out.start <= 0 or out.uid <= 0:
+            raise ValueError("process record out of range")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    uid: int
+    gid: int
+    type: str = "none"          # container | vm | none (resolved by root)
+    guest_id: int = 0
+    phase: str = "preparing"    # preparing | started
+    procs: tuple[ProcRecord, ...] = ()
+    facts: dict = dataclasses.field(default_factory=dict)  # back end's own
+
+    def to_json(self) -> bytes:
+        d = dataclasses.asdict(self)
+        d["version"] = RECORD_VERSION
+        return json.dumps(d, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "JobRecord":
+        d = json.loads(data)
+        if not isinstance(d, dict) or d.get("version") != RECORD_VERSION:
+            raise ValueError("not a version-1 record")
+        procs = d.get("procs", [])
+        facts = d.get("facts", {})
+        if not isinstance(procs, list) or not isinstance(facts, dict):
+            raise ValueError("bad record")
+        rec = cls(job_id=_typed(d, "job_id", str), uid=_typed(d, "uid", int),
+                  gid=_typed(d, "gid", int), type=_typed(d, "type", str, "none"),
+                  guest_id=_typed(d, "guest_id", int, 0),
+                  phase=_typed(d, "phase", str, "preparing"),
+                  procs=tuple(ProcRecord.from_dict(p) for p in procs), facts=facts)
+        layout.check_job_id(rec.job_id)
+        return rec
+
+    def proc(self, role: str) -> ProcRecord | None:
+        return next((p for p in self.procs if p.role == role), None)
+
+
+def _typed(d: dict, key: str, kind: type, default: Any = ...) -> Any:
+    value = d.get(key, default)
+    if value is ... or type(value) is not kind:  # bool is not int here
+        raise ValueError(f"{key}: expected {kind.__name__}")
+    return value
+
+
+class Records:
+    """<runtime_root>/.root/<job>.json, written and read by root only."""
+
+    def __init__(self, runtime_root: str) -> None:
+        self.root = runtime_root
+
+    def _dirfd(self, create: bool) -> int | None:
+        if create:
+            rootfd = layout._open_root(self.root)
+        else:
+            check_root_safe(self.root)
+            try:
+                rootfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise NodeFault("runtime_root", f"cannot open: {e.strerror}",
+                                self.root) from None
+        try:
+            if create:
+                try:
+                    os.mkdir(RECORD_DIR, 0o700, dir_fd=rootfd)
+                except FileExistsError:
+                    pass
+            try:
+                fd = os.open(RECORD_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                             dir_fd=rootfd)
+            except FileNotFoundError:
+                return None
+        finally:
+            os.close(rootfd)
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            if create:
+                os.fchown(fd, os.geteuid(), os.getegid())
+                os.fchmod(fd, 0o700)
+            else:
+                os.close(fd)
+                raise NodeFault("runtime_root", f"{RECORD_DIR} is not root's and 0700",
+                                os.path.join(self.root, RECORD_DIR),
+                                hint="remove it; slurm-charlie recreates it")
+        return fd
+
+    def write(self, rec: JobRecord) -> None:
+        layout.check_job_id(rec.job_id)
+        fd = self._dirfd(create=True)
+        assert fd is not None
+        name = f"{rec.job_id}.json"
+        tmp = f"{name}.tmp.{os.getpid()}"
+        try:
+            f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                        0o600, dir_fd=fd)
+            try:
+                os.write(f, rec.to_json())
+                os.fsync(f)
+            finally:
+                os.close(f)
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except OSError as e:
+            raise NodeFault("runtime_root", f"cannot write root's job record: {e.strerror}",
+                            os.path.join(self.root, RECORD_DIR, name)) from None
+        finally:
+            os.close(fd)
+
+    def read(self, job_id: str) -> JobRecord | None:
+        """The record, or None when there is none.  A record that does not
+        parse is reported and treated as none (root wrote it; only a crash
+        mid-write or a disk fault gets here)."""
+        layout.check_job_id(job_id)
+        fd = self._dirfd(create=False)
+        if fd is None:
+            return None
+        try:
+            data = _read_regular(fd, f"{job_id}.json", RECORD_MAX)
+        finally:
+            os.close(fd)
+        if data is None:
+            return None
+        try:
+            rec = JobRecord.from_json(data)
+        except (ValueError, TypeError) as e:
+            log.warning("root's record of job %s is unreadable (%s); ignored", job_id, e)
+            return None
+        return rec if rec.job_id == job_id else None
+
+    def remove(self, job_id: str) -> None:
+        layout.check_job_id(job_id)
+        fd = self._dirfd(create=False)
+        if fd is None:
+            return
+        try:
+            os.unlink(f"{job_id}.json", dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+
+    def job_ids(self) -> list[str]:
+        fd = self._dirfd(create=False)
+        if fd is None:
+            return []
+        try:
+            return sorted((n[:-5] for n in os.listdir(fd)
+                           if n.endswith(".json") and n[:-5].isascii()
+                           and n[:-5].isdigit()), key=int)
+        finally:
+            os.close(fd)
+
+
+def _read_regular(dirfd: int, name: str, limit: int) -> bytes | None:
+    """Read a small regular file below dirfd without following a link and
+    without blocking (a FIFO is refused); None when missing or not regular."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dirfd)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+# --- the job directory ---------------------------------------------------------
+
+def create_job_dir(paths: layout.JobPaths, user: User) -> None:
+    """<runtime_root>/<job>, owned by the user, 0700, always new: whatever a
+    job of the same id left there is removed first (a reused id inherits
+    nothing)."""
+    layout.check_job_id(paths.job_id)
+    rootfd = layout._open_root(paths.root)
+    try:
+        remove_tree(rootfd, paths.job_id)
+    finally:
+        os.close(rootfd)
+    layout.create_job_dir(paths, user.uid, user.gid)
+
+
+def remove_job_dir(paths: layout.JobPaths) -> bool:
+    """Remove the job directory; True when something was there."""
+    layout.check_job_id(paths.job_id)
+    try:
+        rootfd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise NodeFault("runtime_root", f"cannot open: {e.strerror}", paths.root) from None
+    try:
+        return remove_tree(rootfd, paths.job_id)
+    finally:
+        os.close(rootfd)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: directory fds held at once while removing; deeper levels are reopened
+MAX_HELD = 64
+
+
+def remove_tree(parent_fd: int, name: str) -> bool:
+    """Remove parent_fd/name and everything below it, iteratively.
+
+    Never follows a symbolic link (entries are unlinked, directories opened
+    with O_NOFOLLOW|O_DIRECTORY relative to their parent's fd), opens nothing
+    but directories (so a FIFO cannot block it), and needs neither recursion
+    nor one fd per level: at most MAX_HELD directory fds are held, and a
+    level whose fd was let go is reopened from its parent by name and checked
+    by (device, inode).  If someone changes the tree under it, it starts
+    again from the top.  True when something was removed; NodeFault when the
+    tree cannot be removed (a mount inside, EBUSY, a disk error)."""
+    try:
+        st = os.lstat(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=parent_fd)
+        return True
+    for _attempt in range(100):
+        try:
+            if _remove_tree_once(parent_fd, name):
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            os.lstat(name, dir_fd=parent_fd)
+        except FileNotFoundError:
+            return True
+    raise NodeFault("job directory", "cannot remove: it keeps changing under removal",
+                    name, hint="a process outside the job writes into it; stop it")
+
+
+def _remove_tree_once(parent_fd: int, name: str) -> bool:
+    # stack entries: [name in parent, fd or -1, (dev, ino)]
+    top = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    st = os.fstat(top)
+    stack: list[list[Any]] = [[name, top, (st.st_dev, st.st_ino)]]
+    try:
+        while stack:
+            fd = _level_fd(parent_fd, stack)
+            if fd is None:
+                return False  # changed under us: start again
+            child = None
+            try:
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                child = entry.name
+                                break
+                            os.unlink(entry.name, dir_fd=fd)
+                        except (FileNotFoundError, IsADirectoryError):
+                            continue
+            except OSError as e:
+                raise NodeFault("job directory", f"cannot list: {e.strerror}",
+                                "/".join(s[0] for s in stack)) from None
+            if child is not None:
+                try:
+                    cfd = os.open(child, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped
+                        continue
+                    raise
+                cst = os.fstat(cfd)
+                stack.append([child, cfd, (cst.st_dev, cst.st_ino)])
+                if len(stack) > MAX_HELD:  # let go of a level; reopened later
+                    held = stack[-MAX_HELD - 1]
+                    if held[1] >= 0 and len(stack) - MAX_HELD - 1 > 0:
+                        os.close(held[1])
+                        held[1] = -1
+                continue
+            # empty: remove it from its parent
+            done = stack.pop()
+            os.close(done[1])
+            if stack:
+                pfd = _level_fd(parent_fd, stack)
+                if pfd is None:
+                    return False
+                try:
+                    os.rmdir(done[0], dir_fd=pfd)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    if e.errno == errno.ENOTEMPTY:  # something was added; again
+                        continue
+                    raise NodeFault("job directory", f"cannot remove: {e.strerror}",
+                                    done[0], hint="look for mounts below it and "
+                                    "processes using it (fuser -vm)") from None
+            else:
+                try:
+                    os.rmdir(name, dir_fd=parent_fd)
+                except OSError as e:
+                    if e.errno == errno.ENOTEMPTY:
+                        return False
+                    if e.errno != errno.ENOENT:
+                        raise NodeFault("job directory", f"cannot remove: {e.strerror}",
+                                        name, hint="look for mounts below it and "
+                                        "processes using it (fuser -vm)") from None
+                return True
+        return True
+    finally:
+        for entry in stack:
+            if entry[1] >= 0:
+                os.close(entry[1])
+
+
+def _level_fd(parent_fd: int, stack: list[list[Any]]) -> int | None:
+    """The fd of the deepest level, reopening let-go levels top-down from
+    the nearest held one; None when a level is no longer what it was."""
+    if stack[-1][1] >= 0:
+        return stack[-1][1]
+    i = len(stack) - 1
+    while stack[i][1] < 0:
+        i -= 1
+    for j in range(i + 1, len(stack)):
+        try:
+            fd = os.open(stack[j][0], _DIR_FLAGS, dir_fd=stack[j - 1][1])
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != stack[j][2]:
+            os.close(fd)
+            return None
+        stack[j][1] = fd
+    # keep at most MAX_HELD open: let go of the levels above the window again
+    for j in range(1, max(1, len(stack) - MAX_HELD)):
+        if stack[j][1] >= 0:
+            os.close(stack[j][1])
+            stack[j][1] = -1
+    return stack[-1][1]
+
+
+# --- processes -----------------------------------------------------------------
+
+def _status_uids(pid: int) -> tuple[int, ...] | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return tuple(int(x) for x in line.split()[1:])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def _is_users(pid: int, uid: int) -> bool:
+    """Every uid of pid (real, effective, saved, fs) is the job user's: a
+    setuid program the user started is not the user's to have killed."""
+    uids = _status_uids(pid)
+    return bool(uids) and all(u == uid for u in uids)
+
+
+def spawn(user: User, argv: list[str], log_fd: int, role: str, cwd: str = "/",
+          env: dict[str, str] | None = None, pass_fds: Iterable[int] = ()
+          ) -> tuple[subprocess.Popen, ProcRecord]:
+    """Start argv as the user (its groups, no way back to root), stdout and
+    stderr to log_fd, in a session of its own; returns it and its record."""
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, cwd=cwd,
+            env=env if env is not None else user.env(), user=user.uid, group=user.gid,
+            extra_groups=list(user.groups), start_new_session=True,
+            pass_fds=tuple(pass_fds))
+    except FileNotFoundError:
+        raise NodeFault(argv[0], "program not found",
+                        hint="install it or fix its path in the site config") from None
+    rec = ProcRecord(role=role, pid=proc.pid, start=starttime(proc.pid) or 0,
+                     uid=user.uid, exe=_exe(proc.pid) or argv[0])
+    return proc, rec
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    except OSError as e:  # pidfd_open needs Linux 5.3
+        log.debug("pidfd_open(%d): %s", pid, e.strerror)
+        return -1
+
+
+def _send(pid: int, pidfd: int, sig: int) -> None:
+    if pidfd >= 0:
+        signal.pidfd_send_signal(pidfd, sig)
+    else:
+        os.kill(pid, sig)
+
+
+def matches(rec: ProcRecord) -> bool:
+    """pid is still the process root recorded (start time, owner, program)."""
+    exe = _exe(rec.pid)
+    return (starttime(rec.pid) == rec.start and _is_users(rec.pid, rec.uid)
+            and exe is not None and exe.removesuffix(" (deleted)") == rec.exe
+            .removesuffix(" (deleted)"))
+
+
+def signal_process(rec: ProcRecord, sig: int) -> bool:
+    """Send sig to the recorded process if it still is that process: opened
+    by pidfd first, then checked, so the pid cannot be reused in between.
+    False when it is gone or is not the process root started."""
+    pidfd = _pidfd(rec.pid)
+    if pidfd is None:
+        return False
+    try:
+        if not matches(rec):
+            if starttime(rec.pid) is not None and not is_zombie(rec.pid):
+                log.warning("pid %d is not the %s root started (start time, owner or "
+                            "program differ); not signalled", rec.pid, rec.role)
+            return False
+        try:
+            _send(rec.pid, pidfd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def alive(rec: ProcRecord) -> bool:
+    """The recorded process still runs (not gone, not a zombie)."""
+    return starttime(rec.pid) == rec.start and not is_zombie(rec.pid)
+
+
+def stop_process(rec: ProcRecord, grace: float, kill_wait: float,
+                 first: int | None = signal.SIGTERM) -> bool:
+    """Wait up to grace seconds for the recorded process to end (after
+    `first`, when given), then SIGKILL it.  True when it ended; NodeFault
+    when it survives SIGKILL for kill_wait seconds (a node fact)."""
+    if first is not None:
+        signal_process(rec, first)
+    deadline = time.monotonic() + grace
+    while alive(rec) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not alive(rec):
+        return True
+    signal_process(rec, signal.SIGKILL)
+    deadline = time.monotonic() + kill_wait
+    while alive(rec) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive(rec):
+        raise NodeFault(rec.role, "process did not die after SIGKILL", rec.pid,
+                        hint="look for it in D state (hung I/O)")
+    return False
+
+
+def kill_user_processes(uid: int, select: Callable[[int], bool], kill_wait: float,
+                        what: str) -> int:
+    """SIGKILL every process of uid that select(pid) picks.  Each is opened
+    by pidfd, then checked (owner, select) and signalled through the pidfd.
+    Waits kill_wait seconds; NodeFault when any survives.  Returns how many."""
+    if uid <= 0:
+        raise NodeFault("kill", "refusing to kill processes of uid", uid)
+    hit: list[tuple[int, int]] = []
+    for pid in pids_of(uid):
+        pidfd = _pidfd(pid)
+        if pidfd is None:
+            continue
+        try:
+            if not (_is_users(pid, uid) and select(pid)):
+                continue
+            start = starttime(pid)
+            try:
+                _send(pid, pidfd, signal.SIGKILL)
+                hit.append((pid, start or 0))
+            except ProcessLookupError:
+                pass
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+    deadline = time.monotonic() + kill_wait
+    left = hit
+    while left and time.monotonic() < deadline:
+        left = [(p, s) for p, s in left if starttime(p) == s and not is_zombie(p)]
+        time.sleep(0.02)
+    if left:
+        raise NodeFault(what, "processes did not die after SIGKILL",
+                        " ".join(str(p) for p, _ in left),
+                        hint="look for processes in D state (hung I/O)")
+    return len(hit)
+
+
+# --- the node -------------------------------------------------------------------
+
+def drain(node: str, err: CharlieError) -> None:
+    """Take the node out of service with a reason that says what to fix."""
+    reason = f"slurm-charlie: {err.line()}"[:200]
+    scontrol = shutil.which("scontrol") or "/usr/bin/scontrol"
+    try:
+        run([scontrol, "update", f"NodeName={node}", "State=DRAIN",
+             f"Reason={reason}"], timeout=30)
+    except CharlieError as e:
+        log.error("could not drain %s: %s", node, e.line())
