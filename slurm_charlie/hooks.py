@@ -122,6 +122,13 @@ def _ssh_keys(cfg: config.Config, job_id: str, uid: int) -> dict[str, str] | Non
     return {"private": private.decode(), "public": public.decode()}
 
 
+def _record_error(path: str, text: str) -> None:
+    """As the user: run/error, for the shim to show in every task (run/ may
+    not exist yet when the options themselves were refused)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    layout.write_file(path, text, 0o600)
+
+
 def _task_env_lines(pairs: list[tuple[str, str]]) -> bytes:
     # raw NAME=VALUE lines for the shim (values never contain newlines)
     return "".join(f"{k}={v}\n" for k, v in pairs).encode()
@@ -293,8 +300,8 @@ def _prolog(env: Mapping[str, str]) -> int:
         log.error("%s (job fails, node stays in service)", e.line())
         if user is not None and paths is not None:
             try:  # every task prints this and fails (the shim's task_init)
-                call_as(user, layout.write_file, paths.error,
-                        (format_message(e, job_id) + "\n").encode())
+                call_as(user, _record_error, paths.error,
+                        format_message(e, job_id) + "\n", limit=30)
             except CharlieError as e2:
                 log.error("cannot record the error for the job: %s", e2.line())
         return 0
@@ -315,6 +322,12 @@ def _user_has_other_jobs(root: str, job_id: str, uid: int) -> bool:
     return False
 
 
+def _shm_name(rest: str) -> str:
+    """The /dev/shm entry a path below it names: its first component, with
+    blanks kept (names may have them) and the kernel's " (deleted)" cut."""
+    return rest.removesuffix(" (deleted)").split("/")[0]
+
+
 def _shm_in_use(uid: int, shm_dir: str) -> set[str]:
     """Names in shm_dir that a live process of uid has open or mapped."""
     used: set[str] = set()
@@ -322,13 +335,13 @@ def _shm_in_use(uid: int, shm_dir: str) -> set[str]:
     for pid in pids_of(uid):
         for target in fd_targets(pid):
             if target.startswith(prefix):
-                used.add(target[len(prefix):].split("/")[0].split(" ")[0])
+                used.add(_shm_name(target[len(prefix):]))
         try:
             with open(f"/proc/{pid}/maps") as f:
                 for line in f:
                     at = line.find(prefix)
                     if at >= 0:
-                        used.add(line[at + len(prefix):].split("/")[0].split()[0])
+                        used.add(_shm_name(line[at + len(prefix):].rstrip("\n")))
         except OSError:
             continue
     return used

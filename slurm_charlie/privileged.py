@@ -423,7 +423,7 @@ def _status_uids(pid: int) -> tuple[int, ...] | None:
     return None
 
 
-def _exe(pid: int) -> str | None:
+def exe_of(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
@@ -452,7 +452,7 @@ def spawn(user: User, argv: list[str], log_fd: int, role: str, cwd: str = "/",
         raise NodeFault(argv[0], "program not found",
                         hint="install it or fix its path in the site config") from None
     rec = ProcRecord(role=role, pid=proc.pid, start=starttime(proc.pid) or 0,
-                     uid=user.uid, exe=_exe(proc.pid) or argv[0])
+                     uid=user.uid, exe=exe_of(proc.pid) or argv[0])
     return proc, rec
 
 
@@ -475,7 +475,7 @@ def _send(pid: int, pidfd: int, sig: int) -> None:
 
 def matches(rec: ProcRecord) -> bool:
     """pid is still the process root recorded (start time, owner, program)."""
-    exe = _exe(rec.pid)
+    exe = exe_of(rec.pid)
     return (starttime(rec.pid) == rec.start and _is_users(rec.pid, rec.uid)
             and exe is not None and exe.removesuffix(" (deleted)") == rec.exe
             .removesuffix(" (deleted)"))

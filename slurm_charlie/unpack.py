@@ -51,7 +51,7 @@ def check_members(members: list[tarfile.TarInfo], archive: str) -> str:
         norm = posixpath.normpath(m.name)
         if norm == ".." or norm.startswith("../") or "/../" in f"/{norm}/":
             raise bad("member path with '..'", m.name)
-        if m.isdev():
+        if m.ischr() or m.isblk():
             raise bad("device file", m.name)
         if not (m.isdir() or m.isreg() or m.issym() or m.islnk() or m.isfifo()):
             raise bad("unknown member type", m.name)

@@ -208,7 +208,9 @@ class ContainerBackend(Backend):
                             "(its /bin/sh never opened the holder FIFO)", ctx.opts.image,
                             hint="the image's /bin/sh must be a POSIX shell that "
                             "runs `exec 3<>FILE; read -r _ <&3`")
-        rec = dataclasses.replace(rec, mntns=mnt or 0)
+        # ch-run has exec'd the image's /bin/sh by now: record that program
+        rec = dataclasses.replace(rec, mntns=mnt or 0,
+                                  exe=privileged.exe_of(proc.pid) or rec.exe)
         ctx.spawned(rec)
         info = {"holder_mntns": mnt, "holder_userns": _ns_inode(proc.pid, "user"),
                 **image}  # "warnings" is taken out by the prolog

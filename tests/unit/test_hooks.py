@@ -191,8 +191,8 @@ def test_jobscript_link_and_copy_fallback(site, monkeypatch):
 
 
 def test_shm_cleanup_keeps_what_is_in_use():
-    """Entries some live process of the user has mapped or open stay, and so
-    do very young ones."""
+    """Entries some live process of the user has mapped or open stay (names
+    with blanks too), and so do very young ones."""
     import subprocess
     import sys
     from slurm_charlie.proc import User, call_as
@@ -201,7 +201,7 @@ def test_shm_cleanup_keeps_what_is_in_use():
     shm = os.path.join(base, "shm")
     os.mkdir(shm)
     os.chmod(shm, 0o1777)
-    for name in ("left-behind", "mapped", "open", "fresh"):
+    for name in ("left-behind", "mapped x", "open y", "fresh"):
         with open(os.path.join(shm, name), "wb") as f:
             f.write(b"x" * 4096)
         os.chown(os.path.join(shm, name), NOBODY, NOBODY)
@@ -211,16 +211,16 @@ def test_shm_cleanup_keeps_what_is_in_use():
     # a live process of the user (exec'd, as job tasks are) holding two entries
     holder = subprocess.Popen(
         [sys.executable, "-c", "import mmap, sys, time\n"
-         f"f = open({os.path.join(shm, 'mapped')!r}, 'r+b')\n"
+         f"f = open({os.path.join(shm, 'mapped x')!r}, 'r+b')\n"
          "m = mmap.mmap(f.fileno(), 4096)\nf.close()\n"
-         f"g = open({os.path.join(shm, 'open')!r}, 'rb')\n"
+         f"g = open({os.path.join(shm, 'open y')!r}, 'rb')\n"
          "print('ready', flush=True)\ntime.sleep(30)\n"],
         user=NOBODY, group=NOBODY, extra_groups=[], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
         removed = call_as(User.lookup(NOBODY), hooks.clean_shm_as_user, shm)
         assert removed == ["left-behind"]
-        assert sorted(os.listdir(shm)) == ["fresh", "mapped", "open", "roots"]
+        assert sorted(os.listdir(shm)) == ["fresh", "mapped x", "open y", "roots"]
     finally:
         holder.kill()
         holder.wait()

@@ -4,8 +4,8 @@ same through real jobs."""
 
 import io
 import os
+import stat
 import tarfile
-import time
 
 import pytest
 
@@ -62,6 +62,13 @@ BAD = [
     ([("hl", "lnk", "/etc/shadow")], "hard link pointing outside the image"),
     ([("hl", "lnk", "../x")], "hard link pointing outside the image"),
     ([("dev/null", "dev", None)], "device file"),
+    # an absolute link, then a file of the same name: would write through it
+    ([("etc", "dir", None), ("etc/passwd", "sym", "/etc/passwd"),
+      ("etc/passwd", "file", b"owned")], "member given twice"),
+    # a link, then a directory over it: would chmod its target
+    ([("d", "sym", "/etc"), ("d", "dir", None)], "member given twice"),
+    ([("a", "sym", "/etc"), ("hl", "lnk", "a/passwd")], "hard link to or through a symbolic link"),
+    ([("hl", "lnk", "later"), ("later", "file", b"x")], "hard link to a file not earlier"),
 ]
 
 
@@ -85,6 +92,60 @@ def test_garbage_tarball(tmp_path):
     bad.write_bytes(bad.read_bytes()[:40])
     with pytest.raises(UserError, match="cannot unpack"):
         unpack.unpack(str(bad), "tar.gz", str(tmp_path / "cache"), "1", 5)
+
+
+@pytest.mark.parametrize("mode,suffix,damage", [
+    ("w:xz", "tar.xz", "corrupt"), ("w:xz", "tar.xz", "truncate"),
+    ("w:gz", "tar.gz", "truncate"), ("w:bz2", "tar.bz2", "corrupt"),
+    ("w:bz2", "tar.bz2", "truncate")])
+def test_damaged_compressed_tarball_is_a_user_error(tmp_path, mode, suffix, damage):
+    """Zeroed bytes in the stream (lzma's LZMAError is not tarfile's) or a
+    cut-off download: a UserError, nothing left in the cache."""
+    bad = tmp_path / f"img.{suffix}"
+    make_tar(str(bad), GOOD_IMAGE + [("big", "file", b"compressible text " * 20000)], mode)
+    data = bytearray(bad.read_bytes())
+    if damage == "corrupt":
+        mid = len(data) // 2
+        data[mid:mid + 16] = bytes(16)
+    else:
+        data = data[:len(data) * 6 // 10]
+    bad.write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match="cannot unpack"):
+        unpack.unpack(str(bad), suffix, str(cache), "1", 5)
+    assert [p for p in os.listdir(cache) if p != "index"
+            and not p.endswith((".lock", ".jobs"))] == []
+
+
+def test_extraction_never_writes_through_a_link(tmp_path):
+    """Even with the member checks bypassed, the writer itself refuses to go
+    through a link already in the image or to replace an entry."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "img"
+    dest.mkdir()
+    os.symlink(str(outside), dest / "d")
+    tgz = make_tar(str(tmp_path / "x.tgz"), [("d/f", "file", b"x")])
+    with tarfile.open(tgz) as tar:
+        with pytest.raises(OSError):
+            unpack._write_members(tar, tar.getmembers(), str(dest))
+    assert os.listdir(outside) == []
+
+
+def test_fifo_member_and_modes(tmp_path):
+    tgz = str(tmp_path / "f.tgz")
+    with tarfile.open(tgz, "w:gz") as tar:
+        for name, typ, mode in (("bin", tarfile.DIRTYPE, 0o555), ("p", tarfile.FIFOTYPE, 0o644)):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = typ, mode
+            tar.addfile(info)
+        info = tarfile.TarInfo("bin/su")
+        info.mode, info.size = 0o4755, 2
+        tar.addfile(info, io.BytesIO(b"#!"))
+    image = unpack.unpack(tgz, "tar.gz", str(tmp_path / "c"), "1", 5)["image"]
+    assert stat.S_ISFIFO(os.lstat(os.path.join(image, "p")).st_mode)
+    assert os.stat(os.path.join(image, "bin/su")).st_mode & 0o7777 == 0o755  # no setuid
+    assert os.stat(os.path.join(image, "bin")).st_mode & 0o700 == 0o700  # cleanable
 
 
 def test_second_job_reuses_the_unpack(tmp_path):

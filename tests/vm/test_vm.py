@@ -427,13 +427,13 @@ def test_image_boot_loader_when_the_site_sets_no_kernel(cluster, guest):
 
 def test_guest_memory_follows_the_job_request(cluster, guest):
     """sbatch --mem=700M: the guest gets 700 MiB less vm.memory_overhead_mib
-    (256) for QEMU; --charlie-mem overrides it."""
+    (256) for QEMU; --charlie-mem overrides it (within the job's memory)."""
     wd = cluster.workdir("vm-mem")
     img = image_copy(cluster, guest, wd)
     cluster.write(os.path.join(wd, "job.sh"),
                   "#!/bin/sh\nawk '/MemTotal/ {print \"MEM\", $2}' /proc/meminfo\n")
     seen = {}
-    for name, args in (("asked", ["--mem=700M"]), ("given", ["--mem=700M", "--charlie-mem=600M"])):
+    for name, args in (("asked", ["--mem=700M"]), ("given", ["--mem=900M", "--charlie-mem=600M"])):
         p, job = cluster.sbatch(wd, ["-N1", "-w", "node2", "-o", f"{name}.out", *args,
                                      f"--charlie-image={img}", "--charlie-job=job.sh",
                                      "--wrap", "true"])

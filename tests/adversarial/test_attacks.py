@@ -1,0 +1,236 @@
+"""A hostile user against the root side, through real jobs on the sandbox.
+
+Each test is one attack class of the trust-boundary issue (see
+docs/security.rst), run as the unprivileged sandbox user with only sbatch,
+a shell in their own job and files they own.  Every one ends with: the
+victim untouched, the job failed (or succeeded) with a clear message, no
+node drained, no job directory, record or process left behind."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "cluster"))
+from conftest import USER, build_busybox_image, make_cluster  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return make_cluster()
+
+
+def settled(cluster):
+    """Nothing left: nodes in service, no job directory, no record of root's,
+    no process of the user."""
+    states = cluster.wait_nodes_idle(60)
+    assert all(s == "idle" for s in states.values()), states
+    assert cluster.job_dirs() == []
+    root = os.path.join(cluster.sb.state, "runtime")
+    records = [os.path.join(root, n, ".root", f) for n in os.listdir(root)
+               if os.path.isdir(os.path.join(root, n, ".root"))
+               for f in os.listdir(os.path.join(root, n, ".root"))]
+    assert records == []
+    assert cluster.user_processes() == []
+
+
+@pytest.fixture
+def victim():
+    """A root-owned process in the place of slurmd, sshd or munged."""
+    p = subprocess.Popen(["sleep", "600"])
+    time.sleep(0.1)
+    start = open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    yield p.pid, int(start)
+    p.kill()
+    p.wait()
+
+
+def test_state_json_cannot_make_root_kill(cluster, victim):
+    """Class 1: the job rewrites state.json to name a root process as its
+    QEMU (start time is public) and as its holder; the epilog acts on root's
+    own record only."""
+    pid, start = victim
+    wd = cluster.workdir("adv-kill")
+    cluster.write(os.path.join(wd, "job.sh"), f"""#!/bin/sh
+cat > "$CH_JOB_DIR/state.json" <<EOF
+{{"version": 1, "type": "vm", "phase": "started", "guest_id": 0,
+ "backend": {{"qemu_pid": {pid}, "qemu_start": {start}, "guest": 0,
+             "holder_pid": {pid}, "holder_start": {start}, "commit": true,
+             "image": "/etc/shadow", "work_dir": "/root"}}}}
+EOF
+echo rewritten
+""")
+    p, jobid = cluster.sbatch(wd, ["-N1", "--charlie-type=none", "-o", "out",
+                                   "job.sh"])
+    assert p.returncode == 0, p.stderr
+    assert "rewritten" in open(os.path.join(wd, "out")).read()
+    cluster.wait_done(jobid)
+    time.sleep(1)
+    assert os.path.exists(f"/proc/{pid}"), "the epilog killed a root process"
+    assert not os.path.exists("/root/charlie-" + jobid)
+    settled(cluster)
+
+
+def test_deep_tree_in_job_dir_does_not_drain(cluster):
+    """Class 2: a directory tree thousands of levels deep in the job
+    directory (deeper than Python's recursion limit and PATH_MAX)."""
+    wd = cluster.workdir("adv-deep")
+    cluster.write(os.path.join(wd, "job.sh"), """#!/bin/sh
+python3 - <<'EOF'
+import os
+os.chdir(os.environ["CH_JOB_DIR"] + "/run")
+for i in range(4000):
+    os.mkdir("d")
+    os.symlink("/", "up")
+    os.mkfifo("p")
+    os.chdir("d")
+print("deep")
+EOF
+""")
+    p, jobid = cluster.sbatch(wd, ["-N2", "--charlie-type=none", "-o", "out", "job.sh"])
+    assert p.returncode == 0, p.stderr
+    assert "deep" in open(os.path.join(wd, "out")).read()
+    cluster.wait_done(jobid)
+    settled(cluster)
+
+
+def _private_conf(cluster, wd, validator_lines):
+    """The user's own SLURM_CONF with the real shim but a validator of their
+    own, which hands the prolog whatever it likes."""
+    fake = cluster.write(os.path.join(wd, "validator"), "#!/bin/sh\n" + "".join(
+        f"echo '{line}'\n" for line in validator_lines))
+    plug = open(os.path.join(cluster.sb.state, "etc", "plugstack.conf")).read()
+    plug = re.sub(r"bin=\S+", f"bin={fake}", plug)
+    cluster.write(os.path.join(wd, "plugstack.conf"), plug, 0o644)
+    conf = open(cluster.sb.conf).read()
+    conf = re.sub(r"(?m)^PlugStackConfig=.*$",
+                  f"PlugStackConfig={wd}/plugstack.conf", conf)
+    return cluster.write(os.path.join(wd, "slurm.conf"), conf, 0o644)
+
+
+@pytest.mark.parametrize("lines,message", [
+    (["CHARLIE=1", "CHARLIE_TYPE=vm", "CHARLIE_IMAGE=/x.qcow2", "CHARLIE_CPUS=²"],
+     "--charlie-cpus: not a positive whole number: '²'"),
+    (["CHARLIE=1", "CHARLIE_TYPE=container", "CHARLIE_IMAGE=relative"],
+     "not an absolute path on the node"),
+    (["CHARLIE=1", "CHARLIE_TYPE=none", "CHARLIE_DIR1=/a", "CHARLIE_DIR5=/e"],
+     "SPANK_CHARLIE_DIR5: not a variable slurm-charlie sets"),
+])
+def test_own_validator_cannot_drain(cluster, lines, message):
+    """Class 2: nothing the submit side checked is trusted by the prolog."""
+    wd = cluster.workdir("adv-validator")
+    conf = _private_conf(cluster, wd, lines)
+    p = cluster.as_user(["sbatch", "--wait", "--no-requeue", "-N1", "-o", "out",
+                         "--charlie-type=none", "--wrap", "echo ran"], wd,
+                        env={"SLURM_CONF": conf})
+    m = re.search(r"Submitted batch job (\d+)", p.stdout)
+    assert m, p.stdout + p.stderr
+    out = open(os.path.join(wd, "out")).read()
+    assert p.returncode != 0 and "ran" not in out, out
+    assert message in out, out
+    cluster.wait_done(m.group(1))
+    settled(cluster)
+
+
+def _tar(path, members):
+    import io
+    import tarfile
+    with tarfile.open(path, "w:gz") as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(data)
+                info.mode = 0o755
+                tar.addfile(info, io.BytesIO(data))
+            elif kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                tar.addfile(info)
+    shutil.chown(path, USER, USER)
+    return path
+
+
+def test_tarball_cannot_write_outside_its_image(cluster):
+    """Class 4: a symlink member, then a regular file of the same name; a
+    symlink, then a directory over it (would chmod the target)."""
+    wd = cluster.workdir("adv-tar")
+    target = cluster.write(os.path.join(wd, "target"), "precious\n", 0o644)
+    os.chmod(wd, 0o755)
+    base = build_busybox_image(os.path.join(wd, "base"), owner=USER)
+    members = []
+    for root, dirs, files in os.walk(base):
+        for d in dirs:
+            rel = os.path.relpath(os.path.join(root, d), base)
+            p = os.path.join(root, d)
+            members.append((rel, "sym" if os.path.islink(p) else "dir", os.readlink(p)
+                            if os.path.islink(p) else None))
+        for f in files:
+            p = os.path.join(root, f)
+            rel = os.path.relpath(p, base)
+            members.append((rel, "sym", os.readlink(p)) if os.path.islink(p)
+                           else (rel, "file", open(p, "rb").read()))
+    for name, attack in (("write", [("evil", "sym", target), ("evil", "file", b"owned\n")]),
+                         ("chmod", [("evil", "sym", wd), ("evil", "dir", None)])):
+        tgz = _tar(os.path.join(wd, f"{name}.tgz"), members + attack)
+        mode = os.stat(wd).st_mode
+        p, jobid = cluster.sbatch(wd, ["-N1", f"--charlie-image={tgz}", "-o", "out",
+                                       "--wrap", "echo ran"])
+        out = open(os.path.join(wd, "out")).read()
+        assert p.returncode != 0 and "ran" not in out, out
+        assert "unsafe tarball: member given twice" in out, out
+        assert open(target).read() == "precious\n"
+        assert os.stat(wd).st_mode == mode
+        cluster.wait_done(jobid)
+        settled(cluster)
+
+
+def test_corrupt_xz_image_fails_the_job_only(cluster):
+    wd = cluster.workdir("adv-xz")
+    """Class 2: a decompression error (lzma's own, not tarfile's)."""
+    import io
+    import tarfile
+    img = os.path.join(wd, "img.tar.xz")
+    with tarfile.open(img, "w:xz") as tar:
+        text = b"compressible text " * 20000
+        info = tarfile.TarInfo("big")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+    data = bytearray(open(img, "rb").read())
+    mid = len(data) // 2
+    data[mid:mid + 16] = bytes(16)
+    open(img, "wb").write(bytes(data))
+    shutil.chown(img, USER, USER)
+    p, jobid = cluster.sbatch(wd, ["-N2", f"--charlie-image={img}", "-o", "out",
+                                   "--wrap", "echo ran"])
+    out = open(os.path.join(wd, "out")).read()
+    assert p.returncode != 0 and "cannot unpack: LZMAError" in out, out
+    cluster.wait_done(jobid)
+    settled(cluster)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-c1", "--charlie-cpus=2"], "--charlie-cpus: 2 guest CPUs, but the job has 1 CPUs"),
+    (["--mem=256M", "--charlie-mem=10T"], "exceed the job's memory"),
+    (["--charlie-mem=10T"], "exceed the node's memory"),
+])
+def test_vm_cannot_escape_its_allocation(cluster, args, message):
+    """Class 5: guest CPUs and memory are bounded by the job's allocation on
+    the node; the job fails before any guest boots."""
+    wd = cluster.workdir("adv-vm-bounds")
+    img = os.path.join(wd, "image.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"], check=True)
+    shutil.chown(img, USER, USER)
+    p, jobid = cluster.sbatch(wd, ["-N1", *args, f"--charlie-image={img}",
+                                   "--charlie-interactive", "-o", "out",
+                                   "--wrap", "echo ran"])
+    out = open(os.path.join(wd, "out")).read()
+    assert p.returncode != 0 and message in out, out
+    assert "hint:" in out
+    cluster.wait_done(jobid)
+    settled(cluster)
