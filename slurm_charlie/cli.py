@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from . import PROG, __version__, config, options, validate
-from .errors import CharlieError, UserError, format_message
+from .errors import CharlieError, NodeFault, UserError, format_message
 
 
 def _render(template: str, **kw) -> str:
@@ -147,6 +147,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node(args: argparse.Namespace) -> str:
+    return args.node or os.environ.get("SLURMD_NODENAME") or \
+        os.uname().nodename.split(".")[0]
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UserError(what, "must run as root on the node",
+                        hint=f"sudo {PROG} {what}")
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from . import log as logmod
+    from . import reconcile
+    _need_root("reconcile")
+    logmod.setup("info", stderr=True)
+    cfg = config.load()
+    node = _node(args)
+    running = reconcile.jobs_on_node(node)
+    if running is None:
+        raise NodeFault("reconcile", "cannot ask Slurm which jobs run on " + node,
+                        hint="run it where squeue works; nothing was removed")
+    report = reconcile.reconcile(cfg, node, running, min_age=args.min_age,
+                                 dry_run=args.dry_run)
+    for line in report.lines():
+        print(("would clean: " if args.dry_run and line.startswith("leftover") else "")
+              + line)
+    print(f"{PROG}: {node}: {len(report.jobs)} leftover job(s) "
+          f"{'found' if args.dry_run else 'cleaned'}, {len(report.kept_removed)} old "
+          f"kept overlay(s), {len(report.skipped)} job(s) left alone (running or young)",
+          file=sys.stderr)
+    return 1 if report.faults else 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+    _need_root("doctor")
+    return doctor.main(config.load(), _node(args))
+
+
 def cmd_vm_initrd(args: argparse.Namespace) -> int:
     from . import vmbuild
     names = vmbuild.build_initrd(args.modules, args.out, args.busybox)
@@ -222,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guest-dir", default=None, help="directory with the guest "
                    "vmlinuz and initrd.img (make guest): enables VM jobs")
     s.set_defaults(func=cmd_sandbox)
+
+    rc = sub.add_parser("reconcile", help="(root) remove what finished jobs left on "
+                        "this node: job directories, root's records and processes, "
+                        "old kept overlays")
+    rc.add_argument("--node", help="node name (default: $SLURMD_NODENAME or the "
+                    "short hostname)")
+    rc.add_argument("--dry-run", action="store_true", help="only say what would go")
+    rc.add_argument("--min-age", type=float, default=None, metavar="SECONDS",
+                    help="leave younger job directories alone (default: "
+                    "reconcile.min_age)")
+    rc.set_defaults(func=cmd_reconcile)
+
+    dr = sub.add_parser("doctor", help="(root) check this node for what "
+                        "slurm-charlie needs, with the fix for each problem")
+    dr.add_argument("--node", help="node name (default: $SLURMD_NODENAME or the "
+                    "short hostname)")
+    dr.set_defaults(func=cmd_doctor)
 
     st = sub.add_parser("status", help="charlie job directories on this node")
     st.add_argument("--node", help="node name (default: short hostname)")

@@ -111,6 +111,15 @@ DEFAULTS: tuple[Key, ...] = (
         "seconds a commit waits for other users of the image to let go"),
     Key("timeouts.unpack", 600, int,
         "seconds a job waits for another job unpacking the same image"),
+    Key("reconcile.interval", 3600, int,
+        "seconds between two leftover sweeps started by a prolog on a node "
+        "(slurm-charlie reconcile; 0: only when an admin runs it)"),
+    Key("reconcile.min_age", 600, int,
+        "a job directory or record younger than this is never swept (its job "
+        "may be starting)"),
+    Key("reconcile.kept_max_days", 30, int,
+        "kept VM overlays older than this many days are removed by reconcile "
+        "(0: kept until removed by hand)"),
     Key("commit.policy", "allow", str,
         "allow: --charlie-commit works; deny: refused at submit",
         ("allow", "deny")),

@@ -245,7 +245,7 @@ def _prolog(env: Mapping[str, str]) -> int:
         if old is not None:  # an earlier prolog of this id: undo it first
             log.warning("prolog: root's record of an earlier run of job %s found; "
                         "cleaning it up first", job.job_id)
-            _undo(cfg, paths, old, env)
+            undo(cfg, paths, old, env)
         guest_id = nodes.index(job.node_name)
         book = Book(records, privileged.JobRecord(job_id=job.job_id, uid=user.uid,
                                                    gid=user.gid, guest_id=guest_id))
@@ -285,6 +285,8 @@ def _prolog(env: Mapping[str, str]) -> int:
         call_as(user, finish_as_user, ctx, task_env, started, notices)
         log.info("prolog done: type %s, guest %d of %d", opts.type,
                  ctx.guest_id, len(nodes))
+        from . import reconcile
+        reconcile.from_prolog(cfg, job.node_name)
         return 0
     except NodeFault as e:
         if cfg is None:
@@ -388,7 +390,7 @@ def clean_shm_as_user(shm_dir: str = SHM_DIR, min_age: float = SHM_MIN_AGE) -> l
     return removed
 
 
-def _undo(cfg: config.Config, paths: layout.JobPaths,
+def undo(cfg: config.Config, paths: layout.JobPaths,
           rec: privileged.JobRecord | None, env: Mapping[str, str],
           user: User | None = None) -> list[NodeFault]:
     """Stop what root started for the job (by root's record; without one,
@@ -457,7 +459,7 @@ def _epilog(env: Mapping[str, str]) -> int:
             user = None
         if rec is not None and user is not None and rec.uid != user.uid:
             user = None  # an earlier job of this id: its own user is used
-        faults = _undo(cfg, paths, rec, env, user)
+        faults = undo(cfg, paths, rec, env, user)
         if faults:
             drain(node, faults[0])
             return 1

@@ -1,0 +1,244 @@
+"""`slurm-charlie doctor`: run as root on a node, check what the hooks rely
+on, and print the fix for each failure (with the FAQ entry where one
+applies).  Each check returns (ok, what was seen, fix or None)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import time
+from typing import Callable
+
+from . import config, layout, privileged, reconcile
+from .errors import CharlieError
+from .proc import User, run
+
+Result = tuple[str, str, str | None]   # status (ok|warn|FAIL), seen, fix
+
+
+def _runtime_root(cfg: config.Config, node: str) -> Result:
+    root = cfg.runtime_root(node)
+    try:
+        config.check_root_safe(root)
+        fd = layout._open_root(root)
+    except CharlieError as e:
+        return "FAIL", e.line(), e.hint
+    try:
+        st = os.fstatvfs(fd)
+    finally:
+        os.close(fd)
+    free = st.f_bavail * st.f_frsize >> 20
+    if free < 1024:
+        return "warn", f"{root}: only {free} MiB free", \
+            "VM overlays and tmp disks live here: give runtime_root a bigger local disk"
+    return "ok", f"{root}: root-owned, not writable by others, {free} MiB free", None
+
+
+def _records(cfg: config.Config, node: str) -> Result:
+    path = os.path.join(cfg.runtime_root(node), privileged.RECORD_DIR)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "ok", f"{path}: not made yet (the first prolog makes it)", None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        return "FAIL", f"{path}: not a root-only directory", f"rm -rf {path} " \
+            "(the next prolog recreates it, mode 0700)"
+    return "ok", f"{path}: root's records, mode 0700", None
+
+
+def _pidfd() -> Result:
+    try:
+        fd = os.pidfd_open(os.getpid())
+    except (AttributeError, OSError) as e:
+        return "warn", f"pidfd_open: {e}", "Linux >= 5.3 and Python >= 3.9 let " \
+            "the epilog signal processes through pidfds (else: checked kill())"
+    os.close(fd)
+    return "ok", "pidfd_open and pidfd_send_signal work", None
+
+
+def _cgroups() -> Result:
+    try:
+        with open("/proc/mounts") as f:
+            kinds = {line.split()[2] for line in f if "cgroup" in line.split()[2]}
+    except OSError as e:
+        return "warn", f"/proc/mounts: {e.strerror}", None
+    slurm = _slurm_config()
+    plugins = " ".join(f"{k}={slurm.get(k, '?')}" for k in
+                       ("ProctrackType", "TaskPlugin", "JobAcctGatherType"))
+    version = "v2" if kinds == {"cgroup2"} else "v1" if "cgroup" in kinds else "none"
+    if "cgroup" not in slurm.get("ProctrackType", ""):
+        return "warn", f"cgroup {version}; Slurm: {plugins}", \
+            "use proctrack/cgroup, task/cgroup and jobacct_gather/cgroup so that " \
+            "Slurm confines and accounts every job (see the admin guide)"
+    return "ok", f"cgroup {version}; Slurm: {plugins}", None
+
+
+def _slurm_config() -> dict[str, str]:
+    scontrol = shutil.which("scontrol") or "/usr/bin/scontrol"
+    try:
+        p = run([scontrol, "show", "config"], timeout=30, check=False)
+    except CharlieError:
+        return {}
+    out = {}
+    for line in p.stdout.decode(errors="replace").splitlines():
+        key, eq, value = line.partition("=")
+        if eq:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _program(cfg: config.Config, key: str, package: str) -> Result:
+    found = shutil.which(cfg[key])
+    if found is None:
+        return "FAIL", f"{key} = {cfg[key]}: not found", f"apt-get install {package}, " \
+            f"or set {key} in the site config"
+    return "ok", f"{key}: {found}", None
+
+
+def _userns(cfg: config.Config) -> Result:
+    try:
+        nobody = User.lookup(65534)
+        p = run(["unshare", "--user", "--map-root-user", "true"], as_user=nobody,
+                timeout=30, check=False)
+    except CharlieError as e:
+        return "warn", e.line(), None
+    if p.returncode != 0:
+        return "FAIL", "an ordinary user cannot make a user namespace: " + \
+            p.stderr.decode(errors="replace").strip()[-120:], \
+            "sysctl kernel.unprivileged_userns_clone=1 (Debian) and " \
+            "user.max_user_namespaces > 0; ch-run needs them (FAQ: containers)"
+    return "ok", "unprivileged user namespaces work (ch-run needs them)", None
+
+
+def _fuse() -> Result:
+    try:
+        st = os.stat("/dev/fuse")
+    except OSError:
+        return "warn", "/dev/fuse missing", "modprobe fuse (squashfs images are " \
+            "mounted with FUSE as the user)"
+    if st.st_mode & 0o006 != 0o006:
+        return "warn", f"/dev/fuse is {stat.filemode(st.st_mode)}", \
+            "chmod 0666 /dev/fuse (its usual mode) so users can mount squashfs images"
+    return "ok", "/dev/fuse usable by users", None
+
+
+def _kvm(cfg: config.Config) -> Result:
+    if cfg["vm.accel"] != "kvm":
+        return "ok", f"vm.accel = {cfg['vm.accel']} (no /dev/kvm needed)", None
+    try:
+        st = os.stat("/dev/kvm")
+    except OSError:
+        return "FAIL", "vm.accel = kvm but /dev/kvm is missing", \
+            "load kvm_intel/kvm_amd, or set vm.accel = \"tcg\" (FAQ 36)"
+    if st.st_mode & 0o006 != 0o006:
+        return "warn", f"/dev/kvm is {stat.filemode(st.st_mode)}", \
+            "users must open /dev/kvm: mode 0666 or every job user in group " \
+            f"{st.st_gid} (FAQ 36: permission denied on /dev/kvm)"
+    return "ok", "/dev/kvm usable by users", None
+
+
+def _probe(cfg: config.Config, node: str) -> Result:
+    if not cfg["vm.kernel"]:
+        return "ok", "vm.kernel empty: guests boot their own boot loader (no probe)", None
+    qemu = shutil.which(cfg["vm.qemu"])
+    if qemu is None:
+        return "FAIL", "no QEMU to probe with", None
+    argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-accel", cfg["vm.accel"], "-cpu", cfg["vm.cpu_model"] or
+            ("host" if cfg["vm.accel"] == "kvm" else "max"), "-smp", "1", "-m", "256M",
+            "-kernel", cfg["vm.kernel"], "-append", "console=ttyS0 panic=-1",
+            "-serial", "stdio"]
+    try:
+        p = run(argv, as_user=User.lookup(65534), timeout=cfg["timeouts.probe"],
+                check=False)
+    except CharlieError as e:
+        return "FAIL", e.line(), "set vm.accel/vm.cpu_model to what this node runs " \
+            "(FAQ 15: -cpu host aborts on some hosts)"
+    if b"Kernel panic" not in p.stdout:
+        err = p.stderr.decode(errors="replace").strip().splitlines()
+        return "FAIL", f"QEMU -accel {cfg['vm.accel']}: exit {p.returncode}: " + \
+            (err[-1] if err else ""), "set vm.accel/vm.cpu_model to what this node runs " \
+            "(FAQ 15)"
+    return "ok", f"the guest kernel boots with -accel {cfg['vm.accel']}", None
+
+
+def _mpi(cfg: config.Config) -> Result:
+    srun = shutil.which("srun") or "/usr/bin/srun"
+    try:
+        p = run([srun, "--mpi=list"], timeout=30, check=False)
+    except CharlieError as e:
+        return "warn", e.line(), None
+    offered = (p.stdout + p.stderr).decode(errors="replace")
+    want = cfg["container.default_mpi"]
+    if want and want not in offered.split():
+        return "warn", f"srun --mpi=list does not offer {want}", \
+            "install Slurm's MPI plugins or change container.default_mpi (FAQ 25: " \
+            "independent rank-0 processes)"
+    return "ok", "srun --mpi=list offers " + ", ".join(dict.fromkeys(
+        w for w in offered.split() if w in ("pmi2", "pmix", "pmix_v4", "pmix_v5"))), None
+
+
+def _leftovers(cfg: config.Config, node: str) -> Result:
+    running = reconcile.jobs_on_node(node)
+    if running is None:
+        return "warn", "cannot ask Slurm which jobs run here (squeue)", None
+    clean, _ = reconcile.candidates(cfg, node, running, cfg["reconcile.min_age"],
+                                    time.time())
+    if clean:
+        return "warn", "leftovers of jobs no longer running here: " + " ".join(clean), \
+            f"slurm-charlie reconcile --node {node} (FAQ 14: after a reboot)"
+    return "ok", "no leftovers of finished jobs", None
+
+
+def _deleted_open(cfg: config.Config, node: str) -> Result:
+    root = cfg.runtime_root(node).rstrip("/") + "/"
+    held = []
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                t = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if t.startswith(root) and t.endswith(" (deleted)"):
+                    held.append(f"{pid}:{t}")
+        except OSError:
+            continue
+    if held:
+        return "warn", "deleted files under runtime_root still open: " + \
+            " ".join(held[:5]), "du and df disagree until these processes end (FAQ 34)"
+    return "ok", "no deleted-but-open files under runtime_root", None
+
+
+def checks(cfg: config.Config, node: str) -> list[tuple[str, Callable[[], Result]]]:
+    return [
+        ("runtime_root", lambda: _runtime_root(cfg, node)),
+        ("root's records", lambda: _records(cfg, node)),
+        ("pidfd", _pidfd),
+        ("cgroups", _cgroups),
+        ("ch-run", lambda: _program(cfg, "container.runtime", "charliecloud-runtime")),
+        ("user namespaces", lambda: _userns(cfg)),
+        ("/dev/fuse", _fuse),
+        ("qemu", lambda: _program(cfg, "vm.qemu", "qemu-system-x86")),
+        ("qemu-img", lambda: _program(cfg, "vm.qemu_img", "qemu-utils")),
+        ("/dev/kvm", lambda: _kvm(cfg)),
+        ("accel/CPU probe", lambda: _probe(cfg, node)),
+        ("MPI plugins", lambda: _mpi(cfg)),
+        ("leftovers", lambda: _leftovers(cfg, node)),
+        ("deleted-open files", lambda: _deleted_open(cfg, node)),
+    ]
+
+
+def main(cfg: config.Config, node: str, out: Callable[[str], None] = print) -> int:
+    """Print one line per check (and its fix); 1 when any check failed."""
+    failed = 0
+    for name, check in checks(cfg, node):
+        try:
+            status, seen, fix = check()
+        except (CharlieError, OSError, subprocess.SubprocessError) as e:
+            status, seen, fix = "FAIL", f"{type(e).__name__}: {e}", None
+        out(f"{status:4}  {name}: {seen}")
+        if fix and status != "ok":
+            out(f"      fix: {fix}")
+        failed += status == "FAIL"
+    out(f"{failed} check{'s' if failed != 1 else ''} failed")
+    return 1 if failed else 0
