@@ -13,7 +13,7 @@ APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
 	busybox-static squashfs-tools qemu-system-x86 qemu-utils cpio debootstrap e2fsprogs kmod \
 	openmpi-bin libopenmpi-dev extlinux syslinux-common
 
-.PHONY: all guest deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench \
+.PHONY: all guest deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench churn \
 	docs docs-gen clean
 
 all: shim venv
@@ -89,6 +89,10 @@ test: all shim-other-slurm guest
 
 unit: venv
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit
+
+# 200 jobs of every type with faults injected; prints what was left behind
+churn: sandbox-up
+	$(VENV)/bin/python tests/adversarial/churn.py --jobs 200
 
 bench: sandbox-up
 	$(VENV)/bin/python tests/bench/run.py

@@ -13,7 +13,7 @@ from typing import Callable
 
 from . import config, layout, privileged, reconcile
 from .errors import CharlieError
-from .proc import User, run
+from .proc import User, fd_targets, run
 
 Result = tuple[str, str, str | None]   # status (ok|warn|FAIL), seen, fix
 
@@ -192,17 +192,15 @@ def _leftovers(cfg: config.Config, node: str) -> Result:
     return "ok", "no leftovers of finished jobs", None
 
 
+def deleted_open(root: str) -> list[str]:
+    """PID:PATH of every deleted file below root that a process still holds."""
+    root = root.rstrip("/") + "/"
+    return [f"{pid}:{t}" for pid in (d for d in os.listdir("/proc") if d.isdigit())
+            for t in fd_targets(pid) if t.startswith(root) and t.endswith(" (deleted)")]
+
+
 def _deleted_open(cfg: config.Config, node: str) -> Result:
-    root = cfg.runtime_root(node).rstrip("/") + "/"
-    held = []
-    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                t = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if t.startswith(root) and t.endswith(" (deleted)"):
-                    held.append(f"{pid}:{t}")
-        except OSError:
-            continue
+    held = deleted_open(cfg.runtime_root(node))
     if held:
         return "warn", "deleted files under runtime_root still open: " + \
             " ".join(held[:5]), "du and df disagree until these processes end (FAQ 34)"

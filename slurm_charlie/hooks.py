@@ -23,6 +23,7 @@ from . import (backends, config, hostlist, jobenv, layout, meta, options, privil
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError, format_message
 from .proc import User, call_as, fd_targets, pids_of
+from .proc import is_zombie as proc_is_zombie
 
 log = logmod.log
 
@@ -324,6 +325,27 @@ def _user_has_other_jobs(root: str, job_id: str, uid: int) -> bool:
     return False
 
 
+def _user_busy_elsewhere(root: str, job_id: str, uid: int, node: str) -> bool:
+    """Might the user have something else on this node that uses /dev/shm?
+    Another charlie job here; or, where Slurm keeps cgroups, any live
+    process of the user outside this job's cgroups (a plain job of theirs,
+    a login session).  Without Slurm cgroups only the first can be told."""
+    if _user_has_other_jobs(root, job_id, uid):
+        return True
+    if not privileged.job_cgroups(node, uid, job_id):
+        return False
+    mark = f"/job_{job_id}/"
+    for pid in pids_of(uid):
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                cg = f.read()
+        except OSError:
+            continue
+        if not proc_is_zombie(pid) and mark not in cg.replace("\n", "/\n"):
+            return True
+    return False
+
+
 def _shm_name(rest: str) -> str:
     """The /dev/shm entry a path below it names: its first component, with
     blanks kept (names may have them) and the kernel's " (deleted)" cut."""
@@ -422,16 +444,26 @@ def undo(cfg: config.Config, paths: layout.JobPaths,
                                guest_id=rec.guest_id if rec else 0, nodes=())
         if rec is not None:
             step(f"stop {rec.type}", lambda: backends.get(rec.type).stop(ctx, rec))
-        else:  # no record: the prolog died before it wrote one
+        if rec is None or rec.phase != "started":
+            # the prolog died (or could not write its record) half way:
+            # also look for the job user's processes that carry this job's marks
             for name in backends.NAMES:
                 step(f"sweep {name}", lambda name=name: backends.get(name).stop(ctx, None))
-        if not _user_has_other_jobs(paths.root, paths.job_id, user.uid):
+        if rec is not None:
+            used = privileged.cgroup_usage(ctx.node, user.uid, paths.job_id)
+            if used:
+                log.info("in the job's cgroup, %s used %.1f s CPU, peak memory %d MiB",
+                         "QEMU" if rec.type == "vm" else "the container",
+                         used.get("cpu_ns", 0) / 1e9, used.get("memory_peak", 0) >> 20)
+        if not _user_busy_elsewhere(paths.root, paths.job_id, user.uid, ctx.node):
             def shm() -> None:
                 removed = call_as(user, clean_shm_as_user, limit=60)
                 if removed:
                     log.info("removed %d leftover /dev/shm entries of %s",
                              len(removed), user.name)
             step("/dev/shm", shm)
+        step("job cgroup", lambda: privileged.leave_job_cgroup(
+            ctx.node, user.uid, paths.job_id))
     step("job directory", lambda: privileged.remove_job_dir(paths))
     return faults
 

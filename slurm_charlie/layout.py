@@ -17,7 +17,7 @@ import os
 import stat
 
 from .config import check_root_safe
-from .errors import NodeFault
+from .errors import NodeFault, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +172,10 @@ def _owned_dir(base: str, name: str, uid: int, gid: int, subject: str,
         finally:
             os.close(fd)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a job can fill it
+            raise UserError(base_key, "full: the job cannot be set up on this node",
+                            path, hint="tell the site's admins (slurm-charlie "
+                            "doctor shows the free space)") from None
         raise NodeFault(subject, f"cannot create: {e.strerror}", path,
                         hint=f"check free space and permissions of {base_key}") from None
     finally:

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 
 from . import layout
 from .config import check_root_safe
-from .errors import CharlieError, NodeFault
+from .errors import CharlieError, NodeFault, UserError
 from .proc import User, is_zombie, log, pids_of, run, starttime
 
 RECORD_DIR = ".root"
@@ -175,8 +175,13 @@ class Records:
                 os.close(f)
             os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
         except OSError as e:
+            where = os.path.join(self.root, RECORD_DIR, name)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a job can fill it
+                raise UserError("runtime_root", "full: the job cannot be set up on "
+                                "this node", where, hint="tell the site's admins "
+                                "(slurm-charlie doctor shows the free space)") from None
             raise NodeFault("runtime_root", f"cannot write root's job record: {e.strerror}",
-                            os.path.join(self.root, RECORD_DIR, name)) from None
+                            where) from None
         finally:
             os.close(fd)
 
@@ -578,3 +583,165 @@ def drain(node: str, err: CharlieError) -> None:
              f"Reason={reason}"], timeout=30)
     except CharlieError as e:
         log.error("could not drain %s: %s", node, e.line())
+
+
+# --- the job's cgroup ---------------------------------------------------------------
+
+CGROUP_FS = "/sys/fs/cgroup"
+#: cgroup v1 controllers Slurm's job tree lives in and that QEMU/the holder
+#: join: memory (the job's limit, usage) and cpuacct (CPU time)
+CGROUP_CONTROLLERS = ("memory", "cpuacct")
+CGROUP_LEAF = "charlie"
+
+
+def _slurm_cgroup_root(controller: str, node: str) -> str | None:
+    """Slurm's cgroup v1 root for this node: slurm_<node> (a build for
+    several slurmd per host, as the sandbox) or slurm; None when Slurm
+    keeps no cgroups there."""
+    for name in (f"slurm_{node}", "slurm"):
+        path = os.path.join(CGROUP_FS, controller, name)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def job_cgroups(node: str, uid: int, job_id: str) -> list[str]:
+    """The job's cgroup directories (<ctrl>/<slurm root>/uid_U/job_J) of the
+    controllers Slurm uses here; [] without Slurm cgroups (v1)."""
+    layout.check_job_id(job_id)
+    out = []
+    for ctrl in CGROUP_CONTROLLERS:
+        root = _slurm_cgroup_root(ctrl, node)
+        if root is not None:
+            out.append(os.path.join(root, f"uid_{int(uid)}", f"job_{job_id}"))
+    return out
+
+
+def _locked(root: str) -> int:
+    import fcntl
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # Slurm locks its cgroup root the same way
+    return fd
+
+
+def join_job_cgroup(node: str, rec: ProcRecord, job_id: str,
+                    memory_limit_mib: int | None = None) -> list[str]:
+    """Move the recorded process into <job cgroup>/charlie in every
+    controller Slurm uses (the directories are made if the job has no step
+    yet; Slurm adopts them).  With memory_limit_mib, the job's memory limit
+    is set as Slurm sets it, so that it holds before the first step too.
+    Returns the cgroups joined; [] where Slurm uses no cgroups."""
+    joined = []
+    for job_cg in job_cgroups(node, rec.uid, job_id):
+        root = os.path.dirname(os.path.dirname(job_cg))
+        lock = _locked(root)
+        try:
+            leaf = os.path.join(job_cg, CGROUP_LEAF)
+            os.makedirs(leaf, exist_ok=True)
+            if memory_limit_mib and "/memory/" in job_cg:
+                with open(os.path.join(job_cg, "memory.limit_in_bytes"), "w") as f:
+                    f.write(str(memory_limit_mib << 20))
+            pidfd = _pidfd(rec.pid)
+            if pidfd is None or not matches(rec):
+                raise UserError(rec.role, "ended before it could join the job's "
+                                "cgroup", rec.pid)
+            try:
+                with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
+                    f.write(str(rec.pid))
+            finally:
+                if pidfd >= 0:
+                    os.close(pidfd)
+            joined.append(leaf)
+        except OSError as e:
+            if e.errno == errno.ESRCH:  # it ended (or was killed) meanwhile
+                raise UserError(rec.role, "ended before it could join the job's "
+                                "cgroup", rec.pid) from None
+            raise NodeFault("cgroup", f"cannot place the {rec.role} in the job's cgroup: "
+                            f"{e.strerror}", job_cg, hint="check Slurm's cgroup setup "
+                            "(slurm-charlie doctor)") from None
+        finally:
+            os.close(lock)
+    return joined
+
+
+def stale_job_cgroups(node: str, running: set[str]) -> list[tuple[int, str]]:
+    """(uid, job id) of every <job cgroup>/charlie of a job not in running."""
+    found = set()
+    for ctrl in CGROUP_CONTROLLERS:
+        root = _slurm_cgroup_root(ctrl, node)
+        if root is None:
+            continue
+        for u in os.listdir(root):
+            if not u.startswith("uid_") or not u[4:].isdigit():
+                continue
+            try:
+                jobs = os.listdir(os.path.join(root, u))
+            except OSError:
+                continue
+            for j in jobs:
+                jid = j[4:]
+                if (j.startswith("job_") and jid.isascii() and jid.isdigit()
+                        and jid not in running
+                        and os.path.isdir(os.path.join(root, u, j, CGROUP_LEAF))):
+                    found.add((int(u[4:]), jid))
+    return sorted(found)
+
+
+def _cgroup_pids(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def cgroup_usage(node: str, uid: int, job_id: str) -> dict[str, int]:
+    """CPU time (ns) and peak memory (bytes) of what slurm-charlie placed in
+    the job's cgroup."""
+    out = {}
+    for job_cg in job_cgroups(node, uid, job_id):
+        leaf = os.path.join(job_cg, CGROUP_LEAF)
+        for key, name in (("cpu_ns", "cpuacct.usage"),
+                          ("memory_peak", "memory.max_usage_in_bytes")):
+            try:
+                with open(os.path.join(leaf, name)) as f:
+                    out[key] = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def leave_job_cgroup(node: str, uid: int, job_id: str) -> None:
+    """Remove <job cgroup>/charlie once its processes are gone, then the
+    job's (and the user's) cgroup when empty: Slurm could not remove them
+    while ours was inside.  An rmdir that finds a cgroup still in use
+    (another job of the user, a step) just leaves it."""
+    for job_cg in job_cgroups(node, uid, job_id):
+        root = os.path.dirname(os.path.dirname(job_cg))
+        lock = _locked(root)
+        try:
+            leaf = os.path.join(job_cg, CGROUP_LEAF)
+            deadline = time.monotonic() + 5  # killed processes take a moment to go
+            while os.path.isdir(leaf) and time.monotonic() < deadline:
+                try:
+                    os.rmdir(leaf)
+                except OSError:
+                    time.sleep(0.05)
+            for path in (leaf, job_cg, os.path.dirname(job_cg)):
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if path.endswith(CGROUP_LEAF) and e.errno == errno.EBUSY:
+                        live = [p for p in _cgroup_pids(path) if not is_zombie(p)]
+                        if live:
+                            raise NodeFault("cgroup", "processes left in the job's "
+                                            "cgroup", f"{path}: {live}",
+                                            hint="look for processes in D state") from None
+                        # only zombies nobody reaped yet: reconcile removes it later
+                        log.info("%s: held by exited processes not reaped yet; "
+                                 "left for reconcile", path)
+                    break
+        finally:
+            os.close(lock)

@@ -197,10 +197,13 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any,
         os._exit(code)
     os.close(wfd)
     data, status, timed_out = _collect(pid, rfd, limit)
+    if timed_out == "stopped":
+        raise UserError(what, "a step run as the user was stopped (SIGSTOP)", user,
+                        hint="the job fails, the node stays in service")
     if timed_out:
         raise UserError(what, f"a step run as the user did not finish within {limit:g} s",
-                        user, hint="a file it reads may block (a FIFO?) or the "
-                        "process was stopped; the job fails, the node stays in service")
+                        user, hint="a file it reads may block (a FIFO?); the job "
+                        "fails, the node stays in service")
     if len(data) > RESULT_MAX:
         raise UserError(what, "a step run as the user returned too much data",
                         f"{len(data)} bytes")
@@ -226,10 +229,27 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any,
     return out["ok"]
 
 
-def _collect(pid: int, rfd: int, limit: float) -> tuple[bytes, int, bool]:
+#: a step as the user whose process group stays stopped this long has failed
+STOPPED_GRACE = 2.0
+
+
+def _group_stopped(pgid: int) -> bool:
+    """Some process of the process group pgid is stopped (T/t)."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        fields = proc_stat(d)
+        if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] in "Tt":
+            return True
+    return False
+
+
+def _collect(pid: int, rfd: int, limit: float) -> tuple[bytes, int, bool | str]:
     """Read the child's result until EOF and reap it, within limit seconds.
-    Returns (data, wait status, timed out).  Grandchildren that keep the pipe
-    open cannot hold us: once the child is gone, what is there is read."""
+    Returns (data, wait status, timed out: False, True or "stopped": a
+    process of its group stayed stopped for STOPPED_GRACE seconds).
+    Grandchildren that keep the pipe open cannot hold us: once the child is
+    gone, what is there is read."""
     import select
     import signal
     import time
@@ -238,10 +258,22 @@ def _collect(pid: int, rfd: int, limit: float) -> tuple[bytes, int, bool]:
     deadline = time.monotonic() + limit
     status = None
     eof = False
+    next_check = time.monotonic() + 0.5
+    stopped_since: float | None = None
     try:
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            left = deadline - now
+            if now >= next_check:
+                next_check = now + 0.5
+                if _group_stopped(pid):
+                    stopped_since = stopped_since or now
+                else:
+                    stopped_since = None
+            timed_out: bool | str = left <= 0
+            if stopped_since is not None and now - stopped_since >= STOPPED_GRACE:
+                timed_out = "stopped"
+            if timed_out:
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except OSError:
@@ -251,7 +283,7 @@ def _collect(pid: int, rfd: int, limit: float) -> tuple[bytes, int, bool]:
                 except OSError:
                     pass
                 os.waitpid(pid, 0)
-                return b"", 0, True
+                return b"", 0, timed_out
             if not eof:
                 ready, _, _ = select.select([rfd], [], [], min(left, 0.05))
                 if ready:

@@ -32,23 +32,31 @@ STAMP = ".reconciled"
 class Report:
     jobs: list[str] = dataclasses.field(default_factory=list)       # cleaned
     kept_removed: list[str] = dataclasses.field(default_factory=list)
+    cgroups: list[str] = dataclasses.field(default_factory=list)    # job ids
     skipped: list[str] = dataclasses.field(default_factory=list)    # too young / running
     faults: list[str] = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"leftover job {j}: cleaned" for j in self.jobs]
+        out += [f"job cgroup of job {j}: removed" for j in self.cgroups]
         out += [f"kept overlay removed (older than reconcile.kept_max_days): {k}"
                 for k in self.kept_removed]
         out += [f"error: {f}" for f in self.faults]
         return out
 
 
+#: states after which every node's epilog of the job has run
+FINAL = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+         "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "REVOKED", "SPECIAL_EXIT"}
+
+
 def jobs_on_node(node: str) -> set[str] | None:
-    """Job ids Slurm lists for this node, in any state (a completing job's
-    epilog may still be due).  None when Slurm cannot be asked."""
+    """Ids of the jobs Slurm has on this node and has not finished with
+    (running, completing: an epilog may still be due, suspended, …).  None
+    when Slurm cannot be asked."""
     squeue = shutil.which("squeue") or "/usr/bin/squeue"
     try:
-        p = run([squeue, "-h", "-w", node, "-t", "all", "-o", "%A"], timeout=30,
+        p = run([squeue, "-h", "-w", node, "-t", "all", "-o", "%A %T"], timeout=30,
                 check=False)
     except CharlieError as e:
         log.warning("reconcile: squeue: %s", e.line())
@@ -57,8 +65,13 @@ def jobs_on_node(node: str) -> set[str] | None:
         log.warning("reconcile: squeue failed: %s",
                     p.stderr.decode(errors="replace").strip()[-200:])
         return None
-    return {w for w in p.stdout.decode(errors="replace").split()
-            if w.isascii() and w.isdigit()}
+    out = set()
+    for line in p.stdout.decode(errors="replace").splitlines():
+        words = line.split()
+        if (len(words) == 2 and words[0].isascii() and words[0].isdigit()
+                and words[1] not in FINAL):
+            out.add(words[0])
+    return out
 
 
 def _age(path: str, now: float) -> float | None:
@@ -120,6 +133,15 @@ def reconcile(cfg: config.Config, node: str, running: set[str], *,
             continue
         records.remove(jid)
         report.jobs.append(jid)
+    for uid, jid in privileged.stale_job_cgroups(node, running | set(report.skipped)):
+        if dry_run:
+            report.cgroups.append(jid)
+            continue
+        try:
+            privileged.leave_job_cgroup(node, uid, jid)
+            report.cgroups.append(jid)
+        except CharlieError as e:
+            report.faults.append(f"job {jid}: {e.line()}")
     report.kept_removed = _old_kept(cfg, node, now, dry_run)
     return report
 

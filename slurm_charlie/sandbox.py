@@ -134,8 +134,16 @@ class Sandbox:
                        ctl_port=CTL_PORT, slurmd_port=SLURMD_PORT,
                        munge_socket=self.munge_socket, state=self.state,
                        hooks=hooks, hook_dir=self.hook_dir, nodes=self.nodes,
-                       cpus=2)
+                       cpus=2, cgroups=self.cgroups)
         self._write(self.conf, text)
+        if self.cgroups:
+            self._write(os.path.join(os.path.dirname(self.conf), "cgroup.conf"),
+                        "# slurm-charlie sandbox: each slurmd gets its own tree\n"
+                        "# <controller>/slurm_<node>/uid_U/job_J/step_S\n"
+                        "CgroupPlugin=cgroup/v1\n"
+                        "CgroupMountpoint=/sys/fs/cgroup\n"
+                        "ConstrainCores=yes\n"
+                        "ConstrainRAMSpace=yes\n")
         self._write(self.charlie_conf,
                     "# slurm-charlie sandbox site config\n"
                     f'runtime_root = "{self.runtime_root}"\n'
@@ -169,6 +177,13 @@ class Sandbox:
         self._write(self._p("sandbox.json"), json.dumps({"nodes": self.nnodes,
                                                          "guest_dir": self.guest_dir}))
         self._check_user_can_run()
+
+    @property
+    def cgroups(self) -> bool:
+        """Slurm's cgroup plugins where this machine has a writable cgroup v1
+        memory controller (docs/sandbox.rst); plain process tracking else."""
+        return os.access("/sys/fs/cgroup/memory/cgroup.procs", os.W_OK) and \
+            os.path.isdir("/sys/fs/cgroup/freezer")
 
     def _vm_conf(self) -> str:
         """[vm]: the guest kernel and initrd copied where every user can read
@@ -277,6 +292,23 @@ class Sandbox:
                     self._p("log", f"slurmd-{n.name}.out"))
         self._wait(self._all_idle, "slurmd on every node", 60,
                    self._p("log", "slurmd-node1.log"))
+
+    def restart_slurmd(self, name: str, timeout: float = 30) -> None:
+        """Stop one node's slurmd (its running steps stay) and start it again,
+        as an admin's restart does; for the churn run."""
+        node = next(n for n in self.nodes if n.name == name)
+        pidfile = self._p("run", f"slurmd-{name}.pid")
+        pid = _alive(pidfile)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            end = time.monotonic() + timeout
+            while _alive(pidfile) == pid and time.monotonic() < end:
+                time.sleep(0.1)
+        _daemon(["nsenter", f"--net=/run/netns/{node.netns}", "unshare", "--uts",
+                 "sh", "-c", f'hostname {name} && exec slurmd -N {name} -f "$1"', "sh",
+                 self.conf], self._p("log", f"slurmd-{name}.out"))
+        self._wait(lambda: bool(_alive(pidfile)), f"slurmd on {name}", timeout,
+                   self._p("log", f"slurmd-{name}.log"))
 
     def _ping(self) -> bool:
         return _run(["scontrol", "ping"], check=False, env=self._env()).returncode == 0

@@ -544,6 +544,9 @@ class VMBackend(Backend):
         finally:
             os.close(fd)
         ctx.spawned(rec)
+        joined = privileged.join_job_cgroup(ctx.node, rec, ctx.job_id, job_mib)
+        if joined:
+            log.info("guest %d: QEMU in the job's cgroups %s", n, " ".join(joined))
         info = {"guest": n, "image": ctx.opts.image, "format": fmt,
                 "commit": ctx.opts.commit == n, "work_dir": ctx.work_dir,
                 "batch": bool(ctx.opts.job) and not ctx.opts.interactive}

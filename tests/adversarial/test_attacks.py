@@ -217,7 +217,8 @@ def test_corrupt_xz_image_fails_the_job_only(cluster):
 @pytest.mark.parametrize("args,message", [
     (["-c1", "--charlie-cpus=2"], "--charlie-cpus: 2 guest CPUs, but the job has 1 CPUs"),
     (["--mem=256M", "--charlie-mem=10T"], "exceed the job's memory"),
-    (["--charlie-mem=10T"], "exceed the node's memory"),
+    # the job's DefMemPerCPU share where Slurm allocates memory, else the node's
+    (["--charlie-mem=10T"], "10485760 MiB guest memory + 256 MiB for QEMU exceed the"),
 ])
 def test_vm_cannot_escape_its_allocation(cluster, args, message):
     """Class 5: guest CPUs and memory are bounded by the job's allocation on
@@ -233,4 +234,35 @@ def test_vm_cannot_escape_its_allocation(cluster, args, message):
     assert p.returncode != 0 and message in out, out
     assert "hint:" in out
     cluster.wait_done(jobid)
+    settled(cluster)
+
+
+def test_shm_of_a_plain_job_survives_a_charlie_jobs_end(cluster):
+    """/dev/shm: the epilog of a charlie job never deletes what another
+    (non-charlie) job of the same user made on the node, even when nothing
+    holds it open at that moment; names with blanks included."""
+    wd = cluster.workdir("adv-shm")
+    uid = int(cluster.run(["id", "-u", USER]).stdout)
+    plain = cluster.as_user(["sbatch", "--parsable", "-N1", "-w", "node1", "-o", "plain.out",
+                             "--wrap", "touch '/dev/shm/plain job seg' /dev/shm/plain2; "
+                             "sleep 40"], wd)
+    pj = plain.stdout.strip()
+    assert pj.isdigit(), plain.stderr
+    for _ in range(100):
+        if os.path.exists("/dev/shm/plain2"):
+            break
+        time.sleep(0.1)
+    time.sleep(1.5)  # older than the epilog's one-second grace
+    p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node1", "--charlie-type=none", "-o", "out",
+                                   "--wrap", "touch /dev/shm/charlie-own-leak"])
+    assert p.returncode == 0, p.stderr
+    cluster.wait_done(jobid)
+    try:
+        assert os.path.exists("/dev/shm/plain job seg") and os.path.exists("/dev/shm/plain2")
+    finally:
+        cluster.run(["scancel", pj])
+        cluster.wait_done(pj)
+        for f in os.listdir("/dev/shm"):
+            if os.lstat(f"/dev/shm/{f}").st_uid == uid:
+                os.unlink(f"/dev/shm/{f}")
     settled(cluster)

@@ -59,6 +59,11 @@ srun -N1 -n1 --chdir=/tmp pwd
     assert all(len(v) == 1 for v in by_node.values()), by_node
     assert len({next(iter(v)) for v in by_node.values()}) == 3
     assert "\n/tmp\n" in out  # a working directory that exists inside is kept
+    log = open(os.path.join(cluster.sb.state, "log", "charlie-node1.log")).read()
+    if cluster.sb.cgroups:  # the holder joined the job's cgroup
+        assert re.search(rf"job {jobid}: info: holder in the job's cgroups "
+                         rf"/sys/fs/cgroup/memory/slurm_node1/uid_{uid}/job_{jobid}/charlie",
+                         log), log[-2000:]
     cluster.wait_done(jobid)
     assert cluster.job_dirs() == [] and cluster.user_processes() == []
 

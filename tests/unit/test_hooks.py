@@ -225,3 +225,26 @@ def test_shm_cleanup_keeps_what_is_in_use():
         holder.kill()
         holder.wait()
         shutil.rmtree(base)
+
+
+def test_runtime_root_full_fails_the_job_not_the_node(site):
+    """A full runtime root (a user can fill it from their job): the next
+    job fails with the reason, the node stays in service, the epilog cleans."""
+    import subprocess
+    rt = os.path.join(site["base"], "rt", "node2")
+    os.makedirs(rt)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=755", "tmpfs", rt],
+                   check=True)
+    try:
+        with open(os.path.join(rt, "filler"), "wb") as f:
+            try:
+                f.write(b"x" * (1 << 20))
+            except OSError:
+                pass
+        env = job_env(site)
+        assert hooks.prolog_main(env) == 0
+        assert site["drained"] == []
+        assert hooks.epilog_main(env) == 0
+        assert site["drained"] == [] and not os.path.exists(site["jobdir"])
+    finally:
+        subprocess.run(["umount", "-l", rt])

@@ -445,3 +445,46 @@ def test_guest_memory_follows_the_job_request(cluster, guest):
         assert_clean(cluster, job)
     assert seen["asked"] == [("444", "the job's 700 MiB minus vm.memory_overhead_mib")]
     assert seen["given"] == [("600", "--charlie-mem")]
+
+
+def _cgroup_of(pid, controller):
+    for line in open(f"/proc/{pid}/cgroup"):
+        _, ctrls, path = line.rstrip("\n").split(":", 2)
+        if controller in ctrls.split(","):
+            return path
+    return None
+
+
+def test_qemu_runs_inside_the_jobs_cgroup(cluster, guest):
+    """QEMU joins the job's memory and cpuacct cgroups (Slurm's own tree for
+    the job): the job's memory limit covers it and its usage is the job's."""
+    wd = cluster.workdir("vm-cgroup")
+    img = image_copy(cluster, guest, wd)
+    b = cluster.as_user(["sbatch", "--no-requeue", "-N1", "-w", "node3", "--mem=900M",
+                         "-o", "out", f"--charlie-image={img}", "--charlie-interactive",
+                         "--wrap", "sleep 60"], wd)
+    job = re.search(r"Submitted batch job (\d+)", b.stdout).group(1)
+    try:
+        wait_for(lambda: any(os.path.exists(f"{d}/meta/sync/0.ready")
+                             for d in cluster.job_dirs() if d.endswith(f"/{job}")),
+                 "the guest")
+        [pid] = qemu_pids(job)
+        uid = int(cluster.run(["id", "-u", USER]).stdout)
+        want = f"/slurm_node3/uid_{uid}/job_{job}/charlie"
+        assert _cgroup_of(pid, "memory") == want
+        assert _cgroup_of(pid, "cpuacct") == want
+        job_cg = f"/sys/fs/cgroup/memory/slurm_node3/uid_{uid}/job_{job}"
+        assert int(open(f"{job_cg}/memory.limit_in_bytes").read()) == 900 << 20
+        rss = int(re.search(r"VmRSS:\s+(\d+) kB", open(f"/proc/{pid}/status").read())
+                  .group(1)) << 10
+        assert int(open(f"{job_cg}/charlie/memory.usage_in_bytes").read()) >= rss // 2
+        assert int(open(f"{job_cg}/memory.usage_in_bytes").read()) >= rss // 2
+        cpu = int(open(f"/sys/fs/cgroup/cpuacct/slurm_node3/uid_{uid}/job_{job}"
+                       "/charlie/cpuacct.usage").read())
+        assert cpu > 10**9  # a tcg boot costs seconds of CPU, all of it the job's
+    finally:
+        cluster.run(["scancel", job])
+    assert_clean(cluster, job)
+    assert not os.path.exists(f"/sys/fs/cgroup/memory/slurm_node3/uid_{uid}/job_{job}")
+    log = open(os.path.join(cluster.sb.state, "log", "charlie-node3.log")).read()
+    assert re.search(rf"job {job}: info: in the job's cgroup, QEMU used [\d.]+ s CPU", log)
