@@ -122,14 +122,19 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import layout, state
+    from . import layout, privileged, state
     cfg = config.load()
     node = args.node or os.uname().nodename.split(".")[0]
     root = cfg.runtime_root(node)
     jobs = layout.list_job_dirs(root)
     print(f"# {root}: {len(jobs)} job director{'y' if len(jobs) == 1 else 'ies'}")
+    records = privileged.Records(root) if os.geteuid() == 0 else None
     for job in jobs:
-        st = state.read(layout.JobPaths(root, job).state) or {}
+        if records is not None:  # root: its own record, not the user's file
+            rec = records.read(job)
+            st = {"type": rec.type, "phase": rec.phase} if rec else {}
+        else:
+            st = state.read(layout.JobPaths(root, job).state) or {}
         print(f"{job}\ttype={st.get('type', '?')}\tphase={st.get('phase', '?')}")
     kept = cfg.kept_dir(node)
     try:

@@ -90,7 +90,7 @@ class Churn:
         nodes = self.rng.randint(1, 3)
         if r < self.vm_share:
             kind, args = "vm", [f"--charlie-image={images['vm']}", "--charlie-interactive",
-                                "--mem=900M", "--wrap", "sleep 2"]
+                                "--charlie-commit", "--mem=900M", "--wrap", "sleep 2"]
             nodes = 1
         elif r < 0.35:
             kind, args = "none", ["--charlie-type=none", "--wrap",
