@@ -79,11 +79,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "container: run with this group id inside, mapped to your group",
                1, default="your gid"),
     OptionSpec("cpus", "int", "N",
-               "VM CPUs per guest (default: the job's CPUs on that node)",
+               "VM CPUs per guest, at most the job's CPUs on that node (the default)",
                1, default="allocation"),
     OptionSpec("mem", "size", "SIZE",
-               "VM memory per guest, e.g. 4G (default: the job's --mem less "
-               "QEMU's share, else site config)",
+               "VM memory per guest, e.g. 4G; with QEMU's share at most the job's "
+               "memory on the node (default: the job's --mem less QEMU's share)",
                1, default="allocation"),
     OptionSpec("tmp-size", "size", "SIZE",
                "size of each guest's /ch/tmp disk, e.g. 2G (default: site config)",

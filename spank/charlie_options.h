@@ -24,8 +24,8 @@ static const struct charlie_opt charlie_opts[] = {
     { "charlie-write", NULL, "container image writable (ch-run -w)", 0, 1, NULL },
     { "charlie-uid", "UID", "container: run as this user id inside (e.g. 0), mapped to you", 1, 1, NULL },
     { "charlie-gid", "GID", "container: run with this group id inside, mapped to your group", 1, 1, NULL },
-    { "charlie-cpus", "N", "VM CPUs per guest (default: the job's CPUs on that node)", 1, 1, NULL },
-    { "charlie-mem", "SIZE", "VM memory per guest, e.g. 4G (default: the job's --mem less QEMU's share, else site config)", 1, 1, NULL },
+    { "charlie-cpus", "N", "VM CPUs per guest, at most the job's CPUs on that node (the default)", 1, 1, NULL },
+    { "charlie-mem", "SIZE", "VM memory per guest, e.g. 4G; with QEMU's share at most the job's memory on the node (default: the job's --mem less QEMU's share)", 1, 1, NULL },
     { "charlie-tmp-size", "SIZE", "size of each guest's /ch/tmp disk, e.g. 2G (default: site config)", 1, 1, NULL },
 };
 

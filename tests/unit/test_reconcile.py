@@ -1,7 +1,7 @@
 """Reconcile on this machine's filesystem, as root: leftovers of jobs Slurm no
 longer runs (a record with a live process, a directory without a record,
 young and running ones left alone), old kept overlays.  The list of running
-jobs is given here; tests/cluster/test_reconcile.py asks the real Slurm."""
+jobs is given here; tests/cluster/test_reconcile_slurm.py asks the real Slurm."""
 
 import os
 import pwd
