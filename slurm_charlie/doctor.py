@@ -151,8 +151,8 @@ def _probe(cfg: config.Config, node: str) -> Result:
             "-kernel", cfg["vm.kernel"], "-append", "console=ttyS0 panic=-1",
             "-serial", "stdio"]
     try:
-        p = run(argv, as_user=User.lookup(65534), timeout=cfg["timeouts.probe"],
-                check=False)
+        from .backends.vm import probe_user
+        p = run(argv, as_user=probe_user(), timeout=cfg["timeouts.probe"], check=False)
     except CharlieError as e:
         return "FAIL", e.line(), "set vm.accel/vm.cpu_model to what this node runs " \
             "(FAQ 15: -cpu host aborts on some hosts)"

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable
 from . import layout
 from .config import check_root_safe
 from .errors import CharlieError, NodeFault, UserError
-from .proc import User, is_zombie, log, pids_of, run, starttime
+from .proc import User, is_zombie, log, pids_of, proc_stat, run, starttime
 
 RECORD_DIR = ".root"
 RECORD_VERSION = 1
@@ -507,6 +507,29 @@ def signal_process(rec: ProcRecord, sig: int) -> bool:
     finally:
         if pidfd >= 0:
             os.close(pidfd)
+
+
+def stopped(pid: int) -> bool:
+    """pid is stopped (SIGSTOP, or traced)."""
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] in "Tt"
+
+
+class StopWatch:
+    """Tells when a process root waits for has stayed stopped too long: the
+    user can SIGSTOP their own QEMU or holder; that must fail the job at
+    once, not hold the prolog until its boot timeout."""
+
+    def __init__(self, pid: int, grace: float = 2.0) -> None:
+        self.pid, self.grace, self.since = pid, grace, None
+
+    def expired(self) -> bool:
+        if not stopped(self.pid):
+            self.since = None
+            return False
+        now = time.monotonic()
+        self.since = self.since or now
+        return now - self.since >= self.grace
 
 
 def alive(rec: ProcRecord) -> bool:

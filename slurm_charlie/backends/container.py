@@ -191,7 +191,14 @@ class ContainerBackend(Backend):
         ctx.spawned(rec)
         limit = ctx.cfg["timeouts.boot"]
         deadline = time.monotonic() + limit
+        watch = privileged.StopWatch(proc.pid)
         while time.monotonic() < deadline:
+            if watch.expired():
+                proc.kill()  # our own child, not yet reaped: the pid is still it
+                proc.wait()
+                raise UserError("container", "the container was stopped (SIGSTOP) "
+                                "while it started", hint="the job fails, the node "
+                                "stays in service")
             if proc.poll() is not None:
                 text = call_as(ctx.user, layout.read_tail, holder_log, 1, limit=30)
                 raise UserError("container", f"ch-run exited with {proc.returncode}",

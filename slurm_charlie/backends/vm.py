@@ -32,7 +32,7 @@ from ..errors import NodeFault, UserError
 from ..layout import read_small, read_tail, write_file
 from ..meta import guest_mac
 from ..options import Options
-from ..proc import call_as, is_zombie, log, pids_of, run, starttime
+from ..proc import User, call_as, is_zombie, log, pids_of, run, starttime
 from . import Backend, Context
 
 GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guest")
@@ -284,13 +284,26 @@ def _probe_key(qemu: str, accel: str, cpu: str, kernel: str) -> str:
     return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:32]
 
 
+def probe_user() -> User:
+    """Whom node checks run as: `nobody`, no job user's."""
+    import pwd
+    try:
+        return User.lookup(pwd.getpwnam("nobody").pw_uid)
+    except KeyError:
+        return User.lookup(65534)
+
+
 def probe(ctx: Context, qemu: str) -> None:
     """Can this node run the site's accel and CPU model?  Boots the guest
     kernel with no root file system until it panics (QEMU then exits, thanks
     to -no-reboot) -- once per node and setting; the result is kept in
     <runtime_root>/.vm-probe.  A node that cannot is a node fault (seed 001:
     a CPU model or accelerator the host lacks; here KVM hangs and -cpu host
-    aborts)."""
+    aborts).  It runs as the unprivileged `nobody`, not as the job user, who
+    could otherwise kill it and make the node look broken; a probe killed
+    from outside (SIGKILL: the OOM killer, an admin) proves nothing and fails
+    only this job.  QEMU aborting by itself (-cpu host on a host without it)
+    is the node's fault."""
     cfg = ctx.cfg
     accel, cpu = cfg["vm.accel"], _cpu_model(cfg)
     record = os.path.join(ctx.paths.root, PROBE_FILE)
@@ -304,12 +317,16 @@ def probe(ctx: Context, qemu: str) -> None:
     hint = ("set vm.accel and vm.cpu_model in the site config to what this node "
             "runs (tcg and max always work; -cpu host needs a working KVM)")
     try:
-        p = run(argv, as_user=ctx.user, timeout=cfg["timeouts.probe"], check=False)
+        p = run(argv, as_user=probe_user(), timeout=cfg["timeouts.probe"], check=False)
     except NodeFault:
         raise NodeFault("vm.accel/vm.cpu_model", f"a test guest with -accel {accel} "
                         f"-cpu {cpu} did not finish booting within "
                         f"{cfg['timeouts.probe']} s", cfg["vm.kernel"], hint=hint) from None
     out = p.stdout.decode(errors="replace")
+    if p.returncode == -9 and "Kernel panic" not in out:  # killed from outside
+        raise UserError("vm probe", f"the node's QEMU check was killed by signal "
+                        f"{-p.returncode} before it finished", cfg["vm.kernel"],
+                        hint="the job fails; the next VM job here checks again")
     if p.returncode != 0 or "Kernel panic" not in out:
         err = (p.stderr.decode(errors="replace").strip() or out.strip()).splitlines()
         raise NodeFault("vm.accel/vm.cpu_model", f"QEMU cannot run -accel {accel} "
@@ -555,7 +572,14 @@ class VMBackend(Backend):
         if port:
             call_as(ctx.user, write_file, f"{ctx.paths.run}/{n}.ssh", f"{port}\n", 0o600)
         deadline = time.monotonic() + cfg["timeouts.boot"]
+        watch = privileged.StopWatch(proc.pid)
         while layout.lstat_in_job(ctx.paths, "meta", "sync", f"{n}.ready") is None:
+            if watch.expired():
+                proc.kill()  # our own child, not yet reaped: the pid is still it
+                proc.wait()
+                raise UserError(f"guest {n}", "QEMU was stopped (SIGSTOP) while the "
+                                "guest booted", hint="the job fails, the node stays "
+                                "in service")
             if proc.poll() is not None:
                 qlog = call_as(ctx.user, read_tail, p["qemu_log"], 5, limit=30)
                 con = call_as(ctx.user, read_tail, p["console_log"], 10, limit=30)

@@ -121,7 +121,8 @@ class Churn:
         return pids
 
     def user_steps(self) -> list[int]:
-        """Children of a prolog running as the user (proc.call_as)."""
+        """Children of a prolog running as the user: its steps as the user
+        (proc.call_as) and what it spawns (QEMU, the holder) while it waits."""
         return [p for p in pids_of(self.uid)
                 if "slurm-charlie prolog" in _cmd(_ppid(p))
                 or "slurm_charlie.cli prolog" in _cmd(_ppid(p))]
