@@ -166,9 +166,18 @@ def _commit(qemu_img: str, overlay: str, timeout: int) -> tuple[bool, str]:
 
 
 def _keep(overlay: str, kept_dir: str, name: str) -> str:
-    dst = os.path.join(kept_dir, name)
-    os.replace(overlay, dst)
-    return dst
+    """Move the overlay into kept_dir under name, or name.1, .2 … when a
+    job of a reused id kept one there before: nothing kept is overwritten."""
+    base, ext = name.removesuffix(".overlay.qcow2"), ".overlay.qcow2"
+    for i in range(1000):
+        dst = os.path.join(kept_dir, f"{base}{'' if i == 0 else f'.{i}'}{ext}")
+        try:
+            os.link(overlay, dst)  # fails on an existing name, unlike rename
+        except FileExistsError:
+            continue
+        os.unlink(overlay)
+        return dst
+    raise UserError("vm", "too many kept overlays of this job id", kept_dir)
 
 
 def _save_outputs(out_dir: str, work_dir: str, name: str, guest: int,

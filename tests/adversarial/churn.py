@@ -178,8 +178,10 @@ class Churn:
                 self.c.sb.restart_slurmd("node2")
                 self.restarts += 1
             while len(self.c.run(["squeue", "-h", "-u", USER]).stdout.splitlines()) > 6:
+                self.no_drain()
                 time.sleep(0.2)
         for jobid, fault in done:
+            self.no_drain()
             info = self.c.wait_done(jobid, timeout=600)
             if fault == "epilog-twice" and info.get("JobState") != "PENDING":
                 self.epilog_again(jobid)
@@ -188,6 +190,14 @@ class Churn:
         counts = self.leftovers()
         counts["seconds"] = int(time.monotonic() - t0)
         return counts
+
+    def no_drain(self) -> None:
+        """A drained node ends the run at once (its jobs would wait forever)."""
+        bad = {n: s for n, s in self.c.sb.node_states().items()
+               if "drain" in s or "down" in s}
+        if bad:
+            reasons = self.c.run(["sinfo", "-h", "-R", "-o", "%N: %E"]).stdout.strip()
+            raise SystemExit(f"churn: node drained: {bad}: {reasons}")
 
     def leftovers(self) -> dict[str, int]:
         states = self.c.wait_nodes_idle(120)

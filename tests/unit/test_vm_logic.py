@@ -1,6 +1,7 @@
 """Pure parts of the VM path: key derivation (checked by the real
 ssh-keygen), module load order, guest network numbers, QEMU command line."""
 
+import os
 import subprocess
 
 import pytest
@@ -96,3 +97,21 @@ def test_job_memory_from_scontrol():
     assert parse_job_memory("JobId=5 MinMemoryCPU=2G", 3) == 6144
     assert parse_job_memory("JobId=5 MinMemoryNode=0 MinTmpDiskNode=0", 2) is None
     assert parse_job_memory("JobId=5 MinTmpDiskNode=0", 2) is None
+
+
+def test_kept_overlay_never_overwrites_an_earlier_one(tmp_path):
+    """A job id Slurm hands out again must not replace what an earlier job
+    of that id kept."""
+    from slurm_charlie.backends import vm
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for i in range(3):
+        ov = tmp_path / f"run{i}.qcow2"
+        ov.write_text(f"changes {i}")
+        dst = vm._keep(str(ov), str(kept), "job7-chgu0.overlay.qcow2")
+        assert not ov.exists()
+    assert sorted(os.listdir(kept)) == ["job7-chgu0.1.overlay.qcow2",
+                                        "job7-chgu0.2.overlay.qcow2",
+                                        "job7-chgu0.overlay.qcow2"]
+    assert (kept / "job7-chgu0.overlay.qcow2").read_text() == "changes 0"
+    assert dst.endswith("job7-chgu0.2.overlay.qcow2")
