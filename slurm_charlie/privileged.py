@@ -168,9 +168,9 @@ class Records:
         try:
             f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
                         0o600, dir_fd=fd)
-            try:
+            try:  # no fsync: after a crash a torn record reads as none, and
+                # reconcile then goes by the job directory's owner
                 os.write(f, rec.to_json())
-                os.fsync(f)
             finally:
                 os.close(f)
             os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
