@@ -134,7 +134,8 @@ class Sandbox:
                        ctl_port=CTL_PORT, slurmd_port=SLURMD_PORT,
                        munge_socket=self.munge_socket, state=self.state,
                        hooks=hooks, hook_dir=self.hook_dir, nodes=self.nodes,
-                       cpus=2, cgroups=self.cgroups)
+                       cpus=2, cgroups=self.cgroups,
+                       prolog_flags=os.environ.get("CHARLIE_SANDBOX_PROLOG_FLAGS", "Alloc,NoHold"))
         self._write(self.conf, text)
         if self.cgroups:
             self._write(os.path.join(os.path.dirname(self.conf), "cgroup.conf"),
