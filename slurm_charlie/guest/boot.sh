@@ -137,19 +137,29 @@ done
 mkdir -p $HOME_
 [ "$(stat -c %u $HOME_)" = "$UID_" ] || chown -R "$UID_:$GID_" $HOME_
 
-# ssh: per-job keys from meta; every guest trusts the job's key
+# ssh: per-job keys from meta; every guest trusts the job's key.  The keys
+# stay in /run (a tmpfs): a --charlie-commit must not save the job's private
+# key into the image.  Only the ssh client's pointer to them goes to /etc.
 if [ -d /ch/meta/ssh ]; then
-    mkdir -p $HOME_/.ssh /run/sshd /etc/ssh
-    cp /ch/meta/ssh/id_ed25519 /ch/meta/ssh/id_ed25519.pub $HOME_/.ssh/
-    cp /ch/meta/ssh/id_ed25519.pub $HOME_/.ssh/authorized_keys
-    chown -R "$UID_:$GID_" $HOME_/.ssh
-    chmod 700 $HOME_/.ssh
-    chmod 600 $HOME_/.ssh/id_ed25519 $HOME_/.ssh/authorized_keys
+    K=/run/charlie/ssh
+    mkdir -p $K /run/sshd /etc/ssh/ssh_config.d
+    cp /ch/meta/ssh/id_ed25519 /ch/meta/ssh/id_ed25519.pub $K/
+    cp /ch/meta/ssh/id_ed25519.pub $K/authorized_keys
+    chown -R "$UID_:$GID_" $K
+    chmod 700 $K
+    chmod 600 $K/id_ed25519 $K/authorized_keys
+    printf 'IdentityFile %s/id_ed25519\nIdentityFile ~/.ssh/id_ed25519\n' $K \
+        > /etc/ssh/ssh_config.d/50-slurm-charlie.conf
+    # job keys that earlier versions copied into the home directory
+    if grep -qs "slurm-charlie-job-" $HOME_/.ssh/id_ed25519.pub; then
+        rm -f $HOME_/.ssh/id_ed25519 $HOME_/.ssh/id_ed25519.pub
+    fi
     cp /ch/meta/ssh/known_hosts /etc/ssh/ssh_known_hosts
     install -m 600 /ch/meta/ssh/id_ed25519 /run/charlie/ssh_host_ed25519_key
     if [ -x /usr/sbin/sshd ]; then
         /usr/sbin/sshd -o HostKey=/run/charlie/ssh_host_ed25519_key \
             -o PidFile=/run/charlie/sshd.pid -o UsePAM=no \
+            -o AuthorizedKeysFile=$K/authorized_keys \
             -o PasswordAuthentication=no -o PermitRootLogin=no \
             || log "sshd did not start"
     else

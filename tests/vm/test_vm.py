@@ -96,6 +96,7 @@ done
 echo "DATA $(cat /ch/data1/input)"
 touch /ch/tmp/probe && echo TMP-WRITABLE
 touch /ch/meta/probe 2>/dev/null || echo META-READONLY
+[ -e "$HOME/.ssh/id_ed25519" ] || echo NO-KEY-IN-HOME
 if [ "$CH_GUEST_ID" = 0 ]; then
     for g in $(cat /ch/meta/guests); do echo "SSH $(ssh $g hostname)"; done
     ping -c 1 -W 5 chgu2 >/dev/null && echo PING-OK
@@ -123,6 +124,7 @@ def test_batch_job_three_guests(cluster, guest):
     # guest 0 reached every guest by name over ssh, and ran MPI across them
     assert re.findall(r"^SSH (\S+)$", out, re.M) == ["chgu0", "chgu1", "chgu2"], out
     assert "PING-OK" in out
+    assert "NO-KEY-IN-HOME" in out  # a commit would save it into the image
     ranks = re.findall(r"^rank (\d) of 3 on (chgu\d) sum 3$", out, re.M)
     assert sorted(ranks) == [("0", "chgu0"), ("1", "chgu1"), ("2", "chgu2")], out
     uid = subprocess.run(["id", "-u", USER], capture_output=True, text=True).stdout.strip()
