@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 import time
 from typing import Callable
 
@@ -232,7 +231,7 @@ def main(cfg: config.Config, node: str, out: Callable[[str], None] = print) -> i
     for name, check in checks(cfg, node):
         try:
             status, seen, fix = check()
-        except (CharlieError, OSError, subprocess.SubprocessError) as e:
+        except (CharlieError, OSError) as e:
             status, seen, fix = "FAIL", f"{type(e).__name__}: {e}", None
         out(f"{status:4}  {name}: {seen}")
         if fix and status != "ok":

@@ -42,8 +42,8 @@ def plugstack_line(so: str, bin_: str, runtime_root: str, conf: str) -> str:
 
 
 def render_dispatch(kind: str) -> str:
-    from .cli import _render
-    return _render("dispatch.sh.j2", kind=kind)
+    from .render import render
+    return render("dispatch.sh.j2", kind=kind)
 
 
 def _write(path: str, text: str, mode: int) -> None:

@@ -16,6 +16,8 @@ from .errors import UserError
 GUEST_PREFIX = "chgu"
 #: directory entries: value None means "a directory"
 SYNC_DIR = "sync"
+#: mount points every container image gets (/ch/meta, /ch/data1..4)
+MOUNT_POINTS = ("ch/meta",) + tuple(f"ch/data{i}" for i in range(1, 5))
 
 
 @dataclasses.dataclass(frozen=True)

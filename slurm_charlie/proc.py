@@ -111,7 +111,8 @@ def _drop(user: User) -> None:
 
 def run(argv: Sequence[str], as_user: User | None = None,
         env: Mapping[str, str] | None = None, timeout: float | None = None,
-        check: bool = True, cwd: str | None = None) -> subprocess.CompletedProcess:
+        check: bool = True, cwd: str | None = None,
+        input: bytes | None = None) -> subprocess.CompletedProcess:
     who = str(as_user) if as_user else "root" if os.geteuid() == 0 else str(User.current())
     log.debug("run as %s: %s", who, " ".join(argv))
     kwargs: dict[str, Any] = {}
@@ -121,7 +122,8 @@ def run(argv: Sequence[str], as_user: User | None = None,
         if env is None:
             env = as_user.env()
     try:
-        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL,
+        proc = subprocess.run(list(argv), input=input,
+                              stdin=subprocess.DEVNULL if input is None else None,
                               capture_output=True, env=None if env is None else dict(env),
                               timeout=timeout, cwd=cwd, **kwargs)
     except FileNotFoundError:
@@ -145,6 +147,16 @@ RESULT_MAX = 16 << 20
 
 class _DropFailed(Exception):
     pass
+
+
+def run_attached(argv: Sequence[str]) -> int:
+    """Run argv with this process's stdin, stdout and stderr (an interactive
+    console or ssh session); its exit status."""
+    log.debug("run attached: %s", " ".join(argv))
+    try:
+        return subprocess.call(list(argv))
+    except FileNotFoundError:
+        raise NodeFault(argv[0], "program not found (exit 127)") from None
 
 
 def call_as(user: User, fn: Callable[..., Any], *args: Any,

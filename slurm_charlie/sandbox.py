@@ -125,7 +125,7 @@ class Sandbox:
     def write_files(self, hooks: str = "on") -> None:
         """hooks: "on" (slurm-charlie installed), "off" (no plugstack, no
         Prolog/Epilog) or "trivial" (a Prolog/Epilog that only exits 0)."""
-        from .cli import _render
+        from .render import render as _render
         for d in ("etc", "log", "run", "spool/ctld", "runtime", "work"):
             os.makedirs(self._p(d), mode=0o755, exist_ok=True)
         for n in self.nodes:

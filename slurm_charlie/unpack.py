@@ -31,9 +31,9 @@ import filelock
 
 from .errors import UserError
 from .layout import read_small, write_file
+from .meta import MOUNT_POINTS
 from .proc import run
 
-MOUNT_POINTS = ("ch/meta", "ch/data1", "ch/data2", "ch/data3", "ch/data4")
 
 
 def check_members(members: list[tarfile.TarInfo], archive: str) -> str:

@@ -13,10 +13,10 @@ import gzip
 import lzma
 import os
 import shutil
-import subprocess
 import tempfile
 
 from .errors import UserError
+from .proc import run
 
 #: what a guest needs before /ch/opt/boot.sh runs (dependencies are added)
 MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4",
@@ -96,10 +96,9 @@ def build_initrd(moddir: str, out: str, busybox: str = "/bin/busybox") -> list[s
             names.append(plain)
         with open(os.path.join(tmp, "etc/charlie-modules"), "w") as f:
             f.write("\n".join(names) + "\n")
-        files = subprocess.run(["find", ".", "-mindepth", "1"], cwd=tmp, check=True,
-                               capture_output=True).stdout
-        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"],
-                              cwd=tmp, input=files, check=True, capture_output=True)
+        files = run(["find", ".", "-mindepth", "1"], cwd=tmp, timeout=60).stdout
+        cpio = run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=tmp,
+                   input=files, timeout=120)
         tmp_out = out + ".tmp"
         with gzip.open(tmp_out, "wb", compresslevel=6) as f:
             f.write(cpio.stdout)

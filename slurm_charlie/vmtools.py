@@ -12,14 +12,13 @@ import os
 import select
 import shutil
 import socket
-import subprocess
 import sys
 import time
 
 from . import PROG, config, hostlist
 from .errors import UserError
 from .layout import read_tail
-from .proc import is_zombie, starttime
+from .proc import is_zombie, run_attached, starttime
 
 POLL = 0.2
 
@@ -195,21 +194,18 @@ def _console_via_srun(guest: int, what: str = "console",
         argv.append("--pty")
     argv += [sys.argv[0] if os.path.isabs(sys.argv[0]) else shutil.which(PROG) or PROG,
              what, "--job-dir", "-", str(guest), *(command or [])]
-    return subprocess.call(argv)
+    return run_attached(argv)
 
 
 # --- commit a kept overlay ------------------------------------------------------
 
 def commit_kept(overlay: str, cfg: config.Config) -> int:
-    import json
-    from .backends.vm import _commit, check_image
+    from .backends.vm import _commit, check_image, image_info
     qemu_img = shutil.which(cfg["vm.qemu_img"]) or cfg["vm.qemu_img"]
-    p = subprocess.run([qemu_img, "info", "--output=json", "-f", "qcow2", overlay],
-                       capture_output=True)
-    if p.returncode != 0:
-        raise UserError("commit", "not a qcow2 overlay", overlay,
-                        hint=p.stderr.decode(errors="replace").strip()[-200:])
-    info = json.loads(p.stdout)
+    try:
+        info = image_info(qemu_img, overlay, "qcow2")
+    except UserError as e:
+        raise UserError("commit", "not a qcow2 overlay", overlay, hint=e.hint) from None
     base = info.get("full-backing-filename") or info.get("backing-filename")
     fmt = info.get("backing-filename-format")
     if not base or fmt not in ("qcow2", "raw"):

@@ -24,10 +24,10 @@ from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
 from .. import config, images, layout, privileged, unpack
+from ..meta import MOUNT_POINTS
 from ..proc import call_as, fd_targets, log, run
 from . import Backend, Context
 
-MOUNT_POINTS = ("ch/meta",) + tuple(f"ch/data{i}" for i in range(1, 5))
 HOLDER_FIFO = ".holder"
 HOLDER_SCRIPT = 'exec 3<>/ch/meta/.holder; read -r _ <&3'
 

@@ -5,14 +5,14 @@ import os
 
 import pytest
 
-from slurm_charlie import cli, config
+from slurm_charlie import config, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
 GENERATED = {
-    "spank/charlie_options.h": cli.render_header,
-    "docs/options.rst": cli.render_options_rst,
-    "docs/config.rst": cli.render_config_rst,
+    "spank/charlie_options.h": render.render_header,
+    "docs/options.rst": render.render_options_rst,
+    "docs/config.rst": render.render_config_rst,
     "docs/charlie.toml.example": config.render_example,
 }
 
@@ -25,7 +25,7 @@ def test_generated_file_is_current(path):
 
 def test_header_has_every_option():
     from slurm_charlie import options
-    header = cli.render_header()
+    header = render.render_header()
     for o in options.OPTIONS:
         assert f'"{o.flag[2:]}"' in header
     assert f"#define CHARLIE_MAX_DIRS {options.MAX_DIRS}" in header

@@ -1,0 +1,75 @@
+"""House rules of the code base, each backed by a check that fails when the
+rule is broken (docs/developer.rst, "Conventions")."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+from slurm_charlie import config
+
+PKG = os.path.join(os.path.dirname(__file__), "..", "..", "slurm_charlie")
+
+
+def _sources():
+    for root, _, files in os.walk(PKG):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(root, f)
+                yield os.path.relpath(path, PKG), open(path).read()
+
+
+#: who may start programs directly: the gate for commands and calls as the
+#: user, the root side's spawn (QEMU, holder: long-lived, recorded), and the
+#: developer sandbox (daemons in network namespaces)
+SUBPROCESS_OK = {"proc.py", "privileged.py", "sandbox.py"}
+
+
+def test_one_gate_for_commands():
+    users = set()
+    for rel, text in _sources():
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "subprocess" or n.startswith("subprocess.") for n in names):
+                users.add(rel)
+    assert users <= SUBPROCESS_OK, f"import subprocess outside the gate: {users - SUBPROCESS_OK}"
+    assert "proc.py" in users
+
+
+def test_every_config_literal_is_a_key():
+    """cfg["vm.acel"] would otherwise surface only in a prolog."""
+    used = set()
+    for rel, text in _sources():
+        used |= set(re.findall(r"""cfg\[["']([^"']+)["']\]""", text))
+    assert used, "the scan found no config lookups at all"
+    unknown = used - set(config.BY_NAME)
+    assert not unknown, f"not keys of config.DEFAULTS: {sorted(unknown)}"
+
+
+def test_one_definition_of_shared_constants():
+    for const in ("MOUNT_POINTS", "PROBE_FILE", "RECORD_DIR", "SYNC_DIR"):
+        where = [rel for rel, text in _sources()
+                 if re.search(rf"(?m)^{const}\s*=", text)]
+        assert len(where) == 1, (const, where)
+
+
+def test_sandbox_and_cli_do_not_import_each_other():
+    code = ("import sys, slurm_charlie.sandbox, slurm_charlie.install; "
+            "print('slurm_charlie.cli' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_submit_side_imports_no_back_end():
+    """Every sbatch with a charlie option runs the validator: the back ends
+    (and filelock) are imported when their type is used, not before."""
+    code = ("import sys, slurm_charlie.cli, slurm_charlie.validate, slurm_charlie.backends; "
+            "print(sorted(m for m in sys.modules if m.startswith('slurm_charlie.backends.')"
+            " or m == 'filelock'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", out
