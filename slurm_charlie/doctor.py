@@ -144,39 +144,26 @@ def _probe(cfg: config.Config, node: str) -> Result:
     qemu = shutil.which(cfg["vm.qemu"])
     if qemu is None:
         return "FAIL", "no QEMU to probe with", None
-    argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-accel", cfg["vm.accel"], "-cpu", cfg["vm.cpu_model"] or
-            ("host" if cfg["vm.accel"] == "kvm" else "max"), "-smp", "1", "-m", "256M",
-            "-kernel", cfg["vm.kernel"], "-append", "console=ttyS0 panic=-1",
-            "-serial", "stdio"]
+    from .backends.vm import probe_boot
     try:
-        from .backends.vm import probe_user
-        p = run(argv, as_user=probe_user(), timeout=cfg["timeouts.probe"], check=False)
+        probe_boot(cfg, qemu)
     except CharlieError as e:
-        return "FAIL", e.line(), "set vm.accel/vm.cpu_model to what this node runs " \
-            "(FAQ 15: -cpu host aborts on some hosts)"
-    if b"Kernel panic" not in p.stdout:
-        err = p.stderr.decode(errors="replace").strip().splitlines()
-        return "FAIL", f"QEMU -accel {cfg['vm.accel']}: exit {p.returncode}: " + \
-            (err[-1] if err else ""), "set vm.accel/vm.cpu_model to what this node runs " \
-            "(FAQ 15)"
+        return "FAIL", e.line(), (e.hint or "") + " (FAQ 15: -cpu host aborts on some hosts)"
     return "ok", f"the guest kernel boots with -accel {cfg['vm.accel']}", None
 
 
 def _mpi(cfg: config.Config) -> Result:
-    srun = shutil.which("srun") or "/usr/bin/srun"
-    try:
-        p = run([srun, "--mpi=list"], timeout=30, check=False)
-    except CharlieError as e:
-        return "warn", e.line(), None
-    offered = (p.stdout + p.stderr).decode(errors="replace")
+    from .backends.container import mpi_plugins
+    offered = mpi_plugins()
+    if offered is None:
+        return "warn", "srun --mpi=list failed", None
     want = cfg["container.default_mpi"]
-    if want and want not in offered.split():
+    if want and want not in offered:
         return "warn", f"srun --mpi=list does not offer {want}", \
             "install Slurm's MPI plugins or change container.default_mpi (FAQ 25: " \
             "independent rank-0 processes)"
     return "ok", "srun --mpi=list offers " + ", ".join(dict.fromkeys(
-        w for w in offered.split() if w in ("pmi2", "pmix", "pmix_v4", "pmix_v5"))), None
+        w for w in offered if w in ("pmi2", "pmix", "pmix_v4", "pmix_v5"))), None
 
 
 def _leftovers(cfg: config.Config, node: str) -> Result:

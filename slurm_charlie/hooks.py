@@ -22,8 +22,7 @@ from . import (backends, config, hostlist, jobenv, layout, meta, options, privil
                state, validate)
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError, format_message
-from .proc import User, call_as, fd_targets, pids_of
-from .proc import is_zombie as proc_is_zombie
+from .proc import User, call_as, fd_targets, is_zombie, pids_of
 
 log = logmod.log
 
@@ -341,7 +340,7 @@ def _user_busy_elsewhere(root: str, job_id: str, uid: int, node: str) -> bool:
                 cg = f.read()
         except OSError:
             continue
-        if not proc_is_zombie(pid) and mark not in cg.replace("\n", "/\n"):
+        if not is_zombie(pid) and mark not in cg.replace("\n", "/\n"):
             return True
     return False
 

@@ -49,25 +49,29 @@ _SUBPATHS = {
 }
 
 
-def write_file(path: str, data: bytes | str, mode: int = 0o644) -> None:
-    """Replace path atomically with data: a temporary file per process (jobs
-    may write the same file at once), never following a link, with exactly
-    this mode whatever the umask."""
+def write_file(path: str, data: bytes | str, mode: int = 0o644,
+               dir_fd: int | None = None) -> None:
+    """Replace path (relative to dir_fd when given) atomically with data: a
+    temporary file per process (jobs may write the same file at once), never
+    following a link, with exactly this mode whatever the umask."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode,
+                 dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)
         os.write(fd, data.encode() if isinstance(data, str) else data)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def _open_regular(path: str) -> int | None:
-    """An fd of path if it is a regular file: never through a final link,
-    never blocking on a FIFO or device.  None otherwise."""
+def _open_regular(path: str, dir_fd: int | None = None) -> int | None:
+    """An fd of path (relative to dir_fd when given) if it is a regular
+    file: never through a final link, never blocking on a FIFO or device.
+    None otherwise."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
     except OSError:
         return None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -76,18 +80,24 @@ def _open_regular(path: str) -> int | None:
     return fd
 
 
-def read_small(path: str, limit: int = 4096) -> str | None:
-    """At most limit bytes of a regular file as text; None when it is
-    missing, a link, a FIFO or anything else that is not a regular file."""
-    fd = _open_regular(path)
+def read_bytes(path: str, limit: int = 4096, dir_fd: int | None = None) -> bytes | None:
+    """At most limit bytes of a regular file; None when it is missing, a
+    link, a FIFO or anything else that is not a regular file."""
+    fd = _open_regular(path, dir_fd)
     if fd is None:
         return None
     try:
-        return os.read(fd, limit).decode(errors="replace")
+        return os.read(fd, limit)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def read_small(path: str, limit: int = 4096) -> str | None:
+    """read_bytes() as text."""
+    data = read_bytes(path, limit)
+    return None if data is None else data.decode(errors="replace")
 
 
 def read_tail(path: str, lines: int) -> str:

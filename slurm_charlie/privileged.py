@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterable
 from . import layout
 from .config import check_root_safe
 from .errors import CharlieError, NodeFault, UserError
-from .proc import User, is_zombie, log, pids_of, proc_stat, run, starttime
+from .proc import (User, is_stopped, is_zombie, log, pids_of, proc_stat, run,
+                   starttime)
 
 RECORD_DIR = ".root"
 RECORD_VERSION = 1
@@ -164,16 +165,9 @@ class Records:
         fd = self._dirfd(create=True)
         assert fd is not None
         name = f"{rec.job_id}.json"
-        tmp = f"{name}.tmp.{os.getpid()}"
-        try:
-            f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
-                        0o600, dir_fd=fd)
-            try:  # no fsync: after a crash a torn record reads as none, and
-                # reconcile then goes by the job directory's owner
-                os.write(f, rec.to_json())
-            finally:
-                os.close(f)
-            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        try:  # no fsync: after a crash a torn record reads as none, and
+            # reconcile then goes by the job directory's owner
+            layout.write_file(name, rec.to_json(), 0o600, dir_fd=fd)
         except OSError as e:
             where = os.path.join(self.root, RECORD_DIR, name)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a job can fill it
@@ -194,7 +188,7 @@ class Records:
         if fd is None:
             return None
         try:
-            data = _read_regular(fd, f"{job_id}.json", RECORD_MAX)
+            data = layout.read_bytes(f"{job_id}.json", RECORD_MAX, dir_fd=fd)
         finally:
             os.close(fd)
         if data is None:
@@ -228,22 +222,6 @@ class Records:
                            and n[:-5].isdigit()), key=int)
         finally:
             os.close(fd)
-
-
-def _read_regular(dirfd: int, name: str, limit: int) -> bytes | None:
-    """Read a small regular file below dirfd without following a link and
-    without blocking (a FIFO is refused); None when missing or not regular."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dirfd)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.read(fd, limit)
-    finally:
-        os.close(fd)
 
 
 # --- the job directory ---------------------------------------------------------
@@ -509,12 +487,6 @@ def signal_process(rec: ProcRecord, sig: int) -> bool:
             os.close(pidfd)
 
 
-def stopped(pid: int) -> bool:
-    """pid is stopped (SIGSTOP, or traced)."""
-    fields = proc_stat(pid)
-    return bool(fields) and fields[0] in "Tt"
-
-
 class StopWatch:
     """Tells when a process root waits for has stayed stopped too long: the
     user can SIGSTOP their own QEMU or holder; that must fail the job at
@@ -524,7 +496,7 @@ class StopWatch:
         self.pid, self.grace, self.since = pid, grace, None
 
     def expired(self) -> bool:
-        if not stopped(self.pid):
+        if not is_stopped(proc_stat(self.pid)):
             self.since = None
             return False
         now = time.monotonic()

@@ -78,6 +78,11 @@ def is_zombie(pid: int | str) -> bool:
     return fields is None or fields[0] == "Z"
 
 
+def is_stopped(fields: list[str] | None) -> bool:
+    """The proc_stat() fields are of a stopped process (SIGSTOP, traced)."""
+    return bool(fields) and fields[0] in ("T", "t")
+
+
 def pids_of(uid: int) -> list[int]:
     """Live processes owned by uid."""
     out = []
@@ -251,7 +256,7 @@ def _group_stopped(pgid: int) -> bool:
         if not d.isdigit():
             continue
         fields = proc_stat(d)
-        if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] in "Tt":
+        if is_stopped(fields) and len(fields) > 2 and fields[2] == str(pgid):
             return True
     return False
 

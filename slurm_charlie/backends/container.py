@@ -79,16 +79,23 @@ def mpi_flavours(image: str) -> dict[str, str]:
     return found
 
 
-def mpi_offered(mpi_type: str) -> bool:
-    """Does this node's Slurm offer the MPI plugin (`srun --mpi=list`)?"""
+def mpi_plugins() -> list[str] | None:
+    """The MPI plugins this node's Slurm offers (`srun --mpi=list`), None
+    when srun cannot say."""
     try:
         p = run([shutil.which("srun") or "/usr/bin/srun", "--mpi=list"],
                 timeout=30, check=False)
     except NodeFault as e:
         log.warning("srun --mpi=list: %s", e.line())
-        return False
-    offered = p.stdout.decode(errors="replace").split()
-    if p.returncode != 0 or mpi_type not in offered:
+        return None
+    if p.returncode != 0:
+        return None
+    return p.stdout.decode(errors="replace").split()
+
+
+def mpi_offered(mpi_type: str) -> bool:
+    """Does this node's Slurm offer the MPI plugin (`srun --mpi=list`)?"""
+    if mpi_type not in (mpi_plugins() or []):
         log.warning("container.default_mpi %s: not offered by `srun --mpi=list` "
                     "here; SLURM_MPI_TYPE left alone", mpi_type)
         return False

@@ -302,23 +302,10 @@ def probe_user() -> User:
         return User.lookup(65534)
 
 
-def probe(ctx: Context, qemu: str) -> None:
-    """Can this node run the site's accel and CPU model?  Boots the guest
-    kernel with no root file system until it panics (QEMU then exits, thanks
-    to -no-reboot) -- once per node and setting; the result is kept in
-    <runtime_root>/.vm-probe.  A node that cannot is a node fault (seed 001:
-    a CPU model or accelerator the host lacks; here KVM hangs and -cpu host
-    aborts).  It runs as the unprivileged `nobody`, not as the job user, who
-    could otherwise kill it and make the node look broken; a probe killed
-    from outside (SIGKILL: the OOM killer, an admin) proves nothing and fails
-    only this job.  QEMU aborting by itself (-cpu host on a host without it)
-    is the node's fault."""
-    cfg = ctx.cfg
+def probe_boot(cfg: config.Config, qemu: str) -> None:
+    """Boot the site's kernel with the site's accel and CPU model as
+    `nobody` until it panics; NodeFault (with the fix) when QEMU cannot."""
     accel, cpu = cfg["vm.accel"], _cpu_model(cfg)
-    record = os.path.join(ctx.paths.root, PROBE_FILE)
-    key = _probe_key(qemu, accel, cpu, cfg["vm.kernel"])
-    if (read_small(record) or "").strip() == key:
-        return
     argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-accel", accel, "-cpu", cpu, "-smp", "1", "-m", "256M",
             "-kernel", cfg["vm.kernel"], "-append", "console=ttyS0 panic=-1",
@@ -341,6 +328,26 @@ def probe(ctx: Context, qemu: str) -> None:
         raise NodeFault("vm.accel/vm.cpu_model", f"QEMU cannot run -accel {accel} "
                         f"-cpu {cpu} here (exit {p.returncode})",
                         err[-1] if err else None, hint=hint)
+
+
+def probe(ctx: Context, qemu: str) -> None:
+    """Can this node run the site's accel and CPU model?  Boots the guest
+    kernel with no root file system until it panics (QEMU then exits, thanks
+    to -no-reboot) -- once per node and setting; the result is kept in
+    <runtime_root>/.vm-probe.  A node that cannot is a node fault (seed 001:
+    a CPU model or accelerator the host lacks; here KVM hangs and -cpu host
+    aborts).  It runs as the unprivileged `nobody`, not as the job user, who
+    could otherwise kill it and make the node look broken; a probe killed
+    from outside (SIGKILL: the OOM killer, an admin) proves nothing and fails
+    only this job.  QEMU aborting by itself (-cpu host on a host without it)
+    is the node's fault."""
+    cfg = ctx.cfg
+    accel, cpu = cfg["vm.accel"], _cpu_model(cfg)
+    record = os.path.join(ctx.paths.root, PROBE_FILE)
+    key = _probe_key(qemu, accel, cpu, cfg["vm.kernel"])
+    if (read_small(record) or "").strip() == key:
+        return
+    probe_boot(cfg, qemu)
     write_file(record, key + "\n")
     log.info("probe: -accel %s -cpu %s works here", accel, cpu)
 

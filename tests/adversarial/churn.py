@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "cluster"))
 from conftest import USER, build_busybox_image, make_cluster  # noqa: E402
 
 from slurm_charlie.doctor import deleted_open  # noqa: E402
-from slurm_charlie.proc import pids_of  # noqa: E402
+from slurm_charlie.proc import pids_of, proc_stat  # noqa: E402
 
 FAULTS = ("none", "scancel", "kill-holder", "stop-holder", "kill-user-step",
           "stop-user-step", "epilog-twice")
@@ -47,10 +47,8 @@ def _cmd(pid: int) -> str:
 
 
 def _ppid(pid: int) -> int:
-    try:
-        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
+    fields = proc_stat(pid)
+    return int(fields[1]) if fields else 0
 
 
 class Churn:
