@@ -266,3 +266,41 @@ def test_shm_of_a_plain_job_survives_a_charlie_jobs_end(cluster):
             if os.lstat(f"/dev/shm/{f}").st_uid == uid:
                 os.unlink(f"/dev/shm/{f}")
     settled(cluster)
+
+
+def test_planted_output_directory_is_not_followed(cluster):
+    """Class 6: job ids are predictable; someone makes <workdir>/charlie-<job>
+    in advance, full of symlinks to the victim's files.  The guest outputs
+    go to charlie-<job>.1 and nothing is written through the links."""
+    guest_dir = cluster.sb.guest_dir
+    assert guest_dir, "the sandbox has no test guest (make test brings it)"
+    wd = cluster.workdir("adv-outputs")
+    os.chmod(wd, 0o777)  # a shared project directory others can write in
+    img = os.path.join(wd, "image.qcow2")
+    shutil.copyfile(os.path.join(guest_dir, "guest.qcow2"), img)
+    shutil.chown(img, USER, USER)
+    victim = cluster.write(os.path.join(cluster.home, "victim-file"), "precious\n", 0o644)
+    cluster.write(os.path.join(wd, "job.sh"), "#!/bin/sh\necho from-the-guest\n")
+    p = cluster.as_user(["sbatch", "--parsable", "--hold", "-N1", "-o", "out",
+                         f"--charlie-image={img}", "--charlie-job=job.sh",
+                         "--wrap", "true"], wd)
+    jobid = p.stdout.strip()
+    assert jobid.isdigit(), p.stderr
+    planted = os.path.join(wd, f"charlie-{jobid}")
+    os.mkdir(planted, 0o777)  # root's (the attacker's) directory
+    for name in ("0_job.out", "0_job.err", "0_console.out", "0_qemu.log"):
+        os.symlink(victim, os.path.join(planted, name))
+    cluster.run(["scontrol", "release", jobid], check=True)
+    info = cluster.wait_done(jobid, timeout=400)
+    assert info["JobState"] == "COMPLETED", info
+    assert open(victim).read() == "precious\n"
+    assert sorted(os.listdir(planted)) == ["0_console.out", "0_job.err", "0_job.out",
+                                           "0_qemu.log"]
+    saved = os.path.join(wd, f"charlie-{jobid}.1")
+    for _ in range(100):
+        if os.path.exists(os.path.join(saved, "0_job.out")):
+            break
+        time.sleep(0.2)
+    assert "from-the-guest" in open(os.path.join(saved, "0_job.out")).read()
+    assert os.stat(saved).st_uid == int(cluster.run(["id", "-u", USER]).stdout)
+    settled(cluster)
