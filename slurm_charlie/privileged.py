@@ -586,7 +586,17 @@ CGROUP_FS = "/sys/fs/cgroup"
 #: cgroup v1 controllers Slurm's job tree lives in and that QEMU/the holder
 #: join: memory (the job's limit, usage) and cpuacct (CPU time)
 CGROUP_CONTROLLERS = ("memory", "cpuacct")
-CGROUP_LEAF = "charlie"
+#: where QEMU/the holder sit inside the job's cgroup: the extern step's task
+#: cgroup (task_<node index>), made before Slurm's extern step exists.  With
+#: PrologFlags=Contain slurmstepd adopts the directories for the extern step
+#: and jobacct_gather/cgroup reports their totals as ``J.extern`` (sstat,
+#: sacct); Slurm's signals reach only its freezer cgroup, so QEMU is still
+#: powered off by the epilog.  Without Contain they are plain directories.
+CGROUP_STEP = "step_extern"
+
+
+def _leaf(job_cg: str, index: int) -> str:
+    return os.path.join(job_cg, CGROUP_STEP, f"task_{int(index)}")
 
 
 def _slurm_cgroup_root(controller: str, node: str) -> str | None:
@@ -619,11 +629,12 @@ def _locked(root: str) -> int:
     return fd
 
 
-def join_job_cgroup(node: str, rec: ProcRecord, job_id: str,
+def join_job_cgroup(node: str, rec: ProcRecord, job_id: str, index: int,
                     memory_limit_mib: int | None = None) -> list[str]:
-    """Move the recorded process into <job cgroup>/charlie in every
-    controller Slurm uses (the directories are made if the job has no step
-    yet; Slurm adopts them).  With memory_limit_mib, the job's memory limit
+    """Move the recorded process into <job cgroup>/step_extern/task_<index>
+    (index: the node's place in the job, Slurm's node id) in every controller
+    Slurm uses (the directories are made before the extern step exists;
+    Slurm adopts them).  With memory_limit_mib, the job's memory limit
     is set as Slurm sets it, so that it holds before the first step too.
     Returns the cgroups joined; [] where Slurm uses no cgroups."""
     joined = []
@@ -631,7 +642,7 @@ def join_job_cgroup(node: str, rec: ProcRecord, job_id: str,
         root = os.path.dirname(os.path.dirname(job_cg))
         lock = _locked(root)
         try:
-            leaf = os.path.join(job_cg, CGROUP_LEAF)
+            leaf = _leaf(job_cg, index)
             os.makedirs(leaf, exist_ok=True)
             if memory_limit_mib and "/memory/" in job_cg:
                 with open(os.path.join(job_cg, "memory.limit_in_bytes"), "w") as f:
@@ -660,7 +671,7 @@ def join_job_cgroup(node: str, rec: ProcRecord, job_id: str,
 
 
 def stale_job_cgroups(node: str, running: set[str]) -> list[tuple[int, str]]:
-    """(uid, job id) of every <job cgroup>/charlie of a job not in running."""
+    """(uid, job id) of every <job cgroup>/step_extern of a job not in running."""
     found = set()
     for ctrl in CGROUP_CONTROLLERS:
         root = _slurm_cgroup_root(ctrl, node)
@@ -677,7 +688,7 @@ def stale_job_cgroups(node: str, running: set[str]) -> list[tuple[int, str]]:
                 jid = j[4:]
                 if (j.startswith("job_") and jid.isascii() and jid.isdigit()
                         and jid not in running
-                        and os.path.isdir(os.path.join(root, u, j, CGROUP_LEAF))):
+                        and os.path.isdir(os.path.join(root, u, j, CGROUP_STEP))):
                     found.add((int(u[4:]), jid))
     return sorted(found)
 
@@ -691,11 +702,11 @@ def _cgroup_pids(path: str) -> list[int]:
 
 
 def cgroup_usage(node: str, uid: int, job_id: str) -> dict[str, int]:
-    """CPU time (ns) and peak memory (bytes) of what slurm-charlie placed in
-    the job's cgroup."""
+    """CPU time (ns) and peak memory (bytes) of the job's extern step cgroup,
+    where slurm-charlie placed QEMU or the holder."""
     out = {}
     for job_cg in job_cgroups(node, uid, job_id):
-        leaf = os.path.join(job_cg, CGROUP_LEAF)
+        leaf = os.path.join(job_cg, CGROUP_STEP)
         for key, name in (("cpu_ns", "cpuacct.usage"),
                           ("memory_peak", "memory.max_usage_in_bytes")):
             try:
@@ -707,28 +718,34 @@ def cgroup_usage(node: str, uid: int, job_id: str) -> dict[str, int]:
 
 
 def leave_job_cgroup(node: str, uid: int, job_id: str) -> None:
-    """Remove <job cgroup>/charlie once its processes are gone, then the
-    job's (and the user's) cgroup when empty: Slurm could not remove them
-    while ours was inside.  An rmdir that finds a cgroup still in use
-    (another job of the user, a step) just leaves it."""
+    """Remove <job cgroup>/step_extern (its task_* first) once its processes
+    are gone, then the job's (and the user's) cgroup when empty: Slurm could
+    not remove them while ours were inside.  An rmdir that finds a cgroup
+    still in use (another job of the user, a step) just leaves it."""
     for job_cg in job_cgroups(node, uid, job_id):
         root = os.path.dirname(os.path.dirname(job_cg))
         lock = _locked(root)
         try:
-            leaf = os.path.join(job_cg, CGROUP_LEAF)
+            step = os.path.join(job_cg, CGROUP_STEP)
+            try:
+                tasks = [os.path.join(step, t) for t in os.listdir(step)
+                         if t.startswith("task_") and t[5:].isascii() and t[5:].isdigit()]
+            except OSError:
+                tasks = []
             deadline = time.monotonic() + 5  # killed processes take a moment to go
-            while os.path.isdir(leaf) and time.monotonic() < deadline:
-                try:
-                    os.rmdir(leaf)
-                except OSError:
-                    time.sleep(0.05)
-            for path in (leaf, job_cg, os.path.dirname(job_cg)):
+            for leaf in (*tasks, step):
+                while os.path.isdir(leaf) and time.monotonic() < deadline:
+                    try:
+                        os.rmdir(leaf)
+                    except OSError:
+                        time.sleep(0.05)
+            for path in (*tasks, step, job_cg, os.path.dirname(job_cg)):
                 try:
                     os.rmdir(path)
                 except FileNotFoundError:
                     continue
                 except OSError as e:
-                    if path.endswith(CGROUP_LEAF) and e.errno == errno.EBUSY:
+                    if e.errno == errno.EBUSY and (path == step or path in tasks):
                         live = [p for p in _cgroup_pids(path) if not is_zombie(p)]
                         if live:
                             raise NodeFault("cgroup", "processes left in the job's "

@@ -105,6 +105,26 @@ class Sandbox:
         return {"SLURM_CONF": self.conf, "SLURM_CHARLIE_CONF": self.charlie_conf,
                 "SLURM_CHARLIE_SANDBOX": self.state}
 
+    def default_prolog_flags(self) -> str:
+        """Alloc,Contain where Slurm keeps cgroups (the extern step adopts
+        QEMU's and the holder's cgroup, so sstat/sacct report them, as on a
+        site with pam_slurm_adopt); Alloc,NoHold otherwise.  The environment
+        variable CHARLIE_SANDBOX_PROLOG_FLAGS overrides it."""
+        return os.environ.get("CHARLIE_SANDBOX_PROLOG_FLAGS") or (
+            "Alloc,Contain" if self.cgroups else "Alloc,NoHold")
+
+    @property
+    def prolog_flags(self) -> str:
+        """PrologFlags of the running sandbox's slurm.conf ("" if none)."""
+        try:
+            with open(self.conf) as f:
+                for line in f:
+                    if line.startswith("PrologFlags="):
+                        return line.split("=", 1)[1].strip()
+        except OSError:
+            pass
+        return ""
+
     # -- up -----------------------------------------------------------------
     def preflight(self) -> None:
         if os.geteuid() != 0:
@@ -135,7 +155,7 @@ class Sandbox:
                        munge_socket=self.munge_socket, state=self.state,
                        hooks=hooks, hook_dir=self.hook_dir, nodes=self.nodes,
                        cpus=2, cgroups=self.cgroups,
-                       prolog_flags=os.environ.get("CHARLIE_SANDBOX_PROLOG_FLAGS", "Alloc,NoHold"))
+                       prolog_flags=self.default_prolog_flags())
         self._write(self.conf, text)
         if self.cgroups:
             self._write(os.path.join(os.path.dirname(self.conf), "cgroup.conf"),

@@ -226,7 +226,7 @@ class ContainerBackend(Backend):
         rec = dataclasses.replace(rec, mntns=mnt or 0,
                                   exe=privileged.exe_of(proc.pid) or rec.exe)
         ctx.spawned(rec)
-        joined = privileged.join_job_cgroup(ctx.node, rec, ctx.job_id)
+        joined = privileged.join_job_cgroup(ctx.node, rec, ctx.job_id, ctx.guest_id)
         if joined:
             log.info("holder in the job's cgroups %s", " ".join(joined))
         info = {"holder_mntns": mnt, "holder_userns": _ns_inode(proc.pid, "user"),

@@ -577,7 +577,7 @@ class VMBackend(Backend):
         finally:
             os.close(fd)
         ctx.spawned(rec)
-        joined = privileged.join_job_cgroup(ctx.node, rec, ctx.job_id, job_mib)
+        joined = privileged.join_job_cgroup(ctx.node, rec, ctx.job_id, ctx.guest_id, job_mib)
         if joined:
             log.info("guest %d: QEMU in the job's cgroups %s", n, " ".join(joined))
         info = {"guest": n, "image": ctx.opts.image, "format": fmt,

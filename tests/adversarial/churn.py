@@ -203,7 +203,7 @@ class Churn:
         records = [f for n in os.listdir(rt) if os.path.isdir(os.path.join(rt, n, ".root"))
                    for f in os.listdir(os.path.join(rt, n, ".root"))]
         cgroups = [d for d in subprocess.run(
-            ["find", "/sys/fs/cgroup/memory", "-maxdepth", "4", "-name", "charlie"],
+            ["find", "/sys/fs/cgroup/memory", "-maxdepth", "4", "-name", "step_extern"],
             capture_output=True, text=True).stdout.split()]
         shm = [e for e in os.listdir("/dev/shm")
                if os.lstat(os.path.join("/dev/shm", e)).st_uid == self.uid]

@@ -62,7 +62,7 @@ srun -N1 -n1 --chdir=/tmp pwd
     log = open(os.path.join(cluster.sb.state, "log", "charlie-node1.log")).read()
     if cluster.sb.cgroups:  # the holder joined the job's cgroup
         assert re.search(rf"job {jobid}: info: holder in the job's cgroups "
-                         rf"/sys/fs/cgroup/memory/slurm_node1/uid_{uid}/job_{jobid}/charlie",
+                         rf"/sys/fs/cgroup/memory/slurm_node1/uid_{uid}/job_{jobid}/step_extern/task_0",
                          log), log[-2000:]
     cluster.wait_done(jobid)
     assert cluster.job_dirs() == [] and cluster.user_processes() == []

@@ -457,9 +457,26 @@ def _cgroup_of(pid, controller):
     return None
 
 
+def _hms(text):
+    """Seconds of a Slurm time: [D-]HH:MM:SS[.mmm] or MM:SS.mmm."""
+    days, _, rest = text.rpartition("-")
+    parts = [float(x) for x in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    return (int(days or 0) * 24 + parts[0]) * 3600 + parts[1] * 60 + parts[2]
+
+
+def _kib(text):
+    units = {"": 1 / 1024, "K": 1, "M": 1024, "G": 1 << 20}
+    m = re.fullmatch(r"([\d.]+)([KMG]?)", text)
+    return float(m.group(1)) * units[m.group(2)]
+
+
 def test_qemu_runs_inside_the_jobs_cgroup(cluster, guest):
     """QEMU joins the job's memory and cpuacct cgroups (Slurm's own tree for
-    the job): the job's memory limit covers it and its usage is the job's."""
+    the job, as the extern step's task): the job's memory limit covers it,
+    and Slurm's own accounting (sstat of J.extern) reports the guest's CPU
+    time and memory."""
     wd = cluster.workdir("vm-cgroup")
     img = image_copy(cluster, guest, wd)
     b = cluster.as_user(["sbatch", "--no-requeue", "-N1", "-w", "node3", "--mem=900M",
@@ -472,18 +489,27 @@ def test_qemu_runs_inside_the_jobs_cgroup(cluster, guest):
                  "the guest")
         [pid] = qemu_pids(job)
         uid = int(cluster.run(["id", "-u", USER]).stdout)
-        want = f"/slurm_node3/uid_{uid}/job_{job}/charlie"
+        want = f"/slurm_node3/uid_{uid}/job_{job}/step_extern/task_0"
         assert _cgroup_of(pid, "memory") == want
         assert _cgroup_of(pid, "cpuacct") == want
         job_cg = f"/sys/fs/cgroup/memory/slurm_node3/uid_{uid}/job_{job}"
         assert int(open(f"{job_cg}/memory.limit_in_bytes").read()) == 900 << 20
         rss = int(re.search(r"VmRSS:\s+(\d+) kB", open(f"/proc/{pid}/status").read())
                   .group(1)) << 10
-        assert int(open(f"{job_cg}/charlie/memory.usage_in_bytes").read()) >= rss // 2
+        assert int(open(f"{job_cg}/step_extern/memory.usage_in_bytes").read()) >= rss // 2
         assert int(open(f"{job_cg}/memory.usage_in_bytes").read()) >= rss // 2
         cpu = int(open(f"/sys/fs/cgroup/cpuacct/slurm_node3/uid_{uid}/job_{job}"
-                       "/charlie/cpuacct.usage").read())
+                       "/step_extern/cpuacct.usage").read())
         assert cpu > 10**9  # a tcg boot costs seconds of CPU, all of it the job's
+        # Slurm's accounting: the extern step (PrologFlags=Contain) adopted
+        # the task cgroup QEMU sits in; jobacct_gather/cgroup reads its totals
+        assert "Contain" in cluster.sb.prolog_flags
+        line = cluster.run(["sstat", "-a", "-n", "-P", "-j", f"{job}.extern",
+                            "-o", "JobID,AveCPU,MaxRSS"]).stdout.strip()
+        jid, ave_cpu, max_rss = line.split("|")
+        assert jid == f"{job}.extern", line
+        assert _hms(ave_cpu) >= 1.0, line  # seconds of the boot, not the sleep's 0
+        assert _kib(max_rss) * 1024 >= rss // 2, (line, rss)  # not the sleep's ~1 MiB
     finally:
         cluster.run(["scancel", job])
     assert_clean(cluster, job)
