@@ -92,12 +92,12 @@ unit: venv
 
 # 200 jobs of every type with faults injected; prints what was left behind
 churn: sandbox-up
-	$(VENV)/bin/python tests/adversarial/churn.py --jobs 200
+	PYTHONPATH=tests $(VENV)/bin/python -m helpers.churn --jobs 200
 
 bench: sandbox-up
-	$(VENV)/bin/python tests/bench/run.py
-	$(VENV)/bin/python tests/bench/containers.py
-	$(VENV)/bin/python tests/bench/vm.py
+	PYTHONPATH=tests $(VENV)/bin/python tests/bench/run.py
+	PYTHONPATH=tests $(VENV)/bin/python tests/bench/containers.py
+	PYTHONPATH=tests $(VENV)/bin/python tests/bench/vm.py
 
 docs-gen: venv
 	$(SB) gen options-rst > docs/options.rst

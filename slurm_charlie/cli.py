@@ -110,8 +110,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> str:
-    return args.node or os.environ.get("SLURMD_NODENAME") or \
-        os.uname().nodename.split(".")[0]
+    from .jobenv import ids
+    node = ids(os.environ)[1]
+    return args.node or (node if node != "?" else os.uname().nodename.split(".")[0])
 
 
 def _need_root(what: str) -> None:
@@ -288,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "validate":
             parser.error("unrecognized arguments: " + " ".join(extra))
         args.options = list(args.options) + extra
-    jobid = os.environ.get("SLURM_JOB_ID") if args.command in ("prolog", "epilog") else None
+    from .jobenv import ids
+    jobid = ids(os.environ)[0] if args.command in ("prolog", "epilog") else None
     try:
         return args.func(args)
     except CharlieError as e:

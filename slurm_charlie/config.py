@@ -13,13 +13,22 @@ import re
 import stat
 import tomllib
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
 ENV_VAR = "SLURM_CHARLIE_CONF"
 _ENV_ITEM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[^\n]*$")
 DEFAULT_PATH = "/etc/slurm/charlie.toml"
+
+
+def _absolute(value: str) -> str | None:
+    return None if value.startswith("/") else "must be an absolute path"
+
+
+def _env_items(value: list) -> str | None:
+    bad = [v for v in value if not _ENV_ITEM.match(v)]
+    return f"not NAME=VALUE: {bad[0]!r}" if bad else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +38,15 @@ class Key:
     type: type
     help: str
     choices: tuple = ()
+    #: the key's own rule beyond type and choices: returns what is wrong, or None
+    rule: Callable[[Any], str | None] | None = None
 
 
 DEFAULTS: tuple[Key, ...] = (
     Key("runtime_root", "/var/spool/slurm-charlie", str,
         "node-local directory for job directories (not NFS); '%n' becomes the "
-        "node name. It and its parents must not be writable by ordinary users."),
+        "node name. It and its parents must not be writable by ordinary users.",
+        rule=_absolute),
     Key("image_roots", [], list,
         "if not empty, images must live below one of these directories"),
     Key("default_type", "auto", str,
@@ -49,7 +61,7 @@ DEFAULTS: tuple[Key, ...] = (
     Key("container.runtime", "ch-run", str, "Charliecloud ch-run binary"),
     Key("container.cache_dir", "/var/cache/slurm-charlie/%n", str,
         "node-local cache of unpacked container images (one directory per "
-        "user); same safety rule as runtime_root"),
+        "user); same safety rule as runtime_root", rule=_absolute),
     Key("container.cache_max_mib", 51200, int,
         "size bound of each user's unpacked-image cache on a node; least "
         "recently used images no running job uses are removed beyond it"),
@@ -57,7 +69,7 @@ DEFAULTS: tuple[Key, ...] = (
         "extra SRC[:DST] bind mounts for every container"),
     Key("container.env", [], list,
         "NAME=VALUE set in every task of a container job (a task's own "
-        "setting wins)"),
+        "setting wins)", rule=_env_items),
     Key("container.default_mpi", "pmi2", str,
         "SLURM_MPI_TYPE for container jobs whose user did not choose one "
         "(empty: leave Slurm's MpiDefault)"),
@@ -188,12 +200,9 @@ def _check(name: str, value: Any, path: str) -> Any:
                           repr(value))
     if key.type is int and value < 0:
         raise ConfigError(path, f"{name}: must not be negative", value)
-    if name == "container.env":
-        for item in value:
-            if not _ENV_ITEM.match(item):
-                raise ConfigError(path, f"{name}: not NAME=VALUE", repr(item))
-    if name in ("runtime_root", "container.cache_dir") and not value.startswith("/"):
-        raise ConfigError(path, f"{name}: must be an absolute path", value)
+    problem = key.rule(value) if key.rule else None
+    if problem:
+        raise ConfigError(path, f"{name}: {problem}", repr(value))
     return value
 
 

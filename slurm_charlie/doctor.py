@@ -130,11 +130,11 @@ def _kvm(cfg: config.Config) -> Result:
         st = os.stat("/dev/kvm")
     except OSError:
         return "FAIL", "vm.accel = kvm but /dev/kvm is missing", \
-            "load kvm_intel/kvm_amd, or set vm.accel = \"tcg\" (FAQ 36)"
+            "load kvm_intel/kvm_amd, or set vm.accel = \"tcg\" (FAQ: /dev/kvm)"
     if st.st_mode & 0o006 != 0o006:
         return "warn", f"/dev/kvm is {stat.filemode(st.st_mode)}", \
             "users must open /dev/kvm: mode 0666 or every job user in group " \
-            f"{st.st_gid} (FAQ 36: permission denied on /dev/kvm)"
+            f"{st.st_gid} (FAQ: /dev/kvm)"
     return "ok", "/dev/kvm usable by users", None
 
 
@@ -148,7 +148,7 @@ def _probe(cfg: config.Config, node: str) -> Result:
     try:
         probe_boot(cfg, qemu)
     except CharlieError as e:
-        return "FAIL", e.line(), (e.hint or "") + " (FAQ 15: -cpu host aborts on some hosts)"
+        return "FAIL", e.line(), (e.hint or "") + " (FAQ: the probe guest does not boot)"
     return "ok", f"the guest kernel boots with -accel {cfg['vm.accel']}", None
 
 
@@ -160,8 +160,8 @@ def _mpi(cfg: config.Config) -> Result:
     want = cfg["container.default_mpi"]
     if want and want not in offered:
         return "warn", f"srun --mpi=list does not offer {want}", \
-            "install Slurm's MPI plugins or change container.default_mpi (FAQ 25: " \
-            "independent rank-0 processes)"
+            "install Slurm's MPI plugins or change container.default_mpi (FAQ: MPI " \
+            "ranks all say \"rank 0 of 1\")"
     return "ok", "srun --mpi=list offers " + ", ".join(dict.fromkeys(
         w for w in offered if w in ("pmi2", "pmix", "pmix_v4", "pmix_v5"))), None
 
@@ -174,7 +174,7 @@ def _leftovers(cfg: config.Config, node: str) -> Result:
                                     time.time())
     if clean:
         return "warn", "leftovers of jobs no longer running here: " + " ".join(clean), \
-            f"slurm-charlie reconcile --node {node} (FAQ 14: after a reboot)"
+            f"slurm-charlie reconcile --node {node} (FAQ: leftovers after a reboot)"
     return "ok", "no leftovers of finished jobs", None
 
 
@@ -189,7 +189,7 @@ def _deleted_open(cfg: config.Config, node: str) -> Result:
     held = deleted_open(cfg.runtime_root(node))
     if held:
         return "warn", "deleted files under runtime_root still open: " + \
-            " ".join(held[:5]), "du and df disagree until these processes end (FAQ 34)"
+            " ".join(held[:5]), "df counts them until these processes end (FAQ: du and df disagree)"
     return "ok", "no deleted-but-open files under runtime_root", None
 
 

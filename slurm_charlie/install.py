@@ -47,11 +47,8 @@ def render_dispatch(kind: str) -> str:
 
 
 def _write(path: str, text: str, mode: int) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    from .layout import write_file
+    write_file(path, text, mode)
 
 
 def update_plugstack(path: str, line: str) -> None:
@@ -75,9 +72,9 @@ def main(args: argparse.Namespace) -> int:
     if args.apply:
         for sub in ("", "prolog.d", "epilog.d"):
             os.makedirs(os.path.join(hook_dir, sub), mode=0o755, exist_ok=True)
-        shutil.copyfile(so_src, so + ".tmp")
-        os.chmod(so + ".tmp", 0o755)
-        os.replace(so + ".tmp", so)
+        with open(so_src, "rb") as f:
+            from .layout import write_file
+            write_file(so, f.read(), 0o755)
         for kind in ("prolog", "epilog"):
             src = _find(f"{kind}.d/50-charlie", f"{kind} hook")
             with open(src) as f:
@@ -97,5 +94,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"Epilog={hook_dir}/epilog")
     print("PrologFlags=Alloc,NoHold   # Alloc is required; NoHold (optional) lets srun")
     print("                           # start while prologs run: steps still wait per node")
+    print("# or PrologFlags=Alloc,Contain: sstat/sacct then count guests and holders")
+    print("#                           in the J.extern step (Slurm refuses NoHold with it)")
     print(f"# site config: {conf} ({'found' if os.path.exists(conf) else 'absent: defaults apply'})")
     return 0

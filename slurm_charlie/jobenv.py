@@ -1,9 +1,13 @@
-"""Every SLURM_* / SPANK_* variable the hooks read, in one table."""
+"""Every SLURM_* variable the hooks read, in one table: the only reader of
+Slurm's environment (the SPANK_CHARLIE_* options are read by ``options``)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Mapping
+
+#: the environment Slurm gives a prolog or epilog
+Environ = Mapping[str, str]
 
 from .errors import NodeFault
 
@@ -12,15 +16,11 @@ VARIABLES: dict[str, tuple[str, bool]] = {
     "job_id": ("SLURM_JOB_ID", True),
     "uid": ("SLURM_JOB_UID", True),
     "gid": ("SLURM_JOB_GID", False),
-    "user": ("SLURM_JOB_USER", False),
     "nodelist": ("SLURM_JOB_NODELIST", False),
     "nodelist_old": ("SLURM_NODELIST", False),
     "cpus_per_node": ("SLURM_JOB_CPUS_PER_NODE", False),
-    "num_nodes": ("SLURM_JOB_NUM_NODES", False),
     "node_name": ("SLURMD_NODENAME", True),
     "work_dir": ("SLURM_JOB_WORK_DIR", False),
-    "partition": ("SLURM_JOB_PARTITION", False),
-    "context": ("SLURM_SCRIPT_CONTEXT", False),
 }
 
 
@@ -29,17 +29,28 @@ class JobEnv:
     job_id: str
     uid: int
     gid: int | None
-    user: str | None
     nodelist: str
     cpus_per_node: str
-    num_nodes: int | None
     node_name: str
     work_dir: str | None
-    partition: str | None
-    context: str | None
 
 
-def from_environ(environ: Mapping[str, str]) -> JobEnv:
+def ids(environ: Environ) -> tuple[str | None, str]:
+    """(job id, node name) as far as Slurm gave them, for reporting a failure
+    before (or while) from_environ checks the rest; "?" for an unknown node."""
+    job_id = environ.get(VARIABLES["job_id"][0]) or None
+    return job_id, environ.get(VARIABLES["node_name"][0]) or "?"
+
+
+def allocation(environ: Environ) -> tuple[str | None, str | None]:
+    """(job id, node list) of the allocation a user's command runs in
+    (salloc, sbatch, srun), or Nones outside one."""
+    nodes = (environ.get(VARIABLES["nodelist"][0])
+             or environ.get(VARIABLES["nodelist_old"][0]) or None)
+    return environ.get(VARIABLES["job_id"][0]) or None, nodes
+
+
+def from_environ(environ: Environ) -> JobEnv:
     raw: dict[str, str | None] = {}
     for field, (name, required) in VARIABLES.items():
         value = environ.get(name)
@@ -51,10 +62,9 @@ def from_environ(environ: Mapping[str, str]) -> JobEnv:
     raw.pop("nodelist_old", None)
     try:
         uid = int(raw.pop("uid") or "")
-        gid_text, num_text = raw.pop("gid"), raw.pop("num_nodes")
+        gid_text = raw.pop("gid")
         gid = int(gid_text) if gid_text else None
-        num = int(num_text) if num_text else None
     except ValueError as e:
         raise NodeFault("environment", "bad number from Slurm", str(e)) from None
-    return JobEnv(uid=uid, gid=gid, num_nodes=num, nodelist=nodelist or "",
+    return JobEnv(uid=uid, gid=gid, nodelist=nodelist or "",
                   cpus_per_node=raw.pop("cpus_per_node") or "", **raw)  # type: ignore[arg-type]

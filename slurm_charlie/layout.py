@@ -37,29 +37,40 @@ class JobPaths:
 
 
 #: attribute -> path inside the job directory
+RUN_DIR = "run"
+#: files in run/ that the C shim reads too: spank/charlie_options.h gets
+#: their names from this table (CHARLIE_RUN_<KEY>), so both sides agree
+SHIM_FILES = {
+    "task_env": "task.env",     # CH_* (and back end) variables for tasks
+    "error": "error",           # why the job failed: every task prints it
+    "notice": "notice",         # warnings for the batch script's stderr
+    "guest_wait": "guest-wait", # VM batch job: the batch step waits for guest 0
+}
+
 _SUBPATHS = {
     "meta": "meta",
-    "run": "run",
+    "run": RUN_DIR,
     "out": "out",
     "state": "state.json",
-    "task_env": "run/task.env",     # read by the shim: CH_* for tasks
-    "error": "run/error",           # read by the shim: why the job failed
-    "notice": "run/notice",         # read by the shim: warnings for the batch script
+    **{k: f"{RUN_DIR}/{v}" for k, v in SHIM_FILES.items()},
     "log": "out/charlie.log",
 }
 
 
 def write_file(path: str, data: bytes | str, mode: int = 0o644,
-               dir_fd: int | None = None) -> None:
+               dir_fd: int | None = None, sync: bool = False) -> None:
     """Replace path (relative to dir_fd when given) atomically with data: a
     temporary file per process (jobs may write the same file at once), never
-    following a link, with exactly this mode whatever the umask."""
+    following a link, with exactly this mode whatever the umask; with sync,
+    on disk before it replaces the old file.  The one atomic file writer."""
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode,
                  dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)
         os.write(fd, data.encode() if isinstance(data, str) else data)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

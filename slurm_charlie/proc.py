@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import pwd
 import subprocess
@@ -21,8 +20,7 @@ import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import CharlieError, NodeFault, UserError
-
-log = logging.getLogger("slurm_charlie")
+from .log import log
 
 
 @dataclasses.dataclass(frozen=True)

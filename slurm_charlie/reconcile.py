@@ -112,7 +112,7 @@ def _dir_owner(paths: layout.JobPaths) -> User | None:
 def reconcile(cfg: config.Config, node: str, running: set[str], *,
               min_age: float | None = None, dry_run: bool = False,
               now: float | None = None) -> Report:
-    from .hooks import undo
+    from .lifecycle import undo
     now = time.time() if now is None else now
     min_age = cfg["reconcile.min_age"] if min_age is None else min_age
     report = Report()
@@ -127,7 +127,7 @@ def reconcile(cfg: config.Config, node: str, running: set[str], *,
         rec = records.read(jid)
         user = None if rec is not None else _dir_owner(paths)
         log.info("reconcile: job %s is not running here; cleaning what it left", jid)
-        faults = undo(cfg, paths, rec, {"SLURMD_NODENAME": node}, user)
+        faults = undo(cfg, paths, rec, node, user)
         if faults:
             report.faults += [f"job {jid}: {f.line()}" for f in faults]
             continue

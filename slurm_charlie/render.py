@@ -23,8 +23,10 @@ def c_str(value: str | None) -> str:
 
 
 def render_header() -> str:
+    from . import layout
     return render("charlie_options.h.j2", options=options.OPTIONS,
-                   max_dirs=options.MAX_DIRS, c_str=c_str)
+                  max_dirs=options.MAX_DIRS, c_str=c_str,
+                  run_dir=layout.RUN_DIR, shim_files=layout.SHIM_FILES)
 
 
 def render_options_rst() -> str:

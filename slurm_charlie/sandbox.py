@@ -246,10 +246,8 @@ class Sandbox:
 
     @staticmethod
     def _write(path: str, text: str) -> None:
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.chmod(path + ".tmp", 0o644)
-        os.replace(path + ".tmp", path)
+        from .layout import write_file
+        write_file(path, text, 0o644)
 
     def start_munge(self) -> None:
         pidfile = os.path.join(self.munge_dir, "munged.pid")

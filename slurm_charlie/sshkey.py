@@ -55,3 +55,19 @@ def openssh_keys(seed: bytes, comment: str) -> tuple[bytes, bytes]:
                + "\n-----END OPENSSH PRIVATE KEY-----\n").encode()
     public = b"ssh-ed25519 " + base64.b64encode(blob) + b" " + comment.encode() + b"\n"
     return private, public
+
+
+def job_keys(secret_path: str, job_id: str, uid: int) -> dict[str, str] | None:
+    """As root: the job's ssh key pair, the same on every node, from the
+    site secret (``vm.ssh_secret``, root-only).  None without a secret."""
+    from .log import log
+    if not secret_path:
+        return None
+    try:
+        with open(secret_path, "rb") as f:
+            secret = f.read()
+    except OSError as e:
+        log.warning("vm.ssh_secret %s: %s; guests get no ssh keys", secret_path, e.strerror)
+        return None
+    private, public = openssh_keys(job_seed(secret, job_id, uid), f"slurm-charlie-job-{job_id}")
+    return {"private": private.decode(), "public": public.decode()}

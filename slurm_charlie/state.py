@@ -14,19 +14,14 @@ import os
 import stat
 from typing import Any
 
+from . import layout
+
 VERSION = 1
 
 
 def write(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
     body = json.dumps({"version": VERSION, **data}, indent=1, sort_keys=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, body.encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    layout.write_file(path, body + "\n", 0o600, sync=True)
 
 
 def read(path: str) -> dict[str, Any] | None:

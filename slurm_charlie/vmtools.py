@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-from . import PROG, config, hostlist
+from . import PROG, config, hostlist, jobenv
 from .errors import UserError
 from .layout import read_tail
 from .proc import is_zombie, run_attached, starttime
@@ -177,8 +177,7 @@ def _step_job_dir(job_dir: str, what: str) -> str:
 
 def _console_via_srun(guest: int, what: str = "console",
                       command: list[str] | None = None) -> int:
-    job = os.environ.get("SLURM_JOB_ID")
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    job, nodes = jobenv.allocation(os.environ)
     if not job or not nodes:
         raise UserError("console", "not inside a job's allocation",
                         hint="run it in salloc, or: srun --jobid=JOB --overlap "

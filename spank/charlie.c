@@ -344,7 +344,7 @@ static int job_file(spank_t sp, const char *name, char *buf, size_t size)
             buf[o++] = *p;
         }
     }
-    n = snprintf(buf + o, size - o, "/%u/run/%s", job, name);
+    n = snprintf(buf + o, size - o, "/%u/" CHARLIE_RUN_DIR "/%s", job, name);
     return (n < 0 || (size_t)n >= size - o) ? -1 : 0;
 }
 
@@ -462,9 +462,10 @@ static int guest_wait(spank_t sp)
 {
     char path[PATH_MAX], *cut;
 
-    if (job_file(sp, "guest-wait", path, sizeof(path)) < 0 || access(path, F_OK) < 0)
+    if (job_file(sp, CHARLIE_RUN_GUEST_WAIT, path, sizeof(path)) < 0 ||
+        access(path, F_OK) < 0)
         return 0;
-    cut = strstr(path, "/run/guest-wait");
+    cut = strstr(path, "/" CHARLIE_RUN_DIR "/" CHARLIE_RUN_GUEST_WAIT);
     if (cut == NULL)
         return -1;
     *cut = '\0';
@@ -488,13 +489,13 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     if (spank_remote(sp) != 1)
         return 0;
     /* the prolog found a problem with the job: tell the user and fail */
-    if (show_job_file(sp, "error"))
+    if (show_job_file(sp, CHARLIE_RUN_ERROR))
         return -1;
     /* warnings the prolog found (e.g. about an unpacked image) go to the
      * batch script's stderr, once */
     if (is_batch_step(sp))
-        show_job_file(sp, "notice");
-    if (job_file(sp, "task.env", path, sizeof(path)) < 0 ||
+        show_job_file(sp, CHARLIE_RUN_NOTICE);
+    if (job_file(sp, CHARLIE_RUN_TASK_ENV, path, sizeof(path)) < 0 ||
         (f = fopen(path, "re")) == NULL) {
         char marker[8];
         /* a charlie job whose prolog did not finish here must not run as if

@@ -5,6 +5,14 @@
 
 #define CHARLIE_MAX_DIRS 4
 
+/* <runtime_root>/<job>/run/: files the prolog leaves for the shim
+ * (slurm_charlie/layout.py, SHIM_FILES) */
+#define CHARLIE_RUN_DIR "run"
+#define CHARLIE_RUN_TASK_ENV "task.env"
+#define CHARLIE_RUN_ERROR "error"
+#define CHARLIE_RUN_NOTICE "notice"
+#define CHARLIE_RUN_GUEST_WAIT "guest-wait"
+
 struct charlie_opt {
     const char *name;      /* without --, as registered with Slurm */
     const char *arginfo;

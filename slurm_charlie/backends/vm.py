@@ -36,7 +36,7 @@ from ..proc import User, call_as, is_zombie, log, pids_of, run, starttime
 from . import Backend, Context
 
 GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guest")
-WAIT_MARKER = "guest-wait"
+WAIT_MARKER = layout.SHIM_FILES["guest_wait"]
 #: the guest's second NIC: QEMU user-mode networking, restricted (no way
 #: out), only for the ssh port forward from the node's loopback
 HOST_NIC_MAC = "52:56:00:00:00:02"

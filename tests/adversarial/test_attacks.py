@@ -10,13 +10,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "cluster"))
-from conftest import USER, build_busybox_image, make_cluster  # noqa: E402
+from helpers.cluster import USER, build_busybox_image, make_cluster
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
-"""The short form of the churn run (tests/adversarial/churn.py; `make churn`
+"""The short form of the churn run (tests/helpers/churn.py; `make churn`
 runs 200 jobs): jobs of every type with faults injected at random points,
 then nothing may be left behind."""
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import churn  # noqa: E402
+from helpers import churn
 
 
 def test_churn_leaves_nothing(capsys):

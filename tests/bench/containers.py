@@ -3,7 +3,7 @@
 
 1. Step launch: `srun -N3 -n6 true` inside a container allocation vs. a
    plain one (goal <= 1.3x).  Rounds alternate the two allocations.
-2. MPI ping-pong (tests/cluster/src/pingpong.c, MPICH, srun --mpi=pmi2):
+2. MPI ping-pong (tests/helpers/src/pingpong.c, MPICH, srun --mpi=pmi2):
    latency and bandwidth, two ranks on one node and on two nodes, in
    containers vs. bare metal (goal >= 0.97x of bare-metal performance).
 3. Start of a job from a tarball image: first job (unpack) vs. cached.
@@ -18,14 +18,9 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "cluster"))
-
-from conftest import build_busybox_image, build_mpi_image  # noqa: E402
+from helpers.cluster import build_busybox_image, build_mpi_image  # noqa: E402
 
 from slurm_charlie import sandbox  # noqa: E402
 

@@ -19,10 +19,8 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from slurm_charlie import hostlist, meta, sandbox  # noqa: E402
 

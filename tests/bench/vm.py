@@ -19,12 +19,9 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
 from slurm_charlie import config, layout, meta, sandbox  # noqa: E402
 from slurm_charlie.backends import Context  # noqa: E402

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import build_busybox_image
+from helpers.cluster import build_busybox_image
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_mount_point_hint_is_the_fix(cluster, images):
 
 @pytest.fixture(scope="module")
 def mpi_image(cluster):
-    from conftest import build_mpi_image
+    from helpers.cluster import build_mpi_image
     return build_mpi_image(os.path.join(cluster.home, "charlie-tests", "images", "mpi"))
 
 

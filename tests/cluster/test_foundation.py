@@ -104,14 +104,20 @@ def test_step_cannot_change_charlie_options(cluster):
 
 def test_plain_job_untouched(cluster):
     wd = cluster.workdir("plain")
+    # a charlie job first: it shows that the node logs read below are the
+    # ones the hooks write (an absent or wrong log would let anything pass)
+    q, seen = cluster.sbatch(wd, ["-N3", "-o", "seen.out", "--charlie-type=none",
+                                  "--wrap", "true"])
+    assert q.returncode == 0, q.stderr
     p, jobid = cluster.sbatch(wd, ["-N3", "-o", "job.out", "--wrap",
                                    "srun sh -c 'echo x${CH_GUEST_ID}x'"])
     assert p.returncode == 0, p.stderr
     assert open(os.path.join(wd, "job.out")).read().split() == ["xx"] * 3
-    logs = "".join(open(f).read() for f in
-                   (os.path.join(cluster.sb.state, "log", f"charlie-node{i}.log")
-                    for i in (1, 2, 3)) if os.path.exists(f))
-    assert f"job {jobid}:" not in logs  # the hooks never started Python
+    cluster.wait_done(jobid)
+    for i in (1, 2, 3):
+        log = open(os.path.join(cluster.sb.state, "log", f"charlie-node{i}.log")).read()
+        assert f"job {seen}: info: prolog done" in log, f"node{i}"
+        assert f"job {jobid}:" not in log, f"node{i}"  # the hooks never started Python
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,10 @@
 """Our hostlist expansion against Slurm's own (`scontrol show hostnames`),
-for the table in tests/unit/test_hostlist.py."""
-
-import os
-import sys
+for the table in tests/helpers/hostlists.py."""
 
 import pytest
+from helpers.hostlists import TABLE
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "unit"))
-import test_hostlist  # noqa: E402
-TABLE = test_hostlist.TABLE
-
-from slurm_charlie import hostlist  # noqa: E402
+from slurm_charlie import hostlist
 
 
 @pytest.mark.parametrize("text", [t for t, _ in TABLE])

@@ -9,7 +9,7 @@ import time
 from slurm_charlie import privileged
 from slurm_charlie.proc import User
 
-from conftest import USER
+from helpers.cluster import USER
 
 
 def test_reconcile_after_a_crash(cluster):

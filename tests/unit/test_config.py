@@ -82,6 +82,7 @@ def test_runtime_root_in_world_writable(path):
         config.check_root_safe(path)
 
 
+@pytest.mark.root  # chowns a directory to another user
 def test_runtime_root_owned_by_user():
     base = tempfile.mkdtemp(dir="/run")
     try:
@@ -92,6 +93,7 @@ def test_runtime_root_owned_by_user():
         os.rmdir(base)
 
 
+@pytest.mark.root  # the safety check wants root-owned parents
 def test_runtime_root_symlink_and_file():
     base = tempfile.mkdtemp(dir="/run")
     try:

@@ -13,8 +13,11 @@ import time
 
 import pytest
 
-from slurm_charlie import hooks, options, state
+from slurm_charlie import asuser, hooks, options, state
+from slurm_charlie import shm as shm_mod
 from slurm_charlie.options import Options
+
+pytestmark = pytest.mark.root  # runs the hooks as root, job user nobody
 
 NOBODY = 65534
 
@@ -179,13 +182,13 @@ def test_jobscript_link_and_copy_fallback(site, monkeypatch):
     with open(src, "w") as f:
         f.write("#!/bin/sh\n")
     dst = os.path.join(site["base"], "jobscript")
-    assert hooks._link_jobscript(src, dst) is None
+    assert asuser.link_jobscript(src, dst) is None
     assert os.stat(dst).st_ino == os.stat(src).st_ino
 
     def no_link(*a, **k):
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
     monkeypatch.setattr(os, "link", no_link)
-    warning = hooks._link_jobscript(src, dst)
+    warning = asuser.link_jobscript(src, dst)
     assert "hard link failed (Invalid cross-device link), copied instead" in warning
     assert os.stat(dst).st_ino != os.stat(src).st_ino and read(dst) == "#!/bin/sh\n"
 
@@ -218,7 +221,7 @@ def test_shm_cleanup_keeps_what_is_in_use():
         user=NOBODY, group=NOBODY, extra_groups=[], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
-        removed = call_as(User.lookup(NOBODY), hooks.clean_shm_as_user, shm)
+        removed = call_as(User.lookup(NOBODY), shm_mod.clean_as_user, shm)
         assert removed == ["left-behind"]
         assert sorted(os.listdir(shm)) == ["fresh", "mapped x", "open y", "roots"]
     finally:

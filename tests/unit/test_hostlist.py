@@ -1,25 +1,12 @@
 """Hostlist expansion, written as a table.  The cluster suite checks the same
-table against `scontrol show hostnames` (tests/cluster/test_hostlist.py)."""
+table against `scontrol show hostnames` (tests/cluster/test_hostlist_slurm.py)."""
 
 import pytest
 
 from slurm_charlie import hostlist
 from slurm_charlie.errors import UserError
 
-TABLE = [
-    ("node1", ["node1"]),
-    ("node[1-3]", ["node1", "node2", "node3"]),
-    ("n[01-03,7]", ["n01", "n02", "n03", "n7"]),
-    ("n[1-10]", [f"n{i}" for i in range(1, 11)]),
-    ("n[9-011]", ["n9", "n10", "n11"]),
-    ("n[008-10]", ["n008", "n009", "n010"]),
-    ("n[1,01-02]", ["n1", "n01", "n02"]),
-    ("a[1-2]b[3-4]", ["a1b3", "a1b4", "a2b3", "a2b4"]),
-    ("n[01-03,7],gpu1-ib", ["n01", "n02", "n03", "n7", "gpu1-ib"]),
-    ("x,y[2-3],z", ["x", "y2", "y3", "z"]),
-    # a suffix after a range: newer Slurm accepts it, 22.05 refuses it
-    ("n[01-03,7],gpu[1-2]-ib", ["n01", "n02", "n03", "n7", "gpu1-ib", "gpu2-ib"]),
-]
+from helpers.hostlists import TABLE
 
 
 @pytest.mark.parametrize("text,hosts", TABLE)
@@ -27,10 +14,14 @@ def test_expand(text, hosts):
     assert hostlist.expand(text) == hosts
 
 
-@pytest.mark.parametrize("text", ["n[1-", "n]1[", "n[a-b]", "n[3-1]", "n[[1]]"])
-def test_expand_bad(text):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("text,why", [
+    ("n[1-", "unclosed '['"), ("n]1[", "']' without '['"), ("n[a-b]", "bad range"),
+    ("n[3-1]", "range goes backwards"), ("n[[1]]", "nested '['"),
+])
+def test_expand_bad(text, why):
+    with pytest.raises(UserError) as e:
         hostlist.expand(text)
+    assert e.value.line() == f"hostlist: {why}: {text}"
 
 
 @pytest.mark.parametrize("text,counts", [
@@ -43,8 +34,9 @@ def test_counts(text, counts):
 
 @pytest.mark.parametrize("text", ["", "2(x)", "x", "2(3)"])
 def test_counts_bad(text):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as e:
         hostlist.expand_counts(text)
+    assert e.value.line() == f"cpu counts: cannot parse: {text}"
 
 
 def test_large():

@@ -73,3 +73,61 @@ def test_submit_side_imports_no_back_end():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]", out
+
+
+def test_jobenv_is_the_only_reader_of_slurms_variables():
+    """Slurm's job variables (SLURM_JOB_ID, SLURMD_NODENAME, ...) are named in
+    jobenv's table and nowhere else in the package."""
+    from slurm_charlie import jobenv
+    names = {name for name, _ in jobenv.VARIABLES.values()}
+    found = {}
+    for rel, text in _sources():
+        if rel == "jobenv.py":
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.setdefault(rel, set()).add(node.value)
+    assert found == {}, f"read Slurm's variables through jobenv: {found}"
+
+
+def test_hooks_rooms():
+    """The edge (hooks) chooses exit codes and nothing else: it starts no
+    back end and writes nothing itself; the user's work and the /dev/shm
+    sweep have their own modules."""
+    text = open(os.path.join(PKG, "hooks.py")).read()
+    tree = ast.parse(text)
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                for a in n.names}
+    assert not imported & {"backends", "layout", "meta", "shm", "hostlist"}, imported
+    assert len(text.splitlines()) < 150
+    for mod in ("asuser.py", "shm.py", "lifecycle.py"):
+        assert os.path.exists(os.path.join(PKG, mod)), mod
+
+
+#: who may rename into place: layout's atomic writer, the image cache
+#: (a whole unpacked directory) and the initrd builder (a gzip stream)
+RENAME_OK = {"layout.py", "unpack.py", "vmbuild.py"}
+
+
+def test_one_atomic_file_writer():
+    users = {rel for rel, text in _sources()
+             if re.search(r"\bos\.(replace|rename)\(", text)}
+    assert users <= RENAME_OK, f"write files with layout.write_file: {users - RENAME_OK}"
+
+
+def test_nothing_at_run_time_imports_the_sandbox():
+    """The sandbox ships in the package (admins try the product with `make
+    demo`), but only the `sandbox` command loads it: the hooks, the validator
+    and the admin commands never do (docs/developer.rst, "Layout")."""
+    importers = set()
+    for rel, text in _sources():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and (
+                    node.module == "sandbox" or any(a.name == "sandbox" for a in node.names)):
+                importers.add(rel)
+    assert importers == {"cli.py"}, importers
+    code = ("import sys, slurm_charlie.cli, slurm_charlie.hooks, slurm_charlie.doctor, "
+            "slurm_charlie.reconcile; print('slurm_charlie.sandbox' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"

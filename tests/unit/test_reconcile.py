@@ -15,7 +15,7 @@ import pytest
 from slurm_charlie import config, privileged, reconcile
 from slurm_charlie.proc import User
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+pytestmark = pytest.mark.root  # records and job dirs owned by root and nobody
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from slurm_charlie import options, privileged
 from slurm_charlie.errors import NodeFault, UserError
 from slurm_charlie.proc import User, call_as
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (drops to nobody)")
+needs_root = pytest.mark.root  # drops to nobody, root-owned dirs in /run
 
 
 # --- options from the prolog's environment -------------------------------------
@@ -237,6 +237,7 @@ def test_remove_tree_wide(tmp_path):
 
 # --- root's records and signals -----------------------------------------------------
 
+@needs_root
 def test_record_round_trip_and_bad_records(run_dir):
     tmp_path = run_dir
     recs = privileged.Records(str(tmp_path / "rt"))

@@ -13,6 +13,8 @@ from slurm_charlie.errors import UserError
 from slurm_charlie.options import Options
 from slurm_charlie.proc import User, call_as
 
+pytestmark = pytest.mark.root  # files owned by and checked as nobody
+
 NOBODY = User.lookup(65534)
 CFG = config.parse("")
 

@@ -7,13 +7,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "cluster"))
-from conftest import USER, make_cluster  # noqa: E402
+from helpers.cluster import USER, make_cluster
 
 BOOT_TIMEOUT = 300
 
@@ -504,8 +502,11 @@ def test_qemu_runs_inside_the_jobs_cgroup(cluster, guest):
         # Slurm's accounting: the extern step (PrologFlags=Contain) adopted
         # the task cgroup QEMU sits in; jobacct_gather/cgroup reads its totals
         assert "Contain" in cluster.sb.prolog_flags
-        line = cluster.run(["sstat", "-a", "-n", "-P", "-j", f"{job}.extern",
-                            "-o", "JobID,AveCPU,MaxRSS"]).stdout.strip()
+        def extern_line():  # the extern step starts once every prolog is done
+            return cluster.run(["sstat", "-a", "-n", "-P", "-j", f"{job}.extern",
+                                "-o", "JobID,AveCPU,MaxRSS"]).stdout.strip()
+        wait_for(lambda: extern_line().count("|") == 2, "the extern step in sstat")
+        line = extern_line()
         jid, ave_cpu, max_rss = line.split("|")
         assert jid == f"{job}.extern", line
         assert _hms(ave_cpu) >= 1.0, line  # seconds of the boot, not the sleep's 0

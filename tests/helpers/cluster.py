@@ -1,6 +1,7 @@
-"""Cluster tests run on the real sandbox (slurmctld, slurmd x3, munge, the
-shim and the hooks).  If the sandbox is not up this is a failure, not a skip:
-`make test` brings it up first."""
+"""The sandbox as the cluster, adversarial and VM suites (and the churn and
+benchmark scripts) drive it: real slurmctld, slurmd x3, munge, the shim and
+the hooks.  If the sandbox is not up this is a failure, not a skip: `make
+test` brings it up first."""
 
 import os
 import re
@@ -194,11 +195,6 @@ def build_mpi_image(path: str) -> str:
                 _copy_closure(os.path.join(ucx, mod), path)
     subprocess.run(["chmod", "-R", "a+rX,go-w", path], check=True)
     return path
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    return make_cluster()
 
 
 def make_cluster() -> Cluster:

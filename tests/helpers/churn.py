@@ -1,7 +1,7 @@
 """Churn: many jobs of every type on the sandbox with faults injected at
 random points, then a count of everything that must not be left.
 
-    python tests/adversarial/churn.py [--jobs N] [--seed S]
+    PYTHONPATH=tests python -m helpers.churn [--jobs N] [--seed S]   (make churn)
 
 Faults: scancel at a random moment (during the prolog, the unpack, a VM
 boot, the job), kill -9 or SIGSTOP of the container holder or QEMU, kill -9
@@ -27,9 +27,7 @@ import sys
 import tarfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "cluster"))
-from conftest import USER, build_busybox_image, make_cluster  # noqa: E402
+from helpers.cluster import USER, build_busybox_image, make_cluster  # noqa: E402
 
 from slurm_charlie.doctor import deleted_open  # noqa: E402
 from slurm_charlie.proc import pids_of, proc_stat  # noqa: E402

@@ -1,0 +1,220 @@
+"""What the prolog and epilog do, in order: the orchestration between the
+edge (``hooks``: exit codes, draining), the user's work (``asuser``), root's
+operations (``privileged``) and the back ends.
+
+Every step is recorded in root's own record before the next one starts
+(``Book``), so that ``undo`` -- run by the epilog, by a prolog that finds an
+earlier run of the same job id, and by ``reconcile`` -- knows what to stop
+after a crash at any point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+from . import (asuser, backends, config, hostlist, jobenv, layout, options, privileged,
+               shm, sshkey)
+from . import log as logmod
+from .errors import CharlieError, NodeFault, UserError
+from .proc import User, call_as
+
+log = logmod.log
+
+
+@dataclasses.dataclass
+class Attempt:
+    """What the edge needs to report a failure: filled in as it is known."""
+    job_id: str | None
+    node: str
+    cfg: config.Config | None = None
+    user: User | None = None
+    paths: layout.JobPaths | None = None
+
+
+class Book:
+    """Root's record of the job being prepared, written at every change so
+    that an epilog (or reconcile) after a prolog that died half way knows
+    what was started."""
+
+    def __init__(self, records: privileged.Records, rec: privileged.JobRecord) -> None:
+        self.records, self.rec = records, rec
+        records.write(rec)
+
+    def update(self, **changes: Any) -> None:
+        self.rec = dataclasses.replace(self.rec, **changes)
+        self.records.write(self.rec)
+
+    def add_proc(self, proc: privileged.ProcRecord) -> None:
+        """Record (or, for a role already recorded, re-record) a process."""
+        self.update(procs=tuple(p for p in self.rec.procs if p.role != proc.role)
+                    + (proc,))
+
+
+def _context(env: jobenv.Environ, at: Attempt) -> jobenv.JobEnv:
+    job = jobenv.from_environ(env)
+    at.cfg = config.load(env)
+    at.paths = layout.JobPaths(at.cfg.runtime_root(job.node_name), job.job_id)
+    return job
+
+
+def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | None,
+           at: Attempt, setup_logging: Callable[[config.Config, str, str], None]) -> None:
+    """Prepare the job on this node and start its container or guest.
+    Raises NodeFault (the node's fault) or UserError (the job's)."""
+    job = _context(env, at)
+    cfg, paths = at.cfg, at.paths
+    assert cfg is not None and paths is not None
+    setup_logging(cfg, job.job_id, job.node_name)
+    nodes = tuple(hostlist.expand(job.nodelist))
+    cpus = tuple(hostlist.expand_counts(job.cpus_per_node)) \
+        if job.cpus_per_node else (1,) * len(nodes)
+    if job.node_name not in nodes:
+        raise NodeFault("node name", f"not in the job's node list {job.nodelist}",
+                        job.node_name, hint="NodeName in slurm.conf must match "
+                        "SLURMD_NODENAME")
+    if len(cpus) != len(nodes):
+        raise NodeFault("environment", "SLURM_JOB_CPUS_PER_NODE does not match "
+                        "the node list", f"{job.cpus_per_node} / {job.nodelist}")
+    user = at.user = User.lookup(job.uid, job.gid)
+    if user.uid == 0:
+        at.user = None
+        raise UserError("job user", "charlie jobs do not run as root", user,
+                        hint="submit as an ordinary user")
+    records = privileged.Records(paths.root)
+    old = records.read(job.job_id)
+    if old is not None:  # an earlier prolog of this id: undo it first
+        log.warning("prolog: root's record of an earlier run of job %s found; "
+                    "cleaning it up first", job.job_id)
+        undo(cfg, paths, old, job.node_name)
+    guest_id = nodes.index(job.node_name)
+    book = Book(records, privileged.JobRecord(job_id=job.job_id, uid=user.uid,
+                                               gid=user.gid, guest_id=guest_id))
+    privileged.create_job_dir(paths, user)
+    fd = layout.open_log_as_root(paths, user.uid)
+    ctx = backends.Context(opts=raw or options.Options(), cfg=cfg, paths=paths,
+                           user=user, job_id=job.job_id, node=job.node_name,
+                           guest_id=guest_id, nodes=nodes, cpus=cpus[guest_id],
+                           work_dir=job.work_dir or None, on_spawn=book.add_proc)
+    if early is not None:
+        raise early
+    vm_user, ssh = (), None
+    if raw is not None and raw.type in ("vm", "auto"):
+        vm_user = asuser.guest_user(user)
+        ssh = sshkey.job_keys(cfg["vm.ssh_secret"], job.job_id, user.uid)
+    prepared = call_as(user, asuser.prepare_as_user, ctx, raw, cpus, vm_user, ssh)
+    if fd is None:
+        fd = layout.open_log_as_root(paths, user.uid)
+    if fd is not None:
+        logmod.add_fd(fd, job.job_id)
+    warnings = list(prepared["warnings"])
+    # what the user's step resolved, checked again as hostile input
+    opts = options.from_pairs(prepared["opts"])
+    ctx = dataclasses.replace(ctx, opts=opts)
+    backend = backends.get(opts.type)
+    book.update(type=opts.type)
+    started = backend.start(ctx)
+    warnings += started.pop("warnings", [])
+    book.update(phase="started", facts=started)
+    for w in warnings:
+        log.warning("%s", w)
+    notices = [f"slurm-charlie: job {job.job_id}: "
+               + (w if w.startswith("hint: ") else f"warning: {w}") for w in warnings]
+    task_env = [("CH_JOB_ID", job.job_id), ("CH_TYPE", opts.type),
+                ("CH_GUEST_ID", str(ctx.guest_id)),
+                ("CH_GUEST_COUNT", str(len(nodes))),
+                ("CH_JOB_DIR", paths.job_dir)] + backend.task_env(ctx)
+    call_as(user, asuser.finish_as_user, ctx, task_env, started, notices)
+    log.info("prolog done: type %s, guest %d of %d", opts.type, ctx.guest_id, len(nodes))
+    from . import reconcile
+    reconcile.from_prolog(cfg, job.node_name)
+
+
+def epilog(env: jobenv.Environ, at: Attempt,
+           setup_logging: Callable[[config.Config, str, str], None]) -> list[NodeFault]:
+    """Undo the job on this node by root's record; returns the node faults
+    met (the edge drains for the first)."""
+    job = _context(env, at)
+    cfg, paths = at.cfg, at.paths
+    assert cfg is not None and paths is not None
+    setup_logging(cfg, job.job_id, job.node_name)
+    records = privileged.Records(paths.root)
+    rec = records.read(job.job_id)
+    if rec is None and not os.path.lexists(paths.job_dir):
+        log.debug("epilog: nothing to clean")
+        return []
+    if rec is None:
+        log.warning("epilog: no record of what the prolog started; removing "
+                    "what can be found")
+    try:
+        user: User | None = User.lookup(job.uid, job.gid)
+    except NodeFault as e:
+        log.warning("epilog: %s", e.line())
+        user = None
+    if rec is not None and user is not None and rec.uid != user.uid:
+        user = None  # an earlier job of this id: its own user is used
+    faults = undo(cfg, paths, rec, job.node_name, user)
+    if not faults:
+        records.remove(job.job_id)
+        log.info("epilog done: job directory removed")
+    return faults
+
+
+def undo(cfg: config.Config, paths: layout.JobPaths,
+         rec: privileged.JobRecord | None, node: str,
+         user: User | None = None) -> list[NodeFault]:
+    """Stop what root started for the job (by root's record; without one,
+    the job user's processes that carry the job's marks), clean the user's
+    leftovers, remove the job directory.  Every step runs whatever the
+    others did; returns the node faults met (facts root checked itself)."""
+    faults: list[NodeFault] = []
+
+    def step(what: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except NodeFault as e:
+            log.error("epilog: %s: %s", what, e.line())
+            faults.append(e)
+        except CharlieError as e:
+            log.warning("epilog: %s: %s", what, e.line())
+        except Exception:  # a bug: logged loudly, the next step still runs
+            import traceback
+            log.error("epilog: %s: internal error:\n%s", what, traceback.format_exc())
+
+    if user is None and rec is not None:
+        try:
+            user = User.lookup(rec.uid, rec.gid)
+        except NodeFault as e:
+            log.warning("epilog: %s", e.line())
+    if user is not None and user.uid != 0:
+        ctx = backends.Context(opts=options.Options(), cfg=cfg, paths=paths, user=user,
+                               job_id=paths.job_id, node=node,
+                               guest_id=rec.guest_id if rec else 0, nodes=())
+        if rec is not None:
+            step(f"stop {rec.type}", lambda: backends.get(rec.type).stop(ctx, rec))
+        if rec is None or rec.phase != "started":
+            # the prolog died (or could not write its record) half way:
+            # also look for the job user's processes that carry this job's marks
+            for name in backends.NAMES:
+                step(f"sweep {name}", lambda name=name: backends.get(name).stop(ctx, None))
+        if rec is not None:
+            used = privileged.cgroup_usage(ctx.node, user.uid, paths.job_id)
+            if used:
+                log.info("in the job's cgroup, %s used %.1f s CPU, peak memory %d MiB",
+                         "QEMU" if rec.type == "vm" else "the container",
+                         used.get("cpu_ns", 0) / 1e9, used.get("memory_peak", 0) >> 20)
+        busy = shm.user_busy_elsewhere(paths.root, paths.job_id, user.uid, ctx.node)
+        if busy:
+            log.info("/dev/shm left alone: %s", busy)
+        else:
+            def sweep_shm() -> None:
+                removed = call_as(user, shm.clean_as_user, limit=60)
+                if removed:
+                    log.info("removed %d leftover /dev/shm entries of %s",
+                             len(removed), user.name)
+            step("/dev/shm", sweep_shm)
+        step("job cgroup", lambda: privileged.leave_job_cgroup(
+            ctx.node, user.uid, paths.job_id))
+    step("job directory", lambda: privileged.remove_job_dir(paths))
+    return faults

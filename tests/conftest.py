@@ -1,0 +1,23 @@
+"""Fixtures every suite may use.  ``cluster`` is the running sandbox; a
+suite that asks for it fails (never skips) when the sandbox is not up."""
+
+import os
+
+import pytest
+
+from helpers.cluster import make_cluster
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    return make_cluster()
+
+
+def pytest_runtest_setup(item):
+    """A test marked ``root`` is skipped for a developer who is not root,
+    and fails in CI (a test that cannot run there is a failure)."""
+    if item.get_closest_marker("root") and os.geteuid() != 0:
+        msg = "needs root (it drops to other users): run `make unit` as root"
+        if os.environ.get("CI"):
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
