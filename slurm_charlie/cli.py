@@ -157,6 +157,11 @@ def cmd_vm_initrd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guest_go(args: argparse.Namespace) -> int:
+    from . import vmtools
+    return vmtools.guest_go(os.environ.get("CH_JOB_DIR"))
+
+
 def cmd_guest_wait(args: argparse.Namespace) -> int:
     from . import vmtools
     return vmtools.guest_wait(args.job_dir, args.guest)
@@ -260,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("job_dir")
     gw.add_argument("--guest", type=int, default=0)
     gw.set_defaults(func=cmd_guest_wait)
+
+    gg = sub.add_parser("guest-go", help="(srun task of a VM batch job, started "
+                        "by guest-wait on every node) let the node's guest run the job")
+    gg.set_defaults(func=cmd_guest_go)
 
     co = sub.add_parser("console", help="attach to a guest's serial console "
                         "(inside the job's allocation)")

@@ -97,6 +97,18 @@ DEFAULTS: tuple[Key, ...] = (
         "comes from it"),
     Key("vm.cmdline", "root=/dev/vda rw console=ttyS0", str,
         "guest kernel command line for direct boot (charlie.guest=N is added)"),
+    Key("vm.network", "vxlan", str,
+        "the job's guest network: vxlan (built by root per job: VXLAN + "
+        "bridge + TAP, filtered so that only the job's nodes, from "
+        "privileged ports, reach it; needs ip, bridge, nft and /dev/net/tun) "
+        "or multicast (a UDP multicast group per job: no root networking, "
+        "NOT isolated from others on the nodes' network)",
+        ("vxlan", "multicast")),
+    Key("vm.vxlan_port", 4789, int, "UDP port of the job networks' VXLAN traffic",
+        rule=lambda v: None if 0 < v < 65536 else "not a UDP port"),
+    Key("vm.node_addresses", "", str,
+        "file of 'NODENAME IPV4ADDRESS' lines: where each node's VXLAN traffic "
+        "goes (empty: the node names resolve through the name service)"),
     Key("vm.mcast_group", "239.77.0.0/16", str,
         "multicast range for the guest networks: job J uses group "
         "base + J mod size, port mcast_port + J mod 10000"),

@@ -193,6 +193,25 @@ def _deleted_open(cfg: config.Config, node: str) -> Result:
     return "ok", "no deleted-but-open files under runtime_root", None
 
 
+def _job_network(cfg: config.Config, node: str) -> Result:
+    if cfg["vm.network"] != "vxlan":
+        return "warn", "vm.network = multicast: VM job networks are not isolated", \
+            "set vm.network = \"vxlan\" (root-built, filtered) unless the nodes' " \
+            "network is trusted (docs/vm.rst)"
+    from . import jobnet
+    missing = [p for p in ("ip", "bridge", "nft") if jobnet.tool(p) is None]
+    if missing:
+        return "FAIL", "missing: " + " ".join(missing), \
+            "apt-get install iproute2 nftables"
+    if not os.path.exists("/dev/net/tun"):
+        return "FAIL", "no /dev/net/tun", "modprobe tun"
+    try:
+        addr = jobnet.node_addresses((node,), cfg["vm.node_addresses"])[0]
+    except CharlieError as e:
+        return "FAIL", e.line(), e.hint
+    return "ok", f"VXLAN job networks from {addr}, UDP {cfg['vm.vxlan_port']}", None
+
+
 def checks(cfg: config.Config, node: str) -> list[tuple[str, Callable[[], Result]]]:
     return [
         ("runtime_root", lambda: _runtime_root(cfg, node)),
@@ -205,6 +224,7 @@ def checks(cfg: config.Config, node: str) -> list[tuple[str, Callable[[], Result
         ("qemu", lambda: _program(cfg, "vm.qemu", "qemu-system-x86")),
         ("qemu-img", lambda: _program(cfg, "vm.qemu_img", "qemu-utils")),
         ("/dev/kvm", lambda: _kvm(cfg)),
+        ("job network", lambda: _job_network(cfg, node)),
         ("accel/CPU probe", lambda: _probe(cfg, node)),
         ("MPI plugins", lambda: _mpi(cfg)),
         ("leftovers", lambda: _leftovers(cfg, node)),

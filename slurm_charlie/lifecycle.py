@@ -14,8 +14,8 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from . import (asuser, backends, config, hostlist, jobenv, layout, options, privileged,
-               shm, sshkey)
+from . import (asuser, backends, config, hostlist, jobenv, jobnet, layout, options,
+               privileged, shm, sshkey)
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError
 from .proc import User, call_as
@@ -216,5 +216,8 @@ def undo(cfg: config.Config, paths: layout.JobPaths,
             step("/dev/shm", sweep_shm)
         step("job cgroup", lambda: privileged.leave_job_cgroup(
             ctx.node, user.uid, paths.job_id))
+    if rec is None or rec.type == "vm":
+        # devices and filters by the job's name, whatever of them was made
+        step("job network", lambda: jobnet.remove(paths.job_id))
     step("job directory", lambda: privileged.remove_job_dir(paths))
     return faults

@@ -21,7 +21,7 @@ import shutil
 import stat
 import time
 
-from . import config, layout, privileged
+from . import config, jobnet, layout, privileged
 from .errors import CharlieError, NodeFault
 from .proc import User, log, run
 
@@ -33,12 +33,14 @@ class Report:
     jobs: list[str] = dataclasses.field(default_factory=list)       # cleaned
     kept_removed: list[str] = dataclasses.field(default_factory=list)
     cgroups: list[str] = dataclasses.field(default_factory=list)    # job ids
+    networks: list[str] = dataclasses.field(default_factory=list)   # job ids
     skipped: list[str] = dataclasses.field(default_factory=list)    # too young / running
     faults: list[str] = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"leftover job {j}: cleaned" for j in self.jobs]
         out += [f"job cgroup of job {j}: removed" for j in self.cgroups]
+        out += [f"job network of job {j}: removed" for j in self.networks]
         out += [f"kept overlay removed (older than reconcile.kept_max_days): {k}"
                 for k in self.kept_removed]
         out += [f"error: {f}" for f in self.faults]
@@ -140,6 +142,15 @@ def reconcile(cfg: config.Config, node: str, running: set[str], *,
         try:
             privileged.leave_job_cgroup(node, uid, jid)
             report.cgroups.append(jid)
+        except CharlieError as e:
+            report.faults.append(f"job {jid}: {e.line()}")
+    for jid in sorted(jobnet.jobs_with_devices() - running - set(report.skipped)):
+        if dry_run:
+            report.networks.append(jid)
+            continue
+        try:
+            jobnet.remove(jid)
+            report.networks.append(jid)
         except CharlieError as e:
             report.faults.append(f"job {jid}: {e.line()}")
     report.kept_removed = _old_kept(cfg, node, now, dry_run)

@@ -220,8 +220,14 @@ class Sandbox:
                                 hint="run `make guest`")
             shutil.copyfile(src, os.path.join(vm_dir, name))
             os.chmod(os.path.join(vm_dir, name), 0o644)
+        # the nodes' names do not resolve on this host: the job networks
+        # (VXLAN) take their addresses from this table, as a site may
+        addrs = self._p("etc", "node-addresses")
+        self._write(addrs, "# slurm-charlie sandbox: node addresses for the job networks\n"
+                    + "".join(f"{n.name} {n.addr}\n" for n in self.nodes))
         return ("[vm]\n"
                 'accel = "tcg"\n'
+                f'node_addresses = "{addrs}"\n'
                 f'kernel = "{vm_dir}/vmlinuz"\n'
                 f'initrd = "{vm_dir}/initrd.img"\n'
                 "memory_mib = 512\n"

@@ -16,9 +16,9 @@ import sys
 import time
 
 from . import PROG, config, hostlist, jobenv
-from .errors import UserError
-from .layout import read_tail
-from .proc import is_zombie, run_attached, starttime
+from .errors import CharlieError, UserError
+from .layout import read_tail, write_file
+from .proc import is_zombie, run, run_attached, starttime
 
 POLL = 0.2
 
@@ -49,7 +49,49 @@ class _Follower:
             self.out.flush()
 
 
+GO = "go"
+
+
+def release_guests() -> bool:
+    """The batch step starts once every node's prolog has seen its guest
+    ready: that is the barrier.  Tell every guest with one srun over the
+    job's nodes (Slurm fans it out), each task leaving meta/sync/go in its
+    node's job directory.  False (and a message) if srun failed: the guests
+    then start on their own after a while."""
+    job, nodes = jobenv.allocation(os.environ)
+    count = len(hostlist.expand(nodes)) if nodes else 0
+    if not job or not count:
+        return False
+    argv = [shutil.which("srun") or "srun", "--overlap", f"-N{count}", f"-n{count}",
+            "--ntasks-per-node=1", "--quiet", "--mpi=none", "--export=ALL",
+            sys.argv[0] if os.path.isabs(sys.argv[0]) else (shutil.which(PROG) or PROG),
+            "guest-go"]
+    try:
+        p = run(argv, timeout=120, check=False)
+    except CharlieError as e:
+        print(f"{PROG}: warning: cannot start the guests' jobs together: {e.line()}",
+              file=sys.stderr)
+        return False
+    if p.returncode != 0:
+        print(f"{PROG}: warning: cannot start the guests' jobs together (srun exited "
+              f"with {p.returncode}): {p.stderr.decode(errors='replace').strip()[-300:]}",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def guest_go(job_dir: str | None) -> int:
+    """In an srun task on a node of a VM batch job: let its guest start."""
+    if not job_dir:
+        print(f"{PROG}: error: guest-go: no CH_JOB_DIR (not a charlie VM job step)",
+              file=sys.stderr)
+        return 1
+    write_file(os.path.join(job_dir, "meta", "sync", GO), "go\n", 0o644)
+    return 0
+
+
 def guest_wait(job_dir: str, guest: int = 0) -> int:
+    release_guests()
     out = os.path.join(job_dir, "out")
     done = os.path.join(job_dir, "meta", "sync", f"{guest}.jobdone")
     record = os.path.join(job_dir, "run", f"{guest}.qemu")

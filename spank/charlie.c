@@ -460,7 +460,8 @@ fail:
  * exits with its exit code.  Returns only on failure. */
 static int guest_wait(spank_t sp)
 {
-    char path[PATH_MAX], *cut;
+    char path[PATH_MAX], *cut, **env = NULL;
+    char *argv[4];
 
     if (job_file(sp, CHARLIE_RUN_GUEST_WAIT, path, sizeof(path)) < 0 ||
         access(path, F_OK) < 0)
@@ -470,7 +471,15 @@ static int guest_wait(spank_t sp)
         return -1;
     *cut = '\0';
     fflush(NULL);
-    execl(cfg.bin, cfg.bin, "guest-wait", path, (char *)NULL);
+    /* the task's environment (SLURM_JOB_ID, node list ...), not slurmstepd's:
+     * guest-wait starts an srun step inside the job */
+    if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || env == NULL)
+        env = environ;
+    argv[0] = cfg.bin;
+    argv[1] = "guest-wait";
+    argv[2] = path;
+    argv[3] = NULL;
+    execve(cfg.bin, argv, env);
     fprintf(stderr, PFX ": error: cannot run %s guest-wait: %s\n", cfg.bin,
             strerror(errno));
     return -1;

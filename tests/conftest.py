@@ -13,6 +13,16 @@ def cluster():
     return make_cluster()
 
 
+@pytest.fixture(scope="session")
+def guest(cluster):
+    """The test guest image (`make guest`), for VM jobs."""
+    gdir = cluster.sb.guest_dir
+    if not gdir or not os.path.exists(os.path.join(gdir, "guest.qcow2")):
+        pytest.fail("no test guest: run `make guest` and bring the sandbox up "
+                    "with --guest-dir (make test does both)", pytrace=False)
+    return os.path.join(gdir, "guest.qcow2")
+
+
 def pytest_runtest_setup(item):
     """A test marked ``root`` is skipped for a developer who is not root,
     and fails in CI (a test that cannot run there is a failure)."""

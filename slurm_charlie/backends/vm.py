@@ -27,7 +27,7 @@ import stat
 import time
 from typing import Any
 
-from .. import config, images, layout, privileged
+from .. import config, images, jobnet, layout, privileged
 from ..errors import NodeFault, UserError
 from ..layout import read_small, read_tail, write_file
 from ..meta import guest_mac
@@ -488,14 +488,25 @@ class VMBackend(Backend):
                 "ready": f"{ctx.paths.meta}/sync/{n}.ready",
                 "down": f"{ctx.paths.meta}/sync/{n}.down"}
 
-    def argv(self, ctx: Context, cache: str, fmt: str) -> list[str]:
+    def argv(self, ctx: Context, cache: str, fmt: str,
+             net: tuple[int, int | None, int] | None = None) -> list[str]:
+        """QEMU's command line.  net: (TAP fd, vhost-net fd or None, MTU) of
+        the root-built job network (vm.network = "vxlan"); None: the
+        multicast network."""
         cfg, p, n = ctx.cfg, self._paths(ctx), ctx.guest_id
         cpus = ctx.opts.cpus or ctx.cpus
         mem = ctx.mem_mib or ctx.opts.mem or cfg["vm.memory_mib"]
-        group, port = _mcast(cfg, ctx.job_id)
-        mcast = f"socket,id=net0,mcast={group}:{port}"
-        if cfg["vm.mcast_localaddr"]:
-            mcast += f",localaddr={cfg['vm.mcast_localaddr']}"
+        nic = f"virtio-net-pci,netdev=net0,mac={guest_mac(ctx.job_id, n)}"
+        if net is not None:
+            tap_fd, vhost_fd, mtu = net
+            netdev = f"tap,id=net0,fd={tap_fd}" + (
+                f",vhost=on,vhostfd={vhost_fd}" if vhost_fd is not None else "")
+            nic += f",host_mtu={mtu}"  # the guest driver takes the segment's MTU
+        else:
+            group, port = _mcast(cfg, ctx.job_id)
+            netdev = f"socket,id=net0,mcast={group}:{port}"
+            if cfg["vm.mcast_localaddr"]:
+                netdev += f",localaddr={cfg['vm.mcast_localaddr']}"
         argv = [cfg["vm.qemu"], "-name", f"charlie-{ctx.job_id}-chgu{n},process="
                 f"charlie-{ctx.job_id}-chgu{n}", "-nodefaults", "-no-user-config",
                 "-display", "none", "-accel", cfg["vm.accel"], "-cpu", _cpu_model(cfg),
@@ -505,8 +516,8 @@ class VMBackend(Backend):
                 "discard=unmap",
                 "-drive", f"file={p['tmp']},format=qcow2,if=virtio,cache={cache},"
                 "discard=unmap",
-                "-netdev", mcast,
-                "-device", f"virtio-net-pci,netdev=net0,mac={guest_mac(ctx.job_id, n)}",
+                "-netdev", netdev,
+                "-device", nic,
                 *self._host_nic(ctx),
                 "-chardev", f"socket,id=con0,path={p['console']},server=on,wait=off,"
                 f"logfile={p['console_log']},logappend=on",
@@ -566,21 +577,31 @@ class VMBackend(Backend):
         call_as(ctx.user, _remove, *(p[k] for k in ("qmp", "console", "ready", "down")))
         log.info("guest %d memory: %d MiB (%s)", n, mem, source)
         ctx = dataclasses.replace(ctx, mem_mib=mem)
-        argv = self.argv(ctx, cache, fmt)
+        net, net_fds, net_facts = None, [], {}
+        if cfg["vm.network"] == "vxlan":
+            net_facts = jobnet.create(ctx.job_id, n, ctx.nodes, cfg["vm.vxlan_port"],
+                                      cfg["vm.node_addresses"])
+            net_fds.append(jobnet.open_tap(ctx.job_id))
+            vhost = jobnet.open_vhost()
+            if vhost is not None:
+                net_fds.append(vhost)
+            net = (net_fds[0], vhost, int(net_facts["mtu"]))
+        argv = self.argv(ctx, cache, fmt, net)
         log.info("starting guest %d as %s: %s", n, ctx.user, " ".join(argv))
         fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, f"{n}_qemu.log")
-        if fd is None:
-            raise UserError("job directory", "cannot open", p["qemu_log"],
-                            hint="was out/ changed while the job started?")
         try:
-            proc, rec = privileged.spawn(ctx.user, argv, fd, "qemu")
+            if fd is None:
+                raise UserError("job directory", "cannot open", p["qemu_log"],
+                                hint="was out/ changed while the job started?")
+            proc, rec = privileged.spawn(ctx.user, argv, fd, "qemu", pass_fds=net_fds)
         finally:
-            os.close(fd)
+            for f in ([fd] if fd is not None else []) + net_fds:
+                os.close(f)  # QEMU holds the TAP now: it goes away with QEMU
         ctx.spawned(rec)
         joined = privileged.join_job_cgroup(ctx.node, rec, ctx.job_id, ctx.guest_id, job_mib)
         if joined:
             log.info("guest %d: QEMU in the job's cgroups %s", n, " ".join(joined))
-        info = {"guest": n, "image": ctx.opts.image, "format": fmt,
+        info = {**net_facts, "guest": n, "image": ctx.opts.image, "format": fmt,
                 "commit": ctx.opts.commit == n, "work_dir": ctx.work_dir,
                 "batch": bool(ctx.opts.job) and not ctx.opts.interactive}
         call_as(ctx.user, write_file, p["record"], f"{proc.pid} {rec.start}\n", 0o600)

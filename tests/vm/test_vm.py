@@ -11,68 +11,9 @@ import time
 
 import pytest
 
-from helpers.cluster import USER, make_cluster
-
-BOOT_TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    return make_cluster()
-
-
-@pytest.fixture(scope="module")
-def guest(cluster):
-    gdir = cluster.sb.guest_dir
-    if not gdir or not os.path.exists(os.path.join(gdir, "guest.qcow2")):
-        pytest.fail("no test guest: run `make guest` and bring the sandbox up "
-                    "with --guest-dir (make test does both)", pytrace=False)
-    return os.path.join(gdir, "guest.qcow2")
-
-
-def image_copy(cluster, guest, wd, name="image.qcow2"):
-    path = os.path.join(wd, name)
-    shutil.copyfile(guest, path)
-    os.chmod(path, 0o644)
-    shutil.chown(path, USER, USER)
-    return path
-
-
-def qemu_pids(job=None):
-    out = []
-    for d in os.listdir("/proc"):
-        try:
-            cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
-            state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state == "Z" or not cmd[0].endswith(b"qemu-system-x86_64"):
-            continue
-        if job is None or f"charlie-{job}-chgu".encode() in b" ".join(cmd):
-            out.append(int(d))
-    return out
-
-
-def wait_for(cond, what, timeout=BOOT_TIMEOUT):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def assert_clean(cluster, job):
-    """Nothing of the job is left: QEMU, job directory, overlay, devices."""
-    cluster.wait_done(job, timeout=180)
-    wait_for(lambda: not qemu_pids(job), f"QEMU of job {job} to go", 120)
-    wait_for(lambda: not [d for d in cluster.job_dirs() if d.endswith(f"/{job}")],
-             f"job directory of {job} to go", 120)
-    assert cluster.user_processes(timeout=20) == []
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True,
-                           text=True).stdout
-    assert not re.search(r"^\d+: (tap|vxlan|chbr)", links, re.M), links
+from helpers.cluster import USER
+from helpers.vm import (BOOT_TIMEOUT, assert_clean, image_copy, job_network,  # noqa: F401
+                        qemu_pids, wait_for)
 
 
 def saved(wd, job, name, timeout=120):

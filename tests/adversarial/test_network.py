@@ -1,0 +1,130 @@
+"""Attack class 8 (issue 10): nobody outside a VM job reaches its network.
+
+A 2-node VM job (node1, node2) on the root-built VXLAN network; then, from
+node3 (not in the job) and from node1 (a node the victim shares), VXLAN
+packets carrying frames for the job's VNI are sent at node2:
+  * by the unprivileged user, from an ordinary (>= 1024) source port,
+  * by root on node3 from a privileged port (a stranger to the job),
+  * by root on node1 from a privileged port: the control -- these must
+    arrive, which shows the counting below would see forged frames.
+What reaches the segment is read from node2's VXLAN device counters; the
+nftables drop counters say which rule stopped the rest."""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from helpers.cluster import USER
+from helpers.vm import assert_clean, image_copy, wait_for
+
+PORT = 4789
+COUNT = 40
+
+SEND = r"""
+import socket, sys
+dst, port, sport, vni, mac, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
+    int(sys.argv[4]), bytes.fromhex(sys.argv[5].replace(":", "")), int(sys.argv[6])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if sport:
+    s.bind(("", sport))
+vxlan = bytes([8, 0, 0, 0]) + vni.to_bytes(3, "big") + b"\0"
+# an IPv4 frame for the guest's MAC from a made-up one
+frame = mac + bytes.fromhex("020000000099") + b"\x08\x00" + b"\x45" + b"\0" * 45
+for _ in range(count):
+    s.sendto(vxlan + frame, (dst, port))
+print("sent", count)
+"""
+
+
+def _ns(cluster, node):
+    return next(n for n in cluster.sb.nodes if n.name == node)
+
+
+def _in_ns(cluster, node, argv, user=None):
+    cmd = ["ip", "netns", "exec", _ns(cluster, node).netns]
+    if user:
+        cmd += ["runuser", "-u", user, "--"]
+    return subprocess.run(cmd + argv, capture_output=True, text=True, timeout=60)
+
+
+def _rx(cluster, node, dev):
+    p = subprocess.run(["ip", "-n", _ns(cluster, node).netns, "-s", "-j", "link", "show",
+                        dev], capture_output=True, text=True, check=True)
+    return json.loads(p.stdout)[0]["stats64"]["rx"]["packets"]
+
+
+def _drops(cluster, node, table):
+    p = _in_ns(cluster, node, ["nft", "list", "table", "inet", table])
+    assert p.returncode == 0, p.stderr
+    return sum(int(x) for x in re.findall(r"counter packets (\d+)", p.stdout))
+
+
+@pytest.fixture(scope="module")
+def vm_job(cluster, guest):
+    wd = cluster.workdir("net-attack")
+    img = image_copy(cluster, guest, wd)
+    p = cluster.as_user(["sbatch", "--parsable", "--no-requeue", "-N2", "-w", "node[1-2]",
+                         "-o", "out", f"--charlie-image={img}", "--charlie-interactive",
+                         "--wrap", "sleep 600"], wd)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip()
+    try:
+        wait_for(lambda: sum(os.path.exists(f"{d}/meta/sync/{g}.ready")
+                             for d in cluster.job_dirs() if d.endswith(f"/{job}")
+                             for g in (0, 1)) == 2, "both guests")
+        yield job
+    finally:
+        cluster.run(["scancel", job])
+        assert_clean(cluster, job)
+
+
+def test_only_the_jobs_nodes_from_privileged_ports_reach_the_segment(cluster, vm_job):
+    job = vm_job
+    from slurm_charlie.jobnet import vni
+    from slurm_charlie.meta import guest_mac
+    dst = _ns(cluster, "node2").addr
+    args = [str(PORT), None, str(vni(job)), guest_mac(job, 1), str(COUNT)]
+    dev = f"chv{job}"
+    # the node is not on the job's network: no address on its devices
+    for node in ("node1", "node2"):
+        for d in (f"chb{job}", dev):
+            out = subprocess.run(["ip", "-n", _ns(cluster, node).netns, "-o", "addr",
+                                  "show", "dev", d], capture_output=True, text=True)
+            assert out.returncode == 0 and out.stdout.strip() == "", (node, d, out)
+
+    def attempt(node, sport, user):
+        a = list(args)
+        a[1] = str(sport)
+        before = (_rx(cluster, "node2", dev), _drops(cluster, "node2", "slurm_charlie"),
+                  _drops(cluster, "node2", f"charlie_j{job}"))
+        p = _in_ns(cluster, node, ["python3", "-c", SEND, dst, *a], user=user)
+        assert p.returncode == 0 and f"sent {COUNT}" in p.stdout, p.stderr
+        after = (_rx(cluster, "node2", dev), _drops(cluster, "node2", "slurm_charlie"),
+                 _drops(cluster, "node2", f"charlie_j{job}"))
+        return [b - a for a, b in zip(before, after)]
+
+    # the unprivileged user, on a stranger node and on a node of the job
+    for node in ("node3", "node1"):
+        rx, port_drops, _ = attempt(node, 0, USER)
+        assert port_drops >= COUNT, (node, port_drops)
+        assert rx < COUNT // 2, (node, rx)  # guests' own chatter at most
+    # root on a node outside the job, from a privileged port
+    rx, _, stranger_drops = attempt("node3", 1000, None)
+    assert stranger_drops >= COUNT and rx < COUNT // 2, (stranger_drops, rx)
+    # control: root on a node of the job is let through (so forged frames
+    # would have been counted above)
+    rx, port_drops, stranger_drops = attempt("node1", 1001, None)
+    assert rx >= COUNT and port_drops == 0 and stranger_drops == 0, (rx, port_drops,
+                                                                     stranger_drops)
+
+
+def test_the_user_cannot_capture_frames(cluster, vm_job):
+    """No raw sockets without root: the user cannot read the segment on a
+    node either (the bridge is root's)."""
+    p = _in_ns(cluster, "node1", ["python3", "-c",
+                                  "import socket; socket.socket(socket.AF_PACKET, "
+                                  "socket.SOCK_RAW, socket.htons(3))"], user=USER)
+    assert p.returncode != 0 and "PermissionError" in p.stderr, p.stderr
