@@ -157,6 +157,16 @@ def cmd_vm_initrd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ssh_proxy(args: argparse.Namespace) -> int:
+    from . import vmtools
+    return vmtools.ssh_proxy(args.socket)
+
+
+def cmd_ssh_relay(args: argparse.Namespace) -> int:
+    from . import vmtools
+    return vmtools.ssh_relay(args.socket, args.address)
+
+
 def cmd_guest_go(args: argparse.Namespace) -> int:
     from . import vmtools
     return vmtools.guest_go(os.environ.get("CH_JOB_DIR"))
@@ -266,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--guest", type=int, default=0)
     gw.set_defaults(func=cmd_guest_wait)
 
+    sp = sub.add_parser("ssh-proxy", help="(ssh's ProxyCommand) connect to a "
+                        "guest's ssh relay socket")
+    sp.add_argument("socket")
+    sp.set_defaults(func=cmd_ssh_proxy)
+    sr = sub.add_parser("ssh-relay", help="(started by the prolog) relay a unix "
+                        "socket to a guest's sshd")
+    sr.add_argument("socket")
+    sr.add_argument("address")
+    sr.set_defaults(func=cmd_ssh_relay)
     gg = sub.add_parser("guest-go", help="(srun task of a VM batch job, started "
                         "by guest-wait on every node) let the node's guest run the job")
     gg.set_defaults(func=cmd_guest_go)

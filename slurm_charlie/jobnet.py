@@ -46,7 +46,9 @@ from .proc import run
 SRC_PORTS = (1000, 1023)
 #: VXLAN header 8 bytes after the UDP header: VNI at bits 32..55
 _VNI_BITS = "@th,96,24"
-_NAME = re.compile(r"^ch[vbt]([0-9]{1,12})$")
+_NAME = re.compile(r"^ch[vbtr]([0-9]{1,12})$")
+_NODE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+NETNS_DIR = "/run/netns"
 GLOBAL_TABLE = "slurm_charlie"
 #: where root looks for ip, bridge and nft (never the PATH slurmd passes on)
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -75,13 +77,24 @@ class Names:
     bridge: str
     tap: str
     table: str
+    veth: str       # the relay namespace's link to the bridge
 
 
 def names(job_id: str) -> Names:
     layout.check_job_id(job_id)
     if len(job_id) > 12:  # Slurm's ids are 32-bit: 10 digits at most
         raise NodeFault("job id", "too long for a network device name", job_id)
-    return Names(f"chv{job_id}", f"chb{job_id}", f"cht{job_id}", f"charlie_j{job_id}")
+    return Names(f"chv{job_id}", f"chb{job_id}", f"cht{job_id}", f"charlie_j{job_id}",
+                 f"chr{job_id}")
+
+
+def relay_netns(job_id: str, node: str) -> str:
+    """The network namespace of the job's ssh relay on this node (its name
+    carries the node: several slurmd may share one host's /run/netns)."""
+    layout.check_job_id(job_id)
+    if not _NODE.match(node):
+        raise NodeFault("node name", "unusable in a namespace name", node)
+    return f"charlie-{node}-{job_id}"
 
 
 def vni(job_id: str) -> int:
@@ -167,12 +180,14 @@ def _job_rules(n: Names, port: int, vni_: int, addrs: list[str]) -> str:
 
 
 def create(job_id: str, index: int, nodes: tuple[str, ...], port: int,
-           table_path: str) -> dict[str, object]:
+           table_path: str, relay: tuple[str, str, str] | None = None
+           ) -> dict[str, object]:
     """As root: filters, VXLAN device and bridge of the job on this node
     (node index in the job), replacing any left from an earlier run of the
-    same job id.  Returns the facts root records."""
+    same job id; with relay = (address/prefix, local guest's address, its
+    MAC), also the ssh relay's namespace.  Returns the facts root records."""
     n = names(job_id)
-    remove(job_id)
+    remove(job_id, nodes[index])
     addrs = node_addresses(nodes, table_path)
     local, vni_ = addrs[index], vni(job_id)
     _nft(_replace(GLOBAL_TABLE, _global_rules(port)))
@@ -192,9 +207,30 @@ def create(job_id: str, index: int, nodes: tuple[str, ...], port: int,
         if p.returncode != 0:
             raise NodeFault("job network", "bridge fdb failed", _err(p))
     mtu = _mtu(n.vxlan)
+    facts: dict[str, object] = {"network": "vxlan", "vni": vni_, "mtu": mtu}
+    if relay is not None:
+        facts["relay_netns"] = _relay_netns(job_id, nodes[index], n, mtu, *relay)
     log.info("job network: VNI %d on UDP %d, %d nodes, bridge %s, MTU %d",
              vni_, port, len(addrs), n.bridge, mtu)
-    return {"network": "vxlan", "vni": vni_, "mtu": mtu}
+    return facts
+
+
+def _relay_netns(job_id: str, node: str, n: Names, mtu: int, address: str,
+                 guest_ip: str, guest_mac_: str) -> str:
+    """A namespace of its own on the job's bridge (address: chguNhost), for
+    the job user's ssh relay: the node itself stays off the job network,
+    and no TCP port is opened on the node for ssh."""
+    ns = relay_netns(job_id, node)
+    _ip("netns", "add", ns)
+    _ip("link", "add", n.veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+    _ip("link", "set", n.veth, "addrgenmode", "none")
+    _ip("link", "set", n.veth, "mtu", str(mtu), "master", n.bridge, "up")
+    _ip("-n", ns, "link", "set", "lo", "up")
+    _ip("-n", ns, "link", "set", "eth0", "mtu", str(mtu), "up")
+    _ip("-n", ns, "addr", "add", address, "dev", "eth0")
+    _ip("-n", ns, "neigh", "replace", guest_ip, "lladdr", guest_mac_, "dev", "eth0",
+        "nud", "permanent")
+    return ns
 
 
 def fdb_lines(job_id: str, index: int, addrs: list[str], dev: str) -> list[str]:
@@ -255,28 +291,40 @@ def open_vhost() -> int | None:
         return None
 
 
-def remove(job_id: str) -> None:
-    """As root: the job's devices and filters, whatever of them exists."""
+def remove(job_id: str, node: str) -> None:
+    """As root: the job's devices, relay namespace and filters, whatever of
+    them exists (its processes must be gone: the epilog stops them first)."""
     n = names(job_id)
     if tool("ip") is None:
         return  # no iproute2: no job network was ever built here
+    ns = relay_netns(job_id, node)
+    if os.path.exists(os.path.join(NETNS_DIR, ns)):
+        _ip("netns", "del", ns, check=False)
     links = _links()
-    for dev in (n.tap, n.vxlan, n.bridge):
+    for dev in (n.tap, n.veth, n.vxlan, n.bridge):
         if dev in links:
             _ip("link", "del", dev, check=False)
     if tool("nft") and _nft(f"list table inet {n.table}\n", check=False):
         _nft(f"delete table inet {n.table}\n")
     links = _links()
-    left = [d for d in (n.tap, n.vxlan, n.bridge) if d in links]
+    left = [d for d in (n.tap, n.veth, n.vxlan, n.bridge) if d in links]
+    if os.path.exists(os.path.join(NETNS_DIR, ns)):
+        left.append(ns)
     if left:
         raise NodeFault("job network", "devices could not be removed", " ".join(left))
 
 
-def jobs_with_devices() -> set[str]:
-    """Job ids that have a device or filter table of a job network on this
-    node (for reconcile)."""
+def jobs_with_devices(node: str) -> set[str]:
+    """Job ids that have a device, relay namespace or filter table of a job
+    network on this node (for reconcile)."""
     devs = _links() if tool("ip") else {}
     found = {m.group(1) for d in devs if (m := _NAME.match(d))}
+    prefix = relay_netns("0", node)[:-1]
+    try:
+        found |= {f[len(prefix):] for f in os.listdir(NETNS_DIR)
+                  if f.startswith(prefix) and f[len(prefix):].isdigit()}
+    except OSError:
+        pass
     tables: list[str] = []
     if tool("nft"):  # no nft here: no job network either
         p = run([_need("nft"), "list", "tables"], timeout=30, check=False)

@@ -218,6 +218,6 @@ def undo(cfg: config.Config, paths: layout.JobPaths,
             ctx.node, user.uid, paths.job_id))
     if rec is None or rec.type == "vm":
         # devices and filters by the job's name, whatever of them was made
-        step("job network", lambda: jobnet.remove(paths.job_id))
+        step("job network", lambda: jobnet.remove(paths.job_id, node))
     step("job directory", lambda: privileged.remove_job_dir(paths))
     return faults

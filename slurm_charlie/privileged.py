@@ -439,6 +439,25 @@ def spawn(user: User, argv: list[str], log_fd: int, role: str, cwd: str = "/",
     return proc, rec
 
 
+def spawn_in_netns(user: User, netns: str, argv: list[str], log_fd: int
+                   ) -> subprocess.Popen:
+    """Start argv as the user inside a network namespace root made: root
+    enters it (ip netns exec) and setpriv drops to the user for good (uid,
+    gid, the user's groups, no new privileges) before argv runs.  The pid is
+    argv's once both have exec'd: record it only then (see exe_of)."""
+    path = "/usr/sbin:/usr/bin:/sbin:/bin"
+    ip, setpriv = shutil.which("ip", path=path), shutil.which("setpriv", path=path)
+    if ip is None or setpriv is None:
+        raise NodeFault("ip/setpriv", "program not found",
+                        hint="install iproute2 and util-linux")
+    groups = ["--groups=" + ",".join(str(g) for g in user.groups)] if user.groups \
+        else ["--clear-groups"]
+    full = [ip, "netns", "exec", netns, setpriv, f"--reuid={user.uid}",
+            f"--regid={user.gid}", *groups, "--no-new-privs", "--", *argv]
+    return subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                            cwd="/", env=user.env(), start_new_session=True)
+
+
 def _pidfd(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)

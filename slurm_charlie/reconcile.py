@@ -144,12 +144,12 @@ def reconcile(cfg: config.Config, node: str, running: set[str], *,
             report.cgroups.append(jid)
         except CharlieError as e:
             report.faults.append(f"job {jid}: {e.line()}")
-    for jid in sorted(jobnet.jobs_with_devices() - running - set(report.skipped)):
+    for jid in sorted(jobnet.jobs_with_devices(node) - running - set(report.skipped)):
         if dry_run:
             report.networks.append(jid)
             continue
         try:
-            jobnet.remove(jid)
+            jobnet.remove(jid, node)
             report.networks.append(jid)
         except CharlieError as e:
             report.faults.append(f"job {jid}: {e.line()}")

@@ -182,27 +182,127 @@ def _drain(s: socket.socket, quiet: float = 3.0) -> None:
         os.write(1, data)
 
 
+SSH_SOCKET = "{guest}.sshd"   # in run/: the relay's unix socket (job network)
+
+
 def ssh(guest: int, command: list[str], job_dir: str | None) -> int:
-    """ssh into guest N as yourself, from its node's loopback (port forward)."""
+    """ssh into guest N as yourself: through the unix socket of its relay in
+    the 0700 job directory (job network), else the port forward on the
+    node's loopback (multicast network)."""
     if job_dir is None:
         return _console_via_srun(guest, "ssh", command)
     job_dir = _step_job_dir(job_dir, "ssh")
-    try:
-        port = open(os.path.join(job_dir, "run", f"{guest}.ssh")).read().strip()
-    except OSError:
-        raise UserError("ssh", f"guest {guest} has no ssh port here",
-                        hint="the site turned it off (vm.ssh_port_base = 0), or "
-                        "the guest runs on another node") from None
     key = os.path.join(job_dir, "meta", "ssh", "id_ed25519")
     known = os.path.join(job_dir, "meta", "ssh", "known_hosts")
-    argv = ["ssh", "-q", "-i", key, "-p", port, "-o", f"UserKnownHostsFile={known}",
+    argv = ["ssh", "-q", "-i", key, "-o", f"UserKnownHostsFile={known}",
             "-o", f"HostKeyAlias=chgu{guest}", "-o", "StrictHostKeyChecking=yes",
             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]
+    sock = os.path.join(job_dir, "run", SSH_SOCKET.format(guest=guest))
+    if os.path.exists(sock):
+        prog = sys.argv[0] if os.path.isabs(sys.argv[0]) else (shutil.which(PROG) or PROG)
+        argv += ["-o", f"ProxyCommand={prog} ssh-proxy {sock}"]
+        host = f"chgu{guest}"
+    else:
+        try:
+            port = open(os.path.join(job_dir, "run", f"{guest}.ssh")).read().strip()
+        except OSError:
+            raise UserError("ssh", f"guest {guest} cannot be reached from here",
+                            hint="the guest runs on another node, or the site turned "
+                            "ssh off (vm.ssh_port_base = 0 on a multicast network)") from None
+        argv += ["-p", port]
+        host = "127.0.0.1"
     if os.isatty(0) and not command:
         argv.append("-t")
-    argv += ["127.0.0.1", *command]
+    argv += [host, *command]
     os.execvp("ssh", argv)
     return 1
+
+
+def ssh_proxy(sock_path: str) -> int:
+    """ssh's ProxyCommand: stdin/stdout <-> the relay's unix socket."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sock_path)
+    except OSError as e:
+        print(f"{PROG}: error: {sock_path}: {e.strerror}", file=sys.stderr)
+        return 1
+    _pump(s, 0, 1)
+    return 0
+
+
+def _pump(s: socket.socket, rfd: int, wfd: int) -> None:
+    """Copy rfd -> s and s -> wfd until both directions are closed."""
+    sel = {rfd: True, s.fileno(): True}
+    while any(sel.values()):
+        ready, _, _ = select.select([f for f, on in sel.items() if on], [], [])
+        for f in ready:
+            data = os.read(f, 65536) if f == rfd else s.recv(65536)
+            if not data:
+                sel[f] = False
+                if f == rfd:
+                    try:
+                        s.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                else:
+                    return  # the guest side closed: ssh is done
+                continue
+            if f == rfd:
+                s.sendall(data)
+            else:
+                _write_all(wfd, data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def ssh_relay(sock_path: str, address: str, port: int = 22) -> int:
+    """As the job user, in the job network's relay namespace (started by the
+    prolog): accept on a unix socket in the 0700 job directory, connect each
+    client to the guest's sshd over the job network.  No TCP port anywhere
+    on the node."""
+    import threading
+    old = os.umask(0o077)
+    try:
+        if os.path.lexists(sock_path):
+            os.unlink(sock_path)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(sock_path)
+    finally:
+        os.umask(old)
+    srv.listen(16)
+
+    def serve(client: socket.socket) -> None:
+        try:
+            with client, socket.create_connection((address, port), timeout=30) as up:
+                up.settimeout(None)
+                _splice(client, up)
+        except OSError:
+            pass
+
+    while True:
+        client, _ = srv.accept()
+        threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+
+def _splice(a: socket.socket, b: socket.socket) -> None:
+    """Copy both ways between two sockets until both sides have closed."""
+    open_ = {a: b, b: a}
+    while open_:
+        ready, _, _ = select.select(list(open_), [], [])
+        for src in ready:
+            data = src.recv(65536)
+            dst = open_[src]
+            if not data:
+                del open_[src]
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                continue
+            dst.sendall(data)
 
 
 def _step_job_dir(job_dir: str, what: str) -> str:

@@ -24,13 +24,14 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import time
 from typing import Any
 
 from .. import config, images, jobnet, layout, privileged
 from ..errors import NodeFault, UserError
 from ..layout import read_small, read_tail, write_file
-from ..meta import guest_mac
+from ..meta import addresses, guest_mac
 from ..options import Options
 from ..proc import User, call_as, is_zombie, log, pids_of, run, starttime
 from . import Backend, Context
@@ -452,13 +453,34 @@ def check_disk_space(ctx: Context, tmp_mib: int, image_mib: int) -> None:
 
 
 def ssh_port(cfg: config.Config, job_id: str) -> int:
-    return cfg["vm.ssh_port_base"] + int(job_id) % 20000 if cfg["vm.ssh_port_base"] else 0
+    """The loopback port forward to guest:22 -- multicast network only; on
+    the job network ssh goes through a unix socket (the relay)."""
+    if cfg["vm.network"] != "multicast" or not cfg["vm.ssh_port_base"]:
+        return 0
+    return cfg["vm.ssh_port_base"] + int(job_id) % 20000
 
 
 def _mcast(cfg: config.Config, job_id: str) -> tuple[str, int]:
     net = ipaddress.IPv4Network(cfg["vm.mcast_group"])
     group = net.network_address + int(job_id) % net.num_addresses
     return str(group), cfg["vm.mcast_port"] + int(job_id) % 10000
+
+
+def _sweep(ctx: Context, role: str, needles: tuple[bytes, ...]
+           ) -> privileged.ProcRecord | None:
+    """No record (the prolog died before writing it): the job user's live
+    process whose command line holds every needle (they name the job)."""
+    for pid in pids_of(ctx.user.uid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read(1 << 16)
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            continue
+        start = starttime(pid)
+        if all(n in cmd for n in needles) and start and not is_zombie(pid):
+            return privileged.ProcRecord(role, pid, start, ctx.user.uid, exe)
+    return None
 
 
 class VMBackend(Backend):
@@ -579,8 +601,11 @@ class VMBackend(Backend):
         ctx = dataclasses.replace(ctx, mem_mib=mem)
         net, net_fds, net_facts = None, [], {}
         if cfg["vm.network"] == "vxlan":
+            guest_ips, host_ips, prefix = addresses(cfg["vm.subnet"], len(ctx.nodes))
             net_facts = jobnet.create(ctx.job_id, n, ctx.nodes, cfg["vm.vxlan_port"],
-                                      cfg["vm.node_addresses"])
+                                      cfg["vm.node_addresses"],
+                                      relay=(f"{host_ips[n]}/{prefix}", guest_ips[n],
+                                             guest_mac(ctx.job_id, n)))
             net_fds.append(jobnet.open_tap(ctx.job_id))
             vhost = jobnet.open_vhost()
             if vhost is not None:
@@ -634,6 +659,8 @@ class VMBackend(Backend):
                                 f"{cfg['timeouts.boot']} s (timeouts.boot)",
                                 hint=f"console tail:\n{con}")
             time.sleep(0.1)
+        if net_facts.get("relay_netns"):
+            self._start_relay(ctx, str(net_facts["relay_netns"]), guest_ips[n])
         if info["batch"] and n == 0:
             call_as(ctx.user, write_file, os.path.join(ctx.paths.run, WAIT_MARKER), "0\n",
                     0o600)
@@ -641,26 +668,58 @@ class VMBackend(Backend):
         info["warnings"] = warnings
         return info
 
+    def _start_relay(self, ctx: Context, netns: str, guest_ip: str) -> None:
+        """The job user's ssh relay in its namespace on the job network: a
+        unix socket in run/ to the guest's sshd.  ssh is a convenience: if
+        the relay does not come up the job runs without it (logged)."""
+        from ..vmtools import SSH_SOCKET
+        n = ctx.guest_id
+        name = SSH_SOCKET.format(guest=n)
+        argv = [sys.executable, "-m", "slurm_charlie.cli", "ssh-relay",
+                os.path.join(ctx.paths.run, name), guest_ip]
+        fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, f"{n}_relay.log")
+        if fd is None:
+            log.warning("guest %d: no ssh relay (cannot open its log)", n)
+            return
+        try:
+            proc = privileged.spawn_in_netns(ctx.user, netns, argv, fd)
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            exe = privileged.exe_of(proc.pid) or ""
+            if (layout.lstat_in_job(ctx.paths, "run", name) is not None
+                    and os.path.basename(exe).startswith("python")):
+                ctx.spawned(privileged.ProcRecord("relay", proc.pid,
+                                                  starttime(proc.pid) or 0,
+                                                  ctx.user.uid, exe))
+                log.info("guest %d: ssh through %s/%s (relay in %s)", n,
+                         ctx.paths.run, name, netns)
+                return
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()  # our own child, not yet reaped: the pid is still it
+        proc.wait()
+        log.warning("guest %d: the ssh relay did not start (see out/%d_relay.log); "
+                    "slurm-charlie ssh will not reach this guest", n, n)
+
+    def _stop_relay(self, ctx: Context, record: Any) -> None:
+        relay = record.proc("relay") if record is not None else None
+        if relay is None:  # no record: the user's relay that names this job dir
+            relay = _sweep(ctx, "relay", (f"ssh-relay\0{ctx.paths.run}/".encode(),))
+        if relay is not None and privileged.alive(relay):
+            privileged.stop_process(relay, 2, ctx.cfg["timeouts.kill"])
+
     # -- epilog ---------------------------------------------------------------
     def _sweep_qemu(self, ctx: Context) -> privileged.ProcRecord | None:
         """No record (the prolog died before writing it): the job user's
         QEMU whose command line names this job and its run directory."""
-        needle = f"charlie-{ctx.job_id}-chgu".encode()
-        run_dir = ctx.paths.run.encode()
-        for pid in pids_of(ctx.user.uid):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read(1 << 16)
-                exe = os.readlink(f"/proc/{pid}/exe")
-            except OSError:
-                continue
-            start = starttime(pid)
-            if needle in cmd and run_dir in cmd and start and not is_zombie(pid):
-                return privileged.ProcRecord("qemu", pid, start, ctx.user.uid, exe)
-        return None
+        return _sweep(ctx, "qemu", (f"charlie-{ctx.job_id}-chgu".encode(),
+                                    ctx.paths.run.encode()))
 
     def stop(self, ctx: Context, record: Any) -> None:
         cfg = ctx.cfg
+        self._stop_relay(ctx, record)
         facts = record.facts if record is not None else {}
         qemu = record.proc("qemu") if record is not None else self._sweep_qemu(ctx)
         n = facts.get("guest") if type(facts.get("guest")) is int else ctx.guest_id

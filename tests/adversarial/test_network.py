@@ -128,3 +128,25 @@ def test_the_user_cannot_capture_frames(cluster, vm_job):
                                   "import socket; socket.socket(socket.AF_PACKET, "
                                   "socket.SOCK_RAW, socket.htons(3))"], user=USER)
     assert p.returncode != 0 and "PermissionError" in p.stderr, p.stderr
+
+
+def test_no_tcp_port_on_the_node_ssh_through_the_job_directory(cluster, vm_job):
+    """Class 7: nothing of the job listens on a TCP port of its nodes (no
+    port to squat); ssh reaches each guest through a unix socket in the
+    0700 job directory, served by the user's relay in a namespace of its
+    own on the job network."""
+    import stat as st
+    job = vm_job
+    uid = int(cluster.run(["id", "-u", USER]).stdout)
+    for i, node in enumerate(("node1", "node2")):
+        p = _in_ns(cluster, node, ["ss", "-H", "-ltnp"])
+        assert p.returncode == 0, p.stderr
+        assert "qemu" not in p.stdout and "python" not in p.stdout, p.stdout
+        [jd] = [d for d in cluster.job_dirs() if d.endswith(f"/{node}/{job}")]
+        assert st.S_IMODE(os.stat(jd).st_mode) == 0o700
+        sock = os.lstat(os.path.join(jd, "run", f"{i}.sshd"))
+        assert st.S_ISSOCK(sock.st_mode) and sock.st_uid == uid
+    sc = cluster.sb.charlie_bin()
+    p = cluster.as_user([sc, "ssh", "1", "hostname"], cluster.workdir("net-attack"),
+                        env={"SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": "node[1-2]"})
+    assert p.returncode == 0 and p.stdout.strip() == "chgu1", (p.stdout, p.stderr)

@@ -60,7 +60,7 @@ def test_guest_network_numbers():
 
 def test_qemu_command_line():
     cfg = config.parse('[vm]\naccel = "tcg"\nkernel = "/k"\ninitrd = "/i"\n'
-                       'mcast_localaddr = "10.0.0.5"\n')
+                       'network = "multicast"\nmcast_localaddr = "10.0.0.5"\n')
     user = User(1001, 1001, (1001,), "u", "/home/u")
     paths = layout.JobPaths("/rt", "17")
     ctx = Context(opts=Options(image="/img.qcow2", dir=("/d1", "/d2"), cpus=3, mem=700),
@@ -83,11 +83,20 @@ def test_qemu_command_line():
     own = VMBackend().argv(Context(**{**ctx.__dict__, "cfg": config.parse("")}),
                            "none", "qcow2")
     assert "-kernel" not in own and own[own.index("-boot") + 1] == "order=c"
-    # ssh from the node only: restricted user-mode NIC, loopback forward
+    # multicast network: ssh from the node only, restricted user-mode NIC,
+    # loopback forward
     assert "user,id=net1,restrict=on,hostfwd=tcp:127.0.0.1:40017-:22" in line
-    off = config.parse('[vm]\nkernel = "/k"\nssh_port_base = 0\n')
+    off = config.parse('[vm]\nkernel = "/k"\nnetwork = "multicast"\nssh_port_base = 0\n')
     assert "user,id=net1" not in " ".join(VMBackend().argv(
         Context(**{**ctx.__dict__, "cfg": off}), "none", "qcow2"))
+    # the job network: the TAP root opened (fd, vhost), the segment's MTU,
+    # and no port on the node at all (ssh goes through the relay's socket)
+    vx = VMBackend().argv(Context(**{**ctx.__dict__, "cfg": config.parse('[vm]\nkernel = "/k"\n')}),
+                          "none", "qcow2", net=(5, 6, 1450))
+    vline = " ".join(vx)
+    assert "tap,id=net0,fd=5,vhost=on,vhostfd=6" in vline
+    assert "mac=52:54:00:11:00:01,host_mtu=1450" in vline
+    assert "mcast=" not in vline and "hostfwd" not in vline and "user,id=net1" not in vline
 
 
 def test_job_memory_from_scontrol():
