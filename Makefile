@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
 	iproute2 util-linux gcc make python3-venv charliecloud-runtime mpich libmpich-dev \
 	busybox-static squashfs-tools qemu-system-x86 qemu-utils cpio debootstrap e2fsprogs kmod \
-	openmpi-bin libopenmpi-dev extlinux syslinux-common nftables
+	openmpi-bin libopenmpi-dev extlinux syslinux-common nftables iputils-ping
 
 .PHONY: all guest deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench churn \
 	docs docs-gen clean
@@ -99,6 +99,7 @@ bench: sandbox-up
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/containers.py
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/vm.py
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/scale.py
+	PYTHONPATH=tests $(VENV)/bin/python tests/bench/vmnet.py
 
 docs-gen: venv
 	$(SB) gen options-rst > docs/options.rst
