@@ -32,7 +32,7 @@ from .. import config, images, jobnet, layout, privileged
 from ..errors import NodeFault, UserError
 from ..layout import read_small, read_tail, write_file
 from ..meta import addresses, guest_mac
-from ..options import Options
+from ..options import Options, parse_size_mib
 from ..proc import User, call_as, is_zombie, log, pids_of, run, starttime
 from . import Backend, Context
 
@@ -353,21 +353,19 @@ def probe(ctx: Context, qemu: str) -> None:
     log.info("probe: -accel %s -cpu %s works here", accel, cpu)
 
 
-_UNITS_MIB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
-
-
 def parse_job_memory(scontrol_line: str, cpus: int) -> int | None:
     """MiB per node the job asked for, from `scontrol -o show job`
-    (MinMemoryNode, or MinMemoryCPU x this node's CPUs); None when not set."""
+    (MinMemoryNode, or MinMemoryCPU x this node's CPUs); None when not set.
+    Sizes are read by the same parser as the options' (options.parse_size_mib)."""
     fields = dict(kv.split("=", 1) for kv in scontrol_line.split() if "=" in kv)
     for key, factor in (("MinMemoryNode", 1), ("MinMemoryCPU", cpus)):
         value = fields.get(key, "")
-        if value and value[:-1].isdigit() and value[-1] in _UNITS_MIB:
-            mib = int(int(value[:-1]) * _UNITS_MIB[value[-1]] * factor)
-            if mib > 0:
-                return mib
-        elif value.isdigit() and int(value) > 0:
-            return int(value) * factor
+        if not value:
+            continue
+        try:
+            return parse_size_mib(key, value) * factor
+        except UserError:  # 0 (not set) or something Slurm did not mean as a size
+            continue
     return None
 
 

@@ -32,8 +32,10 @@ powerdown() {  # clean shutdown; the host commits only after it
     sleep 1
     kill -KILL -1 2>/dev/null
     sync
-    for m in /ch/data1 /ch/data2 /ch/data3 /ch/data4 /ch/tmp /home; do
-        mountpoint -q $m && umount $m
+    # every share and disk mounted below /ch (meta and sync aside) and /home;
+    # the list of /ch mount points lives in meta.py, not here
+    for m in $(awk '$2 ~ "^/ch/" && $2 != "/ch/meta" || $2 == "/home" {print $2}' /proc/mounts); do
+        [ "$m" = "$SYNC" ] || [ "$m" = "$OUT" ] || umount $m
     done
     mount -o remount,ro / || log "cannot remount / read-only"
     sync
@@ -63,9 +65,10 @@ mount9p sync $SYNC || { log "FATAL: cannot mount meta/sync"; poweroff -f; }
 mkdir -p $OUT
 mount9p out $OUT || log "cannot mount the output share"
 . /ch/meta/env
-for i in 1 2 3 4; do
-    eval "d=\${CH_DATA$i:-}"
-    [ -n "$d" ] && { mount9p data$i /ch/data$i || log "cannot mount /ch/data$i"; }
+i=1
+while eval "d=\${CH_DATA$i:-}"; [ -n "$d" ]; do  # as many as meta/env names
+    mount9p data$i /ch/data$i || log "cannot mount /ch/data$i"
+    i=$((i + 1))
 done
 
 # /ch/tmp: the tmp disk (second virtio disk), formatted at first boot

@@ -131,3 +131,9 @@ def test_nothing_at_run_time_imports_the_sandbox():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+def test_one_size_parser():
+    """Sizes (K/M/G/T) are read in one place, options.parse_size_mib."""
+    where = [rel for rel, text in _sources() if re.search(r'"G":\s*1024', text)]
+    assert where == ["options.py"], where
