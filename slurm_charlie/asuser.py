@@ -14,7 +14,7 @@ from .proc import User
 
 def link_jobscript(src: str, dst: str) -> str | None:
     """Hard link the --charlie-job script into meta (edits stay visible, as
-    in the seed tutorial); copy when linking fails.  Returns a warning."""
+    docs/vm.rst describes); copy when linking fails.  Returns a warning."""
     try:
         os.unlink(dst)
     except FileNotFoundError:

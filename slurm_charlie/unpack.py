@@ -14,8 +14,8 @@ change an image another user's job runs.  Tarball members are checked before
 anything is written: no absolute paths, no '..', no member below a symlink,
 no hard link or symlink that leaves the image, no device files.  A tarball
 whose members all sit below one top-level directory (`tar czf x.tgz myimg/`)
-is unpacked from inside that directory (seed FAQ: "tarball with a top-level
-directory").
+is unpacked from inside that directory (docs/faq.rst, "My tarball has
+everything under one directory").
 """
 
 from __future__ import annotations

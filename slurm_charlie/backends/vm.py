@@ -55,7 +55,8 @@ def image_info(qemu_img: str, image: str, fmt: str) -> dict[str, Any]:
 
 
 def check_image(qemu_img: str, image: str, fmt: str, commit: bool) -> dict[str, Any]:
-    """Refuse images QEMU must not open for us (seed 004, privilege contract)."""
+    """Refuse images QEMU must not open for us (docs/faq.rst, "No bootable
+    device"; docs/security.rst)."""
     info = image_info(qemu_img, image, fmt)
     if not info.get("virtual-size"):
         raise UserError("--charlie-image", "virtual size is 0 (empty disk: the "
@@ -335,9 +336,10 @@ def probe(ctx: Context, qemu: str) -> None:
     """Can this node run the site's accel and CPU model?  Boots the guest
     kernel with no root file system until it panics (QEMU then exits, thanks
     to -no-reboot) -- once per node and setting; the result is kept in
-    <runtime_root>/.vm-probe.  A node that cannot is a node fault (seed 001:
-    a CPU model or accelerator the host lacks; here KVM hangs and -cpu host
-    aborts).  It runs as the unprivileged `nobody`, not as the job user, who
+    <runtime_root>/.vm-probe.  A node that cannot is a node fault
+    (docs/faq.rst, "The probe guest does not boot": a CPU model or
+    accelerator the host lacks; here KVM hangs and -cpu host aborts).  It
+    runs as the unprivileged `nobody`, not as the job user, who
     could otherwise kill it and make the node look broken; a probe killed
     from outside (SIGKILL: the OOM killer, an admin) proves nothing and fails
     only this job.  QEMU aborting by itself (-cpu host on a host without it)

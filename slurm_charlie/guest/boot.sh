@@ -79,7 +79,7 @@ if ! mount -t ext2 /dev/vdb /ch/tmp 2>/dev/null; then
 fi
 chmod 1777 /ch/tmp
 
-# names, never stale: everything from meta at every boot (seed 004)
+# names, never stale: everything from meta at every boot (docs/vm.rst)
 hostname $NAME
 echo $NAME > /etc/hostname 2>/dev/null
 rm -f /etc/hosts /etc/resolv.conf   # symlinks in some images
@@ -121,7 +121,7 @@ for d in /sys/class/net/*; do
     fi
 done
 
-# the job user: same name, uid, gid and groups as on the host (seed 003)
+# the job user: same name, uid, gid and groups as on the host (docs/vm.rst)
 read -r UNAME UID_ GID_ GNAME < /ch/meta/user
 drop_user() {  # drop entries with name or id $2 from file $1 (fields 1, 3)
     awk -F: -v n="$2" -v i="$3" '$1 != n && $3 != i' "$1" > "$1.charlie" && cat "$1.charlie" > "$1"
@@ -185,7 +185,7 @@ for e in /sys/class/input/event*; do
     esac
 done
 
-# site and image hooks, like the seed's boot.d scripts
+# site and image hooks (docs/admin.rst, /etc/charlie/boot.d)
 for f in /etc/charlie/boot.d/*.sh; do
     [ -f "$f" ] && { log "running $f"; sh "$f" || log "$f failed"; }
 done

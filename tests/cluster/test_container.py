@@ -123,7 +123,7 @@ def test_write_mode(cluster, images):
 
 
 def test_uid_gid_inside(cluster, images):
-    """Seed FAQ: programs that want a particular id inside (uid 0, a gid of
+    """docs/faq.rst: programs that want a particular id inside (uid 0, a gid of
     /dev/pts) get it with --charlie-uid/--charlie-gid; outside it is still you."""
     wd = cluster.workdir("container-uid")
     p, jobid = cluster.sbatch(wd, ["-N1", f"--charlie-image={images['bb']}", "--charlie-uid=0",
@@ -232,7 +232,7 @@ srun /usr/bin/mpi_allreduce
 def test_cross_memory_attach_needs_the_shared_container(cluster, mpi_image):
     """process_vm_readv between two ranks on one node works inside the job's
     container, and fails (EPERM) when each rank has its own ch-run container:
-    the seed FAQ's 'ranks on the same node fail' problem."""
+    docs/faq.rst's 'ranks on the same node fail' entry."""
     wd = cluster.workdir("container-cma")
     p = cluster.as_user(["srun", "-N1", "-n2", f"--charlie-image={mpi_image}",
                          "--charlie-dir=.", "/usr/bin/cma", "/ch/data1"], wd)
@@ -379,7 +379,7 @@ srun --mpi=pmi2 sh -c '/usr/bin/mpi_allreduce; touch /dev/shm/charlie-test-leak.
 
 
 def test_no_mounts_or_open_deleted_files_outlive_the_job(cluster, images):
-    """Seed FAQ du vs df: space is only freed when nobody holds the deleted
+    """docs/faq.rst, "du and df disagree": space is only freed when nobody holds the deleted
     file.  A task keeps a deleted 8 MB file open in the job directory; after
     scancel no process holds it, the host's mount table never saw the
     container's mounts, and no process is left in the holder's namespace."""

@@ -302,7 +302,7 @@ def test_guest_that_cannot_boot_fails_the_job_with_its_console(cluster, bad_imag
 def test_cpu_model_the_node_cannot_run_drains_it(cluster, guest):
     """The first VM job on a node probes the site's accel and CPU model (the
     guest kernel boots to a panic); -cpu host without KVM cannot start, so
-    the node is drained with a reason that names the setting (seed 001)."""
+    the node is drained with a reason that names the setting (docs/faq.rst, "The probe guest does not boot")."""
     wd = cluster.workdir("vm-probe")
     img = image_copy(cluster, guest, wd)
     conf = cluster.sb.charlie_conf
