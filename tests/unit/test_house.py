@@ -56,22 +56,25 @@ def test_one_definition_of_shared_constants():
         assert len(where) == 1, (const, where)
 
 
+def _loaded(imports: str, test: str) -> str:
+    """Import modules in a fresh interpreter; print(test) there."""
+    code = f"import sys, {imports}; print({test})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def test_sandbox_and_cli_do_not_import_each_other():
-    code = ("import sys, slurm_charlie.sandbox, slurm_charlie.install; "
-            "print('slurm_charlie.cli' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    out = _loaded("slurm_charlie.sandbox, slurm_charlie.install",
+                  "'slurm_charlie.cli' in sys.modules")
     assert out == "False"
 
 
 def test_submit_side_imports_no_back_end():
     """Every sbatch with a charlie option runs the validator: the back ends
     (and filelock) are imported when their type is used, not before."""
-    code = ("import sys, slurm_charlie.cli, slurm_charlie.validate, slurm_charlie.backends; "
-            "print(sorted(m for m in sys.modules if m.startswith('slurm_charlie.backends.')"
-            " or m == 'filelock'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    out = _loaded("slurm_charlie.cli, slurm_charlie.validate, slurm_charlie.backends",
+                  "sorted(m for m in sys.modules if m.startswith('slurm_charlie.backends.')"
+                  " or m == 'filelock')")
     assert out == "[]", out
 
 
@@ -126,10 +129,8 @@ def test_nothing_at_run_time_imports_the_sandbox():
                     node.module == "sandbox" or any(a.name == "sandbox" for a in node.names)):
                 importers.add(rel)
     assert importers == {"cli.py"}, importers
-    code = ("import sys, slurm_charlie.cli, slurm_charlie.hooks, slurm_charlie.doctor, "
-            "slurm_charlie.reconcile; print('slurm_charlie.sandbox' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    out = _loaded("slurm_charlie.cli, slurm_charlie.hooks, slurm_charlie.doctor, "
+                  "slurm_charlie.reconcile", "'slurm_charlie.sandbox' in sys.modules")
     assert out == "False"
 
 
