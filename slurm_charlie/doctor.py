@@ -199,7 +199,8 @@ def _job_network(cfg: config.Config, node: str) -> Result:
             "set vm.network = \"vxlan\" (root-built, filtered) unless the nodes' " \
             "network is trusted (docs/vm.rst)"
     from . import jobnet
-    missing = [p for p in ("ip", "bridge", "nft") if jobnet.tool(p) is None]
+    from .proc import system_tool
+    missing = [p for p in ("ip", "bridge", "nft") if system_tool(p) is None]
     if missing:
         return "FAIL", "missing: " + " ".join(missing), \
             "apt-get install iproute2 nftables"

@@ -32,7 +32,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import socket
 import struct
 
@@ -40,7 +39,7 @@ from . import layout
 from .errors import NodeFault
 from .log import log
 from .meta import guest_mac
-from .proc import run
+from .proc import SYSTEM_PATH, run, system_tool
 
 #: the VXLAN source-port range of job devices: privileged ports only
 SRC_PORTS = (1000, 1023)
@@ -50,17 +49,8 @@ _NAME = re.compile(r"^ch[vbtr]([0-9]{1,12})$")
 _NODE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 NETNS_DIR = "/run/netns"
 GLOBAL_TABLE = "slurm_charlie"
-#: where root looks for ip, bridge and nft (never the PATH slurmd passes on)
-SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def tool(name: str) -> str | None:
-    """Absolute path of a system tool root runs, None if not installed."""
-    return shutil.which(name, path=SYSTEM_PATH)
-
-
 def _need(name: str) -> str:
-    path = tool(name)
+    path = system_tool(name)
     if path is None:
         raise NodeFault("job network", f"{name} is not installed", SYSTEM_PATH,
                         hint="apt-get install iproute2 nftables (vm.network = "
@@ -295,7 +285,7 @@ def remove(job_id: str, node: str) -> None:
     """As root: the job's devices, relay namespace and filters, whatever of
     them exists (its processes must be gone: the epilog stops them first)."""
     n = names(job_id)
-    if tool("ip") is None:
+    if system_tool("ip") is None:
         return  # no iproute2: no job network was ever built here
     ns = relay_netns(job_id, node)
     if os.path.exists(os.path.join(NETNS_DIR, ns)):
@@ -304,7 +294,7 @@ def remove(job_id: str, node: str) -> None:
     for dev in (n.tap, n.veth, n.vxlan, n.bridge):
         if dev in links:
             _ip("link", "del", dev, check=False)
-    if tool("nft") and _nft(f"list table inet {n.table}\n", check=False):
+    if system_tool("nft") and _nft(f"list table inet {n.table}\n", check=False):
         _nft(f"delete table inet {n.table}\n")
     links = _links()
     left = [d for d in (n.tap, n.veth, n.vxlan, n.bridge) if d in links]
@@ -317,7 +307,7 @@ def remove(job_id: str, node: str) -> None:
 def jobs_with_devices(node: str) -> set[str]:
     """Job ids that have a device, relay namespace or filter table of a job
     network on this node (for reconcile)."""
-    devs = _links() if tool("ip") else {}
+    devs = _links() if system_tool("ip") else {}
     found = {m.group(1) for d in devs if (m := _NAME.match(d))}
     prefix = relay_netns("0", node)[:-1]
     try:
@@ -326,7 +316,7 @@ def jobs_with_devices(node: str) -> set[str]:
     except OSError:
         pass
     tables: list[str] = []
-    if tool("nft"):  # no nft here: no job network either
+    if system_tool("nft"):  # no nft here: no job network either
         p = run([_need("nft"), "list", "tables"], timeout=30, check=False)
         if p.returncode == 0:
             tables = p.stdout.decode(errors="replace").split()

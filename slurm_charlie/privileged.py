@@ -42,7 +42,7 @@ from . import layout
 from .config import check_root_safe
 from .errors import CharlieError, NodeFault, UserError
 from .proc import (User, is_stopped, is_zombie, log, pids_of, proc_stat, run,
-                   starttime)
+                   starttime, system_tool)
 
 RECORD_DIR = ".root"
 RECORD_VERSION = 1
@@ -445,8 +445,7 @@ def spawn_in_netns(user: User, netns: str, argv: list[str], log_fd: int
     enters it (ip netns exec) and setpriv drops to the user for good (uid,
     gid, the user's groups, no new privileges) before argv runs.  The pid is
     argv's once both have exec'd: record it only then (see exe_of)."""
-    path = "/usr/sbin:/usr/bin:/sbin:/bin"
-    ip, setpriv = shutil.which("ip", path=path), shutil.which("setpriv", path=path)
+    ip, setpriv = system_tool("ip"), system_tool("setpriv")
     if ip is None or setpriv is None:
         raise NodeFault("ip/setpriv", "program not found",
                         hint="install iproute2 and util-linux")

@@ -15,12 +15,23 @@ import dataclasses
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import CharlieError, NodeFault, UserError
 from .log import log
+
+
+#: where root looks for the system tools it runs itself (ip, bridge, nft,
+#: setpriv): never the PATH slurmd passes on
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def system_tool(name: str) -> str | None:
+    """Absolute path of a system tool root runs, None if not installed."""
+    return shutil.which(name, path=SYSTEM_PATH)
 
 
 @dataclasses.dataclass(frozen=True)

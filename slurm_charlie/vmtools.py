@@ -52,6 +52,12 @@ class _Follower:
 GO = "go"
 
 
+def _this_program() -> str:
+    """The slurm-charlie command running now (the path the shim or the user
+    started), for the commands it starts on the job's nodes."""
+    return sys.argv[0] if os.path.isabs(sys.argv[0]) else (shutil.which(PROG) or PROG)
+
+
 def release_guests() -> bool:
     """The batch step starts once every node's prolog has seen its guest
     ready: that is the barrier.  Tell every guest with one srun over the
@@ -64,8 +70,7 @@ def release_guests() -> bool:
         return False
     argv = [shutil.which("srun") or "srun", "--overlap", f"-N{count}", f"-n{count}",
             "--ntasks-per-node=1", "--quiet", "--mpi=none", "--export=ALL",
-            sys.argv[0] if os.path.isabs(sys.argv[0]) else (shutil.which(PROG) or PROG),
-            "guest-go"]
+            _this_program(), "guest-go"]
     try:
         p = run(argv, timeout=120, check=False)
     except CharlieError as e:
@@ -199,8 +204,7 @@ def ssh(guest: int, command: list[str], job_dir: str | None) -> int:
             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]
     sock = os.path.join(job_dir, "run", SSH_SOCKET.format(guest=guest))
     if os.path.exists(sock):
-        prog = sys.argv[0] if os.path.isabs(sys.argv[0]) else (shutil.which(PROG) or PROG)
-        argv += ["-o", f"ProxyCommand={prog} ssh-proxy {sock}"]
+        argv += ["-o", f"ProxyCommand={_this_program()} ssh-proxy {sock}"]
         host = f"chgu{guest}"
     else:
         try:
@@ -333,8 +337,7 @@ def _console_via_srun(guest: int, what: str = "console",
             "--quiet"]
     if os.isatty(0):
         argv.append("--pty")
-    argv += [sys.argv[0] if os.path.isabs(sys.argv[0]) else shutil.which(PROG) or PROG,
-             what, "--job-dir", "-", str(guest), *(command or [])]
+    argv += [_this_program(), what, "--job-dir", "-", str(guest), *(command or [])]
     return run_attached(argv)
 
 

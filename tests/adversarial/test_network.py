@@ -150,3 +150,32 @@ def test_no_tcp_port_on_the_node_ssh_through_the_job_directory(cluster, vm_job):
     p = cluster.as_user([sc, "ssh", "1", "hostname"], cluster.workdir("net-attack"),
                         env={"SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": "node[1-2]"})
     assert p.returncode == 0 and p.stdout.strip() == "chgu1", (p.stdout, p.stderr)
+
+
+def test_the_user_killing_their_relay_costs_only_their_ssh(cluster, vm_job):
+    """The relay is the user's own process: killing it leaves the job's ssh
+    without a way in, and nothing else -- the epilog finds it gone, removes
+    the network and its namespace, and no node is drained.  (Runs last: it
+    ends the module's job.)"""
+    job = vm_job
+    uid = int(cluster.run(["id", "-u", USER]).stdout)
+    relays = []
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"ssh-relay" in cmd and any(f"/{job}/run/".encode() in c for c in cmd):
+            relays.append(int(pid))
+    assert len(relays) == 2, relays  # one per node of the job
+    for pid in relays:
+        os.kill(pid, 9)
+    cluster.run(["scancel", job])
+    cluster.wait_done(job, timeout=180)
+    states = cluster.wait_nodes_idle(120)
+    assert all(s == "idle" for s in states.values()), states
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                text=True).stdout
+    assert f"-{job}" not in namespaces, namespaces
