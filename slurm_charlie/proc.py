@@ -67,7 +67,7 @@ class User:
 
 def proc_stat(pid: int | str) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name: [0] is the state
-    (field 3), [19] the start time (field 22).  None if the process is gone."""
+    (field 3), [6] the kernel's flags (field 9), [19] the start time (field 22).  None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()
@@ -85,6 +85,17 @@ def is_zombie(pid: int | str) -> bool:
     """Gone, or a zombie nobody has reaped yet."""
     fields = proc_stat(pid)
     return fields is None or fields[0] == "Z"
+
+
+PF_EXITING = 0x4  # include/linux/sched.h: the process is in do_exit()
+
+
+def is_exiting(pid: int | str) -> bool:
+    """Gone, a zombie, or already on its way out (killed, its memory and
+    files being released): it will not start using anything again.  Its
+    cgroup may already read as the root one, so it cannot be placed."""
+    fields = proc_stat(pid)
+    return fields is None or fields[0] in ("Z", "X") or int(fields[6]) & PF_EXITING != 0
 
 
 def is_stopped(fields: list[str] | None) -> bool:

@@ -9,7 +9,7 @@ import stat
 import time
 
 from . import layout, privileged
-from .proc import fd_targets, is_zombie, pids_of
+from .proc import fd_targets, is_exiting, pids_of, proc_stat
 
 
 SHM_DIR = "/dev/shm"
@@ -33,15 +33,18 @@ def user_busy_elsewhere(root: str, job_id: str, uid: int, node: str) -> str | No
     Returns why (for the log), None when not.  Another charlie job here; or,
     where Slurm keeps cgroups, any live process of the user outside this
     job's cgroups (a plain job of theirs, a login session).  A process in
-    another slurmd's tree (slurm_<other node>: several slurmd on one host,
-    as in the sandbox) is not this node's.  Without Slurm cgroups only the
-    first can be told."""
+    another slurmd's tree (its cgroups under slurm_<other node>, or its
+    parents lead to another slurmd: several slurmd on one host, as in the
+    sandbox) is not this node's, and a process already exiting (killed
+    ranks; their cgroup may read as the root one) holds nothing for long.
+    Without Slurm cgroups only the first can be told."""
     other = user_has_other_jobs(root, job_id, uid)
     if other:
         return f"job {other} of the user runs here too"
     if not privileged.job_cgroups(node, uid, job_id):
         return None
     mark, own, foreign = f"/job_{job_id}/", f"/slurm_{node}/", "/slurm_"
+    ours = _slurmd_of(os.getpid())
     for pid in pids_of(uid):
         try:
             with open(f"/proc/{pid}/cgroup") as f:
@@ -51,9 +54,32 @@ def user_busy_elsewhere(root: str, job_id: str, uid: int, node: str) -> str | No
         paths = [line.split(":", 2)[2] for line in cg.splitlines() if line.count(":") >= 2]
         if any(p.startswith(foreign) and not p.startswith(own) for p in paths):
             continue  # another slurmd's process on this host
-        if not is_zombie(pid) and mark not in cg:
-            return f"process {pid} of the user runs outside the job"
+        if mark not in cg and not is_exiting(pid) and _slurmd_of(pid) in (None, ours):
+            where = " ".join(sorted({p.rstrip("/") or "/" for p in paths}))
+            return f"process {pid} ({_comm(pid)}) of the user runs outside the job (cgroup {where})"
     return None
+
+
+def _slurmd_of(pid: int) -> int | None:
+    """The slurmd pid is a descendant of (a hook's helper), None if none."""
+    seen = 0
+    while pid > 1 and seen < 64:
+        if _comm(pid) == "slurmd":
+            return pid
+        fields = proc_stat(pid)
+        if fields is None:
+            return None
+        pid, seen = int(fields[1]), seen + 1
+    return None
+
+
+def _comm(pid: int) -> str:
+    """pid's command name, for the log."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 def _shm_name(rest: str) -> str:
@@ -67,6 +93,8 @@ def _shm_in_use(uid: int, shm_dir: str) -> set[str]:
     used: set[str] = set()
     prefix = shm_dir.rstrip("/") + "/"
     for pid in pids_of(uid):
+        if is_exiting(pid):
+            continue  # killed: what it maps goes with it
         for target in fd_targets(pid):
             if target.startswith(prefix):
                 used.add(_shm_name(target[len(prefix):]))

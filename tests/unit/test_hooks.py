@@ -251,3 +251,51 @@ def test_runtime_root_full_fails_the_job_not_the_node(site):
         assert site["drained"] == [] and not os.path.exists(site["jobdir"])
     finally:
         subprocess.run(["umount", "-l", rt])
+
+
+def test_a_process_on_its_way_out_counts_as_gone(monkeypatch):
+    """Ranks killed by scancel may still be in the kernel's exit path when
+    the epilog looks (seen in the sandbox: state D, PF_EXITING in the flags,
+    cgroup already the root one), so the /dev/shm sweep must not take them
+    for a session of the user's.  A real zombie and a reaped child count as
+    gone; this process does not; the exit path itself is the /proc line the
+    sandbox showed (no way to hold a process there on purpose)."""
+    from slurm_charlie import proc
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    while proc.proc_stat(pid)[0] != "Z":
+        time.sleep(0.01)
+    assert proc.is_exiting(pid)
+    os.waitpid(pid, 0)
+    assert proc.is_exiting(pid)
+    assert not proc.is_exiting(os.getpid())
+    seen = "1 (sh) D 1 21635 21635 0 -1 {} 185 0 0 0 0 0 0 0 20 0 1 0 1930260 0 0"
+    for flags, leaving in ((0x40050C, True), (0x400100, False)):
+        line = seen.format(flags).split(")", 1)[1].split()
+        monkeypatch.setattr(proc, "proc_stat", lambda _pid, line=line: line)
+        assert proc.is_exiting(1) is leaving
+
+
+def test_the_slurmd_a_helper_runs_under():
+    """On a host with several slurmd (the sandbox), a hook helper of another
+    node's slurmd is not this node's business: found by its parents."""
+    import subprocess
+    base = tempfile.mkdtemp(dir="/run", prefix="charlie-slurmd-")
+    try:
+        fake = os.path.join(base, "slurmd")
+        shutil.copy("/bin/sh", fake)
+        parent = subprocess.Popen([fake, "-c", "sleep 30 & echo $!; wait"],
+                                  stdout=subprocess.PIPE, text=True)
+        child = int(parent.stdout.readline())
+        try:
+            while shm_mod._comm(child) != "sleep":  # forked, exec'd soon
+                time.sleep(0.01)
+            assert shm_mod._slurmd_of(child) == parent.pid
+            assert shm_mod._slurmd_of(parent.pid) == parent.pid
+            assert shm_mod._slurmd_of(os.getpid()) is None
+        finally:
+            os.kill(child, 9)
+            parent.wait()
+    finally:
+        shutil.rmtree(base)

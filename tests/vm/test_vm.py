@@ -65,7 +65,7 @@ def test_batch_job_three_guests(cluster, guest):
     assert "PING-OK" in out
     assert "NO-KEY-IN-HOME" in out  # a commit would save it into the image
     ranks = re.findall(r"^rank (\d) of 3 on (chgu\d) sum 3$", out, re.M)
-    assert sorted(ranks) == [("0", "chgu0"), ("1", "chgu1"), ("2", "chgu2")], out
+    assert sorted(ranks) == [("0", "chgu0"), ("1", "chgu1"), ("2", "chgu2")], (out, err)
     uid = subprocess.run(["id", "-u", USER], capture_output=True, text=True).stdout.strip()
     groups = subprocess.run(["id", "-G", USER], capture_output=True, text=True).stdout.split()
     outs = [out] + [saved(wd, job, f"{g}_job.out") for g in (1, 2)]
