@@ -100,6 +100,7 @@ bench: sandbox-up
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/vm.py
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/scale.py
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/vmnet.py
+	PYTHONPATH=tests $(VENV)/bin/python tests/bench/vmsrun.py
 
 docs-gen: venv
 	$(SB) gen options-rst > docs/options.rst

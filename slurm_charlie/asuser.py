@@ -65,7 +65,9 @@ def prepare_as_user(ctx: backends.Context, raw: options.Options,
                          mode=("" if opts.type != "vm" else
                                "interactive" if opts.interactive or not opts.job
                                else "batch"),
-                         user=vm_user if opts.type == "vm" else ())
+                         user=vm_user if opts.type == "vm" else (),
+                         pmi_fence_release=(ctx.cfg["vm.pmi_fence_release"]
+                                            if opts.type == "vm" else None))
     files = meta.render(inp)
     if opts.type == "vm" and ssh:
         files.update(meta.ssh_files(ssh["public"].encode(), ssh["private"].encode(),

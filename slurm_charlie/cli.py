@@ -167,6 +167,18 @@ def cmd_ssh_relay(args: argparse.Namespace) -> int:
     return vmtools.ssh_relay(args.socket, args.address)
 
 
+def cmd_task_relay(args: argparse.Namespace) -> int:
+    from . import taskrelay
+    if not args.task_command:
+        raise UserError("task-relay", "no command to run in the guest")
+    return taskrelay.relay(args.socket, args.task_command)
+
+
+def cmd_task_mux(args: argparse.Namespace) -> int:
+    from . import taskrelay
+    return taskrelay.mux(args.agent_socket, args.tasks_socket, args.status_file)
+
+
 def cmd_guest_go(args: argparse.Namespace) -> int:
     from . import vmtools
     return vmtools.guest_go(os.environ.get("CH_JOB_DIR"))
@@ -285,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("socket")
     sr.add_argument("address")
     sr.set_defaults(func=cmd_ssh_relay)
+    tr = sub.add_parser("task-relay", help="(what the shim makes of each srun "
+                        "task of a VM job) run the task in the node's guest")
+    tr.add_argument("socket")
+    tr.add_argument("task_command", nargs=argparse.REMAINDER, metavar="COMMAND")
+    tr.set_defaults(func=cmd_task_relay)
+    tm = sub.add_parser("task-mux", help="(started by the prolog) carry the node's "
+                        "task relays to its guest's agent")
+    tm.add_argument("agent_socket")
+    tm.add_argument("tasks_socket")
+    tm.add_argument("status_file")
+    tm.set_defaults(func=cmd_task_mux)
     gg = sub.add_parser("guest-go", help="(srun task of a VM batch job, started "
                         "by guest-wait on every node) let the node's guest run the job")
     gg.set_defaults(func=cmd_guest_go)

@@ -83,6 +83,12 @@ DEFAULTS: tuple[Key, ...] = (
         "image's own boot loader)"),
     Key("vm.initrd", "", str, "guest initrd for direct boot (slurm-charlie vm-initrd)"),
     Key("vm.tmp_size_mib", 2048, int, "default size of /ch/tmp in each guest"),
+    Key("vm.pmi_fence_release", 1.0, float,
+        "seconds after which the guest agent releases an srun task from a PMI "
+        "fence that has not ended, holding back its next PMI requests until it "
+        "has (works around Debian 12 MPICH's MPI_Finalize hang between guests; "
+        "0: off; a task's CHARLIE_PMI_FENCE_RELEASE overrides)",
+        rule=lambda v: None if 0 <= v <= 3600 else "not between 0 and 3600 seconds"),
     Key("vm.disk_max_mib", 0, int,
         "most a guest's disks may grow to on a node: its /ch/tmp size plus the "
         "image's virtual size (the overlay's bound); 0: only the free space of "

@@ -45,7 +45,12 @@ SHIM_FILES = {
     "error": "error",           # why the job failed: every task prints it
     "notice": "notice",         # warnings for the batch script's stderr
     "guest_wait": "guest-wait", # VM batch job: the batch step waits for guest 0
+    "guest_tasks": "guest-tasks",  # VM job: the task multiplexer's socket
 }
+
+#: in a task's environment, =1: a VM job's task stays on the host (the shim
+#: does not relay it into the guest)
+ON_HOST_VAR = "CHARLIE_ON_HOST"
 
 _SUBPATHS = {
     "meta": "meta",

@@ -30,6 +30,7 @@ class MetaInput:
     subnet: str = "172.22.0.0/16"
     nameservers: tuple[str, ...] = ()
     mode: str = ""              # VM: "batch" or "interactive"
+    pmi_fence_release: float | None = None  # VM: vm.pmi_fence_release
     #: VM: the job user as the guests create it: name, uid, gid, group name,
     #: then (gid, group name) of every supplementary group
     user: tuple = ()
@@ -74,6 +75,8 @@ def guest_env(inp: MetaInput) -> list[tuple[str, str]]:
     env += [(f"CH_DATA{i}", f"/ch/data{i}") for i in range(1, inp.data_dirs + 1)]
     if inp.mode:
         env.append(("CH_MODE", inp.mode))
+    if inp.pmi_fence_release is not None:
+        env.append(("CH_PMI_FENCE_RELEASE", f"{inp.pmi_fence_release:g}"))
     return env
 
 

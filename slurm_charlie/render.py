@@ -26,7 +26,8 @@ def render_header() -> str:
     from . import layout
     return render("charlie_options.h.j2", options=options.OPTIONS,
                   max_dirs=options.MAX_DIRS, c_str=c_str,
-                  run_dir=layout.RUN_DIR, shim_files=layout.SHIM_FILES)
+                  run_dir=layout.RUN_DIR, shim_files=layout.SHIM_FILES,
+                  on_host_var=layout.ON_HOST_VAR)
 
 
 def render_options_rst() -> str:

@@ -20,7 +20,7 @@ from .proc import run
 
 #: what a guest needs before /ch/opt/boot.sh runs (dependencies are added)
 MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4",
-           "9pnet_virtio", "9p", "button", "evdev")
+           "9pnet_virtio", "9p", "button", "evdev", "virtio_console")
 GUEST_DIR = os.path.join(os.path.dirname(__file__), "guest")
 
 

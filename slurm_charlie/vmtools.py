@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-from . import PROG, config, hostlist, jobenv
+from . import PROG, config, hostlist, jobenv, layout
 from .errors import CharlieError, UserError
 from .layout import read_tail, write_file
 from .proc import is_zombie, run, run_attached, starttime
@@ -52,6 +52,9 @@ class _Follower:
 GO = "go"
 
 
+ON_HOST = layout.ON_HOST_VAR
+
+
 def _this_program() -> str:
     """The slurm-charlie command running now (the path the shim or the user
     started), for the commands it starts on the job's nodes."""
@@ -69,7 +72,7 @@ def release_guests() -> bool:
     if not job or not count:
         return False
     argv = [shutil.which("srun") or "srun", "--overlap", f"-N{count}", f"-n{count}",
-            "--ntasks-per-node=1", "--quiet", "--mpi=none", "--export=ALL",
+            "--ntasks-per-node=1", "--quiet", "--mpi=none", f"--export=ALL,{ON_HOST}=1",
             _this_program(), "guest-go"]
     try:
         p = run(argv, timeout=120, check=False)
@@ -334,7 +337,7 @@ def _console_via_srun(guest: int, what: str = "console",
                         hint=f"guests are 0 .. {len(names) - 1}")
     node = names[guest]
     argv = [shutil.which("srun") or "srun", "--overlap", "-N1", "-n1", "-w", node,
-            "--quiet"]
+            "--quiet", f"--export=ALL,{ON_HOST}=1"]
     if os.isatty(0):
         argv.append("--pty")
     argv += [_this_program(), what, "--job-dir", "-", str(guest), *(command or [])]

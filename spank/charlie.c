@@ -11,7 +11,8 @@
  *              to the task's stderr and fails the task; else exports the
  *              lines of <runtime_root>/<job>/run/task.env (CH_* always,
  *              others only where the task has no value) and, for container
- *              jobs, enters the node's container (run/holder).
+ *              jobs, enters the node's container (run/holder); for VM jobs
+ *              becomes a relay to the guest (run/guest-tasks).
  *
  * plugstack.conf arguments: bin=PATH (slurm-charlie), runtime_root=PATH
  * (as in the site config, %n = node name), conf=PATH (site config, optional).
@@ -485,6 +486,48 @@ static int guest_wait(spank_t sp)
     return -1;
 }
 
+/* VM job (run/guest-tasks, the node's task multiplexer, exists): the task
+ * becomes `slurm-charlie task-relay SOCKET ARGV...`, which runs ARGV in the
+ * node's guest with the task's environment, stdio, PMI_FD, signals and exit
+ * status.  Not the batch script, not the extern step, and not a task whose
+ * environment says CHARLIE_ON_HOST=1.  Returns only on failure. */
+static int guest_task(spank_t sp)
+{
+    char path[PATH_MAX], flag[8];
+    char **env = NULL, **targv = NULL, **argv;
+    uint32_t step = 0;
+    int targc = 0, i;
+
+    if (is_batch_step(sp) ||
+        spank_get_item(sp, S_JOB_STEPID, &step) != ESPANK_SUCCESS ||
+        step == SLURM_EXTERN_CONT)
+        return 0;
+    if (job_file(sp, CHARLIE_RUN_GUEST_TASKS, path, sizeof(path)) < 0 ||
+        access(path, F_OK) < 0)
+        return 0;
+    if (spank_getenv(sp, CHARLIE_ON_HOST_VAR, flag, sizeof(flag)) == ESPANK_SUCCESS &&
+        strcmp(flag, "1") == 0)
+        return 0;
+    if (spank_get_item(sp, S_JOB_ARGV, &targc, &targv) != ESPANK_SUCCESS || targc < 1) {
+        fprintf(stderr, PFX ": error: no command for the guest\n");
+        return -1;
+    }
+    if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || env == NULL)
+        env = environ;
+    if ((argv = calloc((size_t)targc + 4, sizeof(*argv))) == NULL)
+        return -1;
+    argv[0] = cfg.bin;
+    argv[1] = "task-relay";
+    argv[2] = path;
+    for (i = 0; i < targc; i++)
+        argv[3 + i] = targv[i];
+    fflush(NULL);
+    execve(cfg.bin, argv, env);
+    fprintf(stderr, PFX ": error: cannot run %s task-relay: %s\n", cfg.bin, strerror(errno));
+    free(argv);
+    return -1;
+}
+
 /* Runs in every task (the batch script too), as the user, after slurmstepd
  * has set the task's environment (so SLURMD_NODENAME is this node's). */
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
@@ -537,5 +580,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         rv = -1;
     if (rv == 0 && is_batch_step(sp))
         rv = guest_wait(sp);
+    if (rv == 0)
+        rv = guest_task(sp);
     return rv;
 }

@@ -12,6 +12,9 @@
 #define CHARLIE_RUN_ERROR "error"
 #define CHARLIE_RUN_NOTICE "notice"
 #define CHARLIE_RUN_GUEST_WAIT "guest-wait"
+#define CHARLIE_RUN_GUEST_TASKS "guest-tasks"
+/* in a task's environment, =1: a VM job's task stays on the host */
+#define CHARLIE_ON_HOST_VAR "CHARLIE_ON_HOST"
 
 struct charlie_opt {
     const char *name;      /* without --, as registered with Slurm */

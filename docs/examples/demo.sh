@@ -32,10 +32,9 @@ runuser -u "$user" -- env SLURM_CONF="$SLURM_CONF" sh -c \
 
 echo
 echo "== MPI in containers: building a small MPICH image (busybox + an allreduce program)"
-"$here/../../.venv/bin/python" - "$work/mpi-image" "$here/../../tests/cluster" <<'PY'
+PYTHONPATH="$here/../../tests" "$here/../../.venv/bin/python" - "$work/mpi-image" <<'PY'
 import sys
-sys.path.insert(0, sys.argv[2])
-from conftest import build_mpi_image
+from helpers.cluster import build_mpi_image
 build_mpi_image(sys.argv[1])
 PY
 cat > "$work/mpi-job.sh" <<'JOB'
@@ -62,3 +61,12 @@ echo "\$ sbatch -N3 --charlie-image=image.qcow2 --charlie-job=mpihello.sh --char
 runuser -u "$user" -- env SLURM_CONF="$SLURM_CONF" sh -c \
   "cd '$work' && sbatch -N3 --charlie-image=image.qcow2 --charlie-job=mpihello.sh --charlie-dir=data --wait -o vm.out --wrap true"
 cat "$work/vm.out"
+
+echo
+echo "== srun in VMs: the batch script on the host, every task in its node's guest"
+cp "$here/vm-srun.sh" "$work/"
+chown -R "$user:" "$work"
+echo "\$ sbatch -N3 --ntasks-per-node=2 --charlie-image=image.qcow2 --charlie-dir=data --wait -o vm-srun.out vm-srun.sh   (as $user)"
+runuser -u "$user" -- env SLURM_CONF="$SLURM_CONF" sh -c \
+  "cd '$work' && sbatch -N3 --ntasks-per-node=2 --charlie-image=image.qcow2 --charlie-dir=data --wait -o vm-srun.out vm-srun.sh"
+sort "$work/vm-srun.out"

@@ -8,5 +8,5 @@ fi
 echo "Are we running on all nodes?"
 for g in $(cat /ch/meta/guests); do ssh "$g" hostname; done
 echo "Can we do MPI?"
-# Open MPI in the test guest (see docs/developer.rst for why not MPICH)
-mpirun -hostfile /ch/meta/hostfile.openmpi -np "$CH_GUEST_COUNT" /usr/local/bin/mpi_allreduce | sort
+# Open MPI over ssh (the test guest has MPICH too, for srun --mpi=pmi2)
+mpirun.openmpi -hostfile /ch/meta/hostfile.openmpi -np "$CH_GUEST_COUNT" /usr/local/bin/mpi_allreduce | sort

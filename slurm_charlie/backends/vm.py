@@ -38,6 +38,8 @@ from . import Backend, Context
 
 GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guest")
 WAIT_MARKER = layout.SHIM_FILES["guest_wait"]
+TASKS_SOCKET = layout.SHIM_FILES["guest_tasks"]  # the shim relays tasks when it exists
+AGENT_PORT = "org.slurm-charlie.tasks"  # the virtio-serial port's name (guest/agent.py)
 #: the guest's second NIC: QEMU user-mode networking, restricted (no way
 #: out), only for the ssh port forward from the node's loopback
 HOST_NIC_MAC = "52:56:00:00:00:02"
@@ -508,6 +510,8 @@ class VMBackend(Backend):
                 "record": f"{r}/{n}.qemu", "qemu_log": f"{ctx.paths.out}/{n}_qemu.log",
                 "console_log": f"{ctx.paths.out}/{n}_console.out",
                 "ready": f"{ctx.paths.meta}/sync/{n}.ready",
+                "agent": f"{r}/{n}.agent", "agent_status": f"{ctx.paths.meta}/sync/{n}.agent",
+                "tasks": f"{r}/{TASKS_SOCKET}",
                 "down": f"{ctx.paths.meta}/sync/{n}.down"}
 
     def argv(self, ctx: Context, cache: str, fmt: str,
@@ -544,6 +548,11 @@ class VMBackend(Backend):
                 "-chardev", f"socket,id=con0,path={p['console']},server=on,wait=off,"
                 f"logfile={p['console_log']},logappend=on",
                 "-serial", "chardev:con0",
+                # srun tasks: the guest's agent on a virtio-serial port, the
+                # node's task multiplexer on QEMU's unix socket for it
+                "-device", "virtio-serial-pci,id=vser0",
+                "-chardev", f"socket,id=tasks,path={p['agent']},server=on,wait=off",
+                "-device", f"virtserialport,bus=vser0.0,chardev=tasks,name={AGENT_PORT}",
                 "-qmp", f"unix:{p['qmp']},server=on,wait=off"]
         shares = [("meta", ctx.paths.meta, True), ("sync", f"{ctx.paths.meta}/sync", False),
                   ("out", ctx.paths.out, False), ("opt", GUEST_DIR, True)]
@@ -661,6 +670,8 @@ class VMBackend(Backend):
             time.sleep(0.1)
         if net_facts.get("relay_netns"):
             self._start_relay(ctx, str(net_facts["relay_netns"]), guest_ips[n])
+        if not info["batch"]:
+            self._start_mux(ctx)
         if info["batch"] and n == 0:
             call_as(ctx.user, write_file, os.path.join(ctx.paths.run, WAIT_MARKER), "0\n",
                     0o600)
@@ -703,6 +714,36 @@ class VMBackend(Backend):
         log.warning("guest %d: the ssh relay did not start (see out/%d_relay.log); "
                     "slurm-charlie ssh will not reach this guest", n, n)
 
+    def _start_mux(self, ctx: Context) -> None:
+        """The node's task multiplexer (as the user): srun tasks reach the
+        guest's agent through it.  Without it no step could run, so a
+        multiplexer that does not come up fails the job."""
+        n, p = ctx.guest_id, self._paths(ctx)
+        argv = [sys.executable, "-m", "slurm_charlie.cli", "task-mux", p["agent"], p["tasks"],
+                p["agent_status"]]
+        fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, f"{n}_mux.log")
+        if fd is None:
+            raise UserError("job directory", "cannot open", f"{ctx.paths.out}/{n}_mux.log",
+                            hint="was out/ changed while the job started?")
+        try:
+            proc, rec = privileged.spawn(ctx.user, argv, fd, "mux")
+        finally:
+            os.close(fd)
+        ctx.spawned(rec)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            if layout.lstat_in_job(ctx.paths, "run", TASKS_SOCKET) is not None:
+                log.info("guest %d: srun tasks through %s", n, p["tasks"])
+                return
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()  # our own child, not yet reaped: the pid is still it
+        proc.wait()
+        log_tail = call_as(ctx.user, read_tail, f"{ctx.paths.out}/{n}_mux.log", 5, limit=30)
+        raise UserError(f"guest {n}", "the task multiplexer did not start",
+                        log_tail.strip().splitlines()[-1] if log_tail.strip() else None,
+                        hint=f"see out/{n}_mux.log in the job directory")
+
     def _stop_relay(self, ctx: Context, record: Any) -> None:
         relay = record.proc("relay") if record is not None else None
         if relay is None:  # no record: the user's relay that names this job dir
@@ -717,9 +758,17 @@ class VMBackend(Backend):
         return _sweep(ctx, "qemu", (f"charlie-{ctx.job_id}-chgu".encode(),
                                     ctx.paths.run.encode()))
 
+    def _stop_mux(self, ctx: Context, record: Any) -> None:
+        mux = record.proc("mux") if record is not None else None
+        if mux is None:  # no record: the user's multiplexer that names this job dir
+            mux = _sweep(ctx, "mux", (f"task-mux\0{ctx.paths.run}/".encode(),))
+        if mux is not None and privileged.alive(mux):
+            privileged.stop_process(mux, 2, ctx.cfg["timeouts.kill"])
+
     def stop(self, ctx: Context, record: Any) -> None:
         cfg = ctx.cfg
         self._stop_relay(ctx, record)
+        self._stop_mux(ctx, record)
         facts = record.facts if record is not None else {}
         qemu = record.proc("qemu") if record is not None else self._sweep_qemu(ctx)
         n = facts.get("guest") if type(facts.get("guest")) is int else ctx.guest_id

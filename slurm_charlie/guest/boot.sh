@@ -197,6 +197,17 @@ done
     sleep 1
 done) &
 
+# srun tasks (docs/vm.rst): the agent on the virtio-serial port; the image
+# needs python3 (3.9 or later) for it.  What happened goes to sync/N.agent,
+# which the host shows a task when there is no agent.
+if python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
+    python3 /ch/opt/agent.py "$GUEST" &
+    echo "started" > $SYNC/$GUEST.agent
+else
+    echo "the image has no python3 3.9 or later: srun cannot run tasks in guest $GUEST; install python3 in the image" > $SYNC/$GUEST.agent
+    log "no python3 (3.9 or later) in the image: srun cannot run tasks here"
+fi
+
 NOW=$(cut -d' ' -f1 /proc/uptime)
 echo "$NOW" > $SYNC/$GUEST.ready
 log "guest $GUEST ready (${NOW}s after kernel start)"

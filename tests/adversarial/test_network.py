@@ -152,6 +152,36 @@ def test_no_tcp_port_on_the_node_ssh_through_the_job_directory(cluster, vm_job):
     assert p.returncode == 0 and p.stdout.strip() == "chgu1", (p.stdout, p.stderr)
 
 
+def test_the_user_killing_their_task_multiplexer_costs_only_their_steps(cluster, vm_job):
+    """srun reaches the guest through the user's own multiplexer: killed, the
+    next step on that node fails with a message that says what happened,
+    and the node stays in service (the last test checks the epilog)."""
+    job = vm_job
+    wd = cluster.workdir("adv-mux")
+    step = ["srun", f"--jobid={job}", "--overlap", "-N1", "-n1", "-w", "node1", "hostname"]
+    p = cluster.as_user(step, wd)
+    assert p.returncode == 0 and p.stdout.strip() == "chgu0", (p.stdout, p.stderr)
+    uid = int(cluster.run(["id", "-u", USER]).stdout)
+    muxes = []
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"task-mux" in cmd and any(f"/{job}/run/".encode() in c for c in cmd):
+            muxes.append(int(pid))
+    assert len(muxes) == 2, muxes  # one per node of the job
+    for pid in muxes:
+        os.kill(pid, 9)
+    p = cluster.as_user(step, wd)
+    assert p.returncode != 0
+    assert "cannot reach the guest's task agent" in p.stderr, p.stderr
+    assert "CHARLIE_ON_HOST=1" in p.stderr  # the way to run a step anyway
+    assert "drain" not in cluster.sb.node_states()["node1"]
+
+
 def test_the_user_killing_their_relay_costs_only_their_ssh(cluster, vm_job):
     """The relay is the user's own process: killing it leaves the job's ssh
     without a way in, and nothing else -- the epilog finds it gone, removes

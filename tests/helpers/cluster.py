@@ -51,9 +51,9 @@ class Cluster:
         shutil.chown(path, USER, USER)
         return path
 
-    def sbatch(self, cwd, args, env=None):
+    def sbatch(self, cwd, args, env=None, timeout=120):
         """sbatch --wait as the user; returns (proc, jobid or None)."""
-        p = self.as_user(["sbatch", "--wait", "--no-requeue", *args], cwd, env)
+        p = self.as_user(["sbatch", "--wait", "--no-requeue", *args], cwd, env, timeout)
         m = re.search(r"Submitted batch job (\d+)", p.stdout)
         return p, (m.group(1) if m else None)
 

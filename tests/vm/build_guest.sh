@@ -1,17 +1,21 @@
 #!/bin/sh
 # Build the test guest under DIR (make guest): Debian's kernel, slurm-charlie's
-# initrd, and a qcow2 root disk (debootstrap minbase + Open MPI + OpenSSH +
-# the test programs).  Open MPI, not MPICH, in the guests: Debian 12's MPICH
-# (UCX netmod) hangs in MPI_Finalize over TCP in about one run in seven (one
-# rank waits in its UCX disconnect for peers already blocked in the PMI
-# barrier); Open MPI's ob1/tcp path does not (docs/developer.rst).  Each part is rebuilt only when missing.  Root, network to
+# initrd, and a qcow2 root disk (debootstrap minbase + python3 for the task
+# agent + MPICH for srun --mpi=pmi2 + Open MPI for mpirun over ssh + OpenSSH
+# + the test programs, built for both MPIs: NAME and NAME.mpich).  Open MPI
+# keeps its ob1/TCP path between guests (docs/developer.rst).  Each part is
+# rebuilt only when missing or when GUEST_VERSION changes.  Root, network to
 # the Debian mirror the machine already uses.
 set -eu
 DIR=$1
 SB=$2
 SRC=$(cd "$(dirname "$0")/.." && pwd)
+GUEST_VERSION=3  # raise when the root disk's contents change
 mkdir -p "$DIR"
 cd "$DIR"
+if [ "$(cat guest.version 2>/dev/null)" != "$GUEST_VERSION" ]; then
+    rm -f guest.qcow2 guest-boot.qcow2
+fi
 . /etc/os-release
 mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1)
 [ -n "$mirror" ] || mirror=$(awk '$1=="deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
@@ -27,14 +31,15 @@ if [ ! -e vmlinuz ]; then
     rm -f ./*.deb
     cp "kernel/boot/vmlinuz-$kv" vmlinuz.tmp && mv vmlinuz.tmp vmlinuz
 fi
-if [ ! -e initrd.img ] || [ "$SRC/../slurm_charlie/guest/initrd-init" -nt initrd.img ]; then
+if [ ! -e initrd.img ] || [ "$SRC/../slurm_charlie/guest/initrd-init" -nt initrd.img ] \
+        || [ "$SRC/../slurm_charlie/vmbuild.py" -nt initrd.img ]; then
     "$SB" vm-initrd --modules kernel/lib/modules/* --out initrd.img
 fi
 if [ ! -e guest.qcow2 ]; then
     rm -rf rootfs
     echo "guest root: debootstrap $VERSION_CODENAME from $mirror"
     debootstrap --variant=minbase \
-        --include=openmpi-bin,openssh-server,openssh-client,iproute2,iputils-ping,procps \
+        --include=openmpi-bin,mpich,python3,openssh-server,openssh-client,iproute2,iputils-ping,procps \
         "$VERSION_CODENAME" rootfs "$mirror" > debootstrap.log 2>&1 \
         || { tail -20 debootstrap.log; exit 1; }
     rm -f rootfs/etc/ssh/ssh_host_*   # guests get the job's key from meta
@@ -47,9 +52,9 @@ btl_tcp_if_include = eth0
 oob_tcp_if_include = eth0
 MCA
     rm -rf rootfs/var/cache/apt/archives/*.deb rootfs/var/lib/apt/lists/*
-    for c in "$SRC"/cluster/src/mpi_allreduce.c "$SRC"/vm/src/*.c; do
-        [ -e "$c" ] || continue
+    for c in "$SRC"/helpers/src/mpi_allreduce.c "$SRC"/helpers/src/pingpong.c; do
         mpicc.openmpi -O2 -o "rootfs/usr/local/bin/$(basename "$c" .c)" "$c"
+        mpicc.mpich -O2 -o "rootfs/usr/local/bin/$(basename "$c" .c).mpich" "$c"
     done
     mkdir -p rootfs/ch/meta rootfs/ch/opt rootfs/ch/tmp rootfs/ch/data1 \
         rootfs/ch/data2 rootfs/ch/data3 rootfs/ch/data4
@@ -60,6 +65,7 @@ MCA
     rm -f guest.raw
     rm -rf rootfs
     mv guest.qcow2.tmp guest.qcow2
+    echo "$GUEST_VERSION" > guest.version
 fi
 # the same guest booting through its own boot loader (extlinux on the whole
 # disk, a kernel and slurm-charlie's initrd inside the image): vm.kernel unset

@@ -39,7 +39,7 @@ touch /ch/meta/probe 2>/dev/null || echo META-READONLY
 if [ "$CH_GUEST_ID" = 0 ]; then
     for g in $(cat /ch/meta/guests); do echo "SSH $(ssh $g hostname)"; done
     ping -c 1 -W 5 chgu2 >/dev/null && echo PING-OK
-    mpirun -hostfile /ch/meta/hostfile.openmpi -np "$CH_GUEST_COUNT" /usr/local/bin/mpi_allreduce
+    mpirun.openmpi -hostfile /ch/meta/hostfile.openmpi -np "$CH_GUEST_COUNT" /usr/local/bin/mpi_allreduce
     echo "guest 0 stderr" >&2
 fi
 """
@@ -458,3 +458,103 @@ def test_qemu_runs_inside_the_jobs_cgroup(cluster, guest):
     assert not os.path.exists(f"/sys/fs/cgroup/memory/slurm_node3/uid_{uid}/job_{job}")
     log = open(os.path.join(cluster.sb.state, "log", "charlie-node3.log")).read()
     assert re.search(rf"job {job}: info: in the job's cgroup, QEMU used [\d.]+ s CPU", log)
+
+
+SRUN_JOB = r"""#!/bin/sh
+echo "BATCH $(hostname)"
+cd "$1"
+srun -N3 -n6 sh -c 'echo "TASK $SLURM_PROCID $(hostname) $(uname -r) $(id -un) $(pwd) $CH_GUEST_ID"'
+echo "STEP-RC $?"
+srun -N1 -n1 sh -c 'echo "to stderr" >&2; exit 5'
+echo "FAIL-RC $?"
+echo "via stdin" | srun -N1 -n1 cat
+CHARLIE_ON_HOST=1 srun -N1 -n1 hostname | sed s/^/ONHOST-/
+srun -N1 -n1 /no/such/program
+echo "MISSING-RC $?"
+srun -N1 -n1 sh -c 'trap "echo GOT-USR1; exit 3" USR1; touch waiting; while :; do sleep 0.2; done' &
+pid=$!
+while [ ! -e waiting ]; do sleep 0.2; done
+kill -USR1 $pid
+wait $pid
+echo "SIGNAL-RC $?"
+"""
+
+
+def test_srun_tasks_run_in_the_guests(cluster, guest):
+    """The batch script stays on the host; every srun task runs in its
+    node's guest, as the user, in the share where the host had its working
+    directory; exit codes, stderr and stdin come back."""
+    wd = cluster.workdir("vm-srun")
+    img = image_copy(cluster, guest, wd)
+    share = os.path.join(wd, "data")
+    os.mkdir(share)
+    shutil.chown(share, USER, USER)
+    cluster.write(os.path.join(wd, "job.sh"), SRUN_JOB)
+    p, job = cluster.sbatch(wd, ["-N3", "--ntasks-per-node=2", "-o", "out", "-e", "err",
+                                 f"--charlie-image={img}", "--charlie-dir=data",
+                                 "job.sh", share])
+    assert job, p.stderr
+    out, err = open(os.path.join(wd, "out")).read(), open(os.path.join(wd, "err")).read()
+    assert p.returncode == 0, (out, err)
+    assert "BATCH node1" in out, out
+    host_kernel = os.uname().release
+    tasks = sorted(re.findall(r"^TASK (\d) (\S+) (\S+) (\S+) (\S+) (\d)$", out, re.M))
+    assert [(t[0], t[1], t[3], t[4], t[5]) for t in tasks] == [
+        (str(i), f"chgu{i // 2}", USER, "/ch/data1", str(i // 2)) for i in range(6)], out
+    assert all(t[2] != host_kernel for t in tasks), (host_kernel, out)
+    assert "STEP-RC 0" in out and "FAIL-RC 5" in out, out
+    assert "to stderr" in err
+    assert "via stdin" in out
+    assert "ONHOST-node1" in out, out
+    assert "MISSING-RC 127" in out and "cannot run /no/such/program in guest chgu0" in err
+    assert "GOT-USR1" in out and "SIGNAL-RC 3" in out, out  # srun's signal, in the guest
+    assert_clean(cluster, job)
+
+
+MPICH_RUNS = 20
+MPICH_JOB = r"""#!/bin/sh
+ok=0
+for i in $(seq 1 %d); do
+    if timeout 120 srun --mpi=pmi2 -N3 -n6 /usr/local/bin/mpi_allreduce.mpich > run.$i 2>&1 \
+        && [ "$(grep -c ' of 6 on chgu. sum 6$' run.$i)" = 6 ]; then
+        ok=$((ok + 1))
+    else
+        echo "RUN $i FAILED"; cat run.$i
+    fi
+done
+echo "MPICH-OK $ok"
+""" % MPICH_RUNS
+
+
+def test_srun_mpich_over_pmi2_in_guests(cluster, guest):
+    """MPICH ranks in the guests wire up through Slurm's own PMI2 server
+    (the relay carries PMI_FD): 3 guests x 2 ranks, every run correct."""
+    wd = cluster.workdir("vm-mpich")
+    img = image_copy(cluster, guest, wd)
+    cluster.write(os.path.join(wd, "job.sh"), MPICH_JOB)
+    p, job = cluster.sbatch(wd, ["-N3", "--ntasks-per-node=2", "-o", "out", "-e", "err",
+                                 f"--charlie-image={img}", "job.sh"], timeout=MPICH_RUNS * 150)
+    assert job, p.stderr
+    out, err = open(os.path.join(wd, "out")).read(), open(os.path.join(wd, "err")).read()
+    assert f"MPICH-OK {MPICH_RUNS}" in out, (out, err)
+    assert p.returncode == 0, (out, err)
+    assert_clean(cluster, job)
+
+
+def test_scancel_while_a_step_runs_in_the_guests(cluster, guest):
+    wd = cluster.workdir("vm-srun-cancel")
+    img = image_copy(cluster, guest, wd)
+    share = os.path.join(wd, "data")
+    os.mkdir(share)
+    shutil.chown(share, USER, USER)
+    b = cluster.as_user(["sbatch", "--no-requeue", "-N3", "--ntasks-per-node=2", "-o", "out",
+                         f"--charlie-image={img}", "--charlie-dir=data", "--wrap",
+                         "cd data && srun -N3 -n6 sh -c 'touch started.$SLURM_PROCID; "
+                         "exec sleep 300'"], wd)
+    job = re.search(r"Submitted batch job (\d+)", b.stdout).group(1)
+    wait_for(lambda: len([f for f in os.listdir(share) if f.startswith("started.")]) == 6,
+             "six tasks running in the guests", BOOT_TIMEOUT)
+    cluster.run(["scancel", job], check=True)
+    assert_clean(cluster, job)
+    for node in ("node1", "node2", "node3"):
+        assert "drain" not in cluster.sb.node_states()[node]
