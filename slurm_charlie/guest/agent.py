@@ -54,6 +54,14 @@ def job_user(path="/ch/meta/user"):
     return name, int(uid), int(gid), groups, f"/home/{name}"
 
 
+def read_small(path):
+    try:
+        with open(path) as f:
+            return f.read(200).strip()
+    except OSError:
+        return ""
+
+
 def guest_env(path="/ch/meta/env"):
     """The CH_* variables every guest has (meta/env, shell-quoted)."""
     env = {}
@@ -185,6 +193,10 @@ class Task:
         env.update(self.agent.ch_env)
         env.update({"HOME": home, "USER": name, "LOGNAME": name, "PATH": GUEST_PATH,
                     "CH_GUEST_ID": self.agent.guest})
+        if "UCX_NET_DEVICES" not in env and self.agent.job_iface:
+            # the job network, not the host-only link a multicast-network
+            # guest also has (same 10.0.2.15 in every guest)
+            env["UCX_NET_DEVICES"] = self.agent.job_iface
         if not os.path.isdir(env.get("TMPDIR", "/tmp")):
             env["TMPDIR"] = "/tmp"
         env.pop("PMI_FD", None)
@@ -248,6 +260,7 @@ class Agent:
         self.user = job_user(os.path.join(meta, "user"))
         self.ch_env = guest_env(os.path.join(meta, "env"))
         self.tasks, self.lock = {}, threading.Lock()
+        self.job_iface = read_small("/run/charlie/job-iface")
 
     def forget(self, channel):
         with self.lock:

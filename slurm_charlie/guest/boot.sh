@@ -108,6 +108,7 @@ if [ -n "$IFACE" ]; then
             dev $IFACE nud permanent
     done < /ch/meta/guest-macs
     log "network: $IFACE $MAC $ADDR, $(($(wc -l < /ch/meta/guest-macs) - 1)) neighbours"
+    echo "$IFACE" > /run/charlie/job-iface   # the task agent points UCX at it
 else
     log "no network interface with MAC $MAC"
 fi
