@@ -62,6 +62,11 @@ DEFAULTS: tuple[Key, ...] = (
     Key("container.cache_dir", "/var/cache/slurm-charlie/%n", str,
         "node-local cache of unpacked container images (one directory per "
         "user); same safety rule as runtime_root", rule=_absolute),
+    Key("container.squashfs", "mount", str,
+        "squashfs images: 'mount' (ch-run mounts the file itself, per job, through "
+        "FUSE as the user: nothing unpacked; needs /dev/fuse usable by users, else "
+        "the image is unpacked) or 'unpack' (into the per-user node cache)",
+        rule=lambda v: None if v in ("mount", "unpack") else "not 'mount' or 'unpack'"),
     Key("container.cache_max_mib", 51200, int,
         "size bound of each user's unpacked-image cache on a node; least "
         "recently used images no running job uses are removed beyond it"),

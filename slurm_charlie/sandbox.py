@@ -20,6 +20,7 @@ import pwd
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -370,12 +371,34 @@ class Sandbox:
         os.makedirs(self.state, mode=0o755, exist_ok=True)
         os.chmod(self.state, 0o755)
         self.write_files()
+        self.fuse_as_on_a_host()
         self.start_munge()
         self.net_up()
         self.start_slurm()
         for n in self.nodes:  # a node drained by an earlier run comes back
             _run(["scontrol", "update", f"NodeName={n.name}", "State=RESUME"],
                  check=False, env=self._env())
+
+    FUSE = "/dev/fuse"
+
+    def fuse_as_on_a_host(self) -> None:
+        """/dev/fuse is 0600 on the machines this is tested on, 0666 on a real
+        host (users mount squashfs images through it); set it so for the
+        sandbox's life and put the old mode back at down."""
+        try:
+            mode = stat.S_IMODE(os.stat(self.FUSE).st_mode)
+        except OSError:
+            return
+        keep = self._p("fuse-mode")
+        if not os.path.exists(keep):
+            self._write(keep, f"{mode:o}\n")
+        os.chmod(self.FUSE, 0o666)
+
+    def _fuse_back(self) -> None:
+        try:
+            os.chmod(self.FUSE, int(open(self._p("fuse-mode")).read().strip(), 8))
+        except (OSError, ValueError):
+            pass
 
     def set_hooks(self, mode: str) -> None:
         """Switch slurm-charlie (Prolog/Epilog and the shim) "on", "off" or to
@@ -415,6 +438,7 @@ class Sandbox:
             name = link.split(":")[1].strip().split("@")[0]
             if name == BRIDGE or (name.startswith("chsbx") and name.endswith("h")):
                 _run(["ip", "link", "delete", name], check=False)
+        self._fuse_back()
         shutil.rmtree(self.state, ignore_errors=True)
         left = self.leftovers()
         if left:

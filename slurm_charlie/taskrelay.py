@@ -132,6 +132,13 @@ class Mux:
             self.next_channel += 1
             self.conns[channel] = conn
             self.conn_locks[channel] = threading.Lock()
+        try:  # the relay's OPEN first: a socket closed with unread data resets
+            first = wire.read_frame(conn.recv)
+        except OSError:
+            first = None
+        if first is None:
+            self.drop(channel, tell_guest=False)
+            return
         status = _read_small(self.status_file)  # boot.sh wrote it before "ready"
         if not self.hello.is_set() and status and status != "started":
             self.refuse(channel, f"the guest's task agent is not running ({status})")
@@ -141,15 +148,18 @@ class Mux:
                         f"answer in {HELLO_WAIT:g} s; see the guest's console)")
             return
         read = conn.recv
+        frame = first
         while True:
-            try:
-                frame = wire.read_frame(read)
-            except OSError:
-                frame = None
+            if frame is None:
+                try:
+                    frame = wire.read_frame(read)
+                except OSError:
+                    frame = None
             if frame is None:
                 self.drop(channel, tell_guest=True)  # the relay died: kill the task
                 return
             _, kind, payload = frame
+            frame = None
             if kind in (wire.OPEN, wire.STDIN, wire.STDIN_EOF, wire.SIGNAL, wire.PMI):
                 self.to_guest(channel, kind, payload)
 
@@ -217,7 +227,12 @@ def relay(sock_path: str, argv: list[str]) -> int:
               "CHARLIE_ON_HOST=1 runs a step on the host instead", file=sys.stderr)
         return 1
     lock = threading.Lock()
-    _send(s, lock, 0, wire.OPEN, json.dumps(spec).encode())
+    try:
+        _send(s, lock, 0, wire.OPEN, json.dumps(spec).encode())
+    except OSError as e:
+        print(f"{PROG}: error: the guest's task agent went away ({e.strerror})",
+              file=sys.stderr)
+        return 1
 
     def forward(sig: int, _frame: object) -> None:
         try:
@@ -233,7 +248,10 @@ def relay(sock_path: str, argv: list[str]) -> int:
         _pipe_in(pmi, s, lock, wire.PMI, None)
     status = 1
     while True:
-        frame = wire.read_frame(s.recv)
+        try:
+            frame = wire.read_frame(s.recv)
+        except OSError:
+            frame = None
         if frame is None:
             print(f"{PROG}: error: the guest's task agent went away", file=sys.stderr)
             break

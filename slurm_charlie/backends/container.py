@@ -25,7 +25,7 @@ from ..errors import NodeFault, UserError
 from ..options import Options
 from .. import config, images, layout, privileged, unpack
 from ..meta import MOUNT_POINTS
-from ..proc import call_as, fd_targets, log, run
+from ..proc import call_as, fd_targets, log, run, starttime
 from . import Backend, Context
 
 HOLDER_FIFO = ".holder"
@@ -56,6 +56,40 @@ def check_image_dir(image: str, write: bool, ndirs: int) -> None:
     if write and not os.access(image, os.W_OK):
         raise UserError("--charlie-write", "image directory not writable by you",
                         image, hint="drop --charlie-write, or use an image you own")
+
+
+SQUASHFS_MOUNT = "squashfs"  # in run/: where ch-run mounts a squashfs image (its namespace only)
+
+
+def fuse_unusable(dev: str = "/dev/fuse") -> str | None:
+    """Why the job user cannot mount through FUSE here (None: they can)."""
+    try:
+        st = os.stat(dev)
+    except OSError:
+        return f"{dev} missing (modprobe fuse)"
+    if st.st_mode & 0o006 != 0o006:
+        return f"{dev} is mode {st.st_mode & 0o777:o}, not usable by users (chmod 0666 {dev})"
+    return None
+
+
+def check_squashfs(image: str, ndirs: int, mount_dir: str) -> None:
+    """As the user: the squashfs image has our mount points (listed, not
+    unpacked; a missing /bin/sh shows in the holder's log, as /bin may be a
+    link), and the mount point for ch-run exists."""
+    wanted = list(MOUNT_POINTS[:1 + ndirs])
+    p = run(["unsquashfs", "-lc", image, *wanted], timeout=60, check=False)
+    if p.returncode != 0:
+        raise UserError("--charlie-image", "not a readable squashfs image", image,
+                        p.stderr.decode(errors="replace").strip()[-200:] or None)
+    found = {line.split("/", 1)[1] for line in p.stdout.decode(errors="replace").splitlines()
+             if "/" in line}
+    missing = [m for m in wanted if m not in found]
+    if missing:
+        raise UserError("--charlie-image", "image lacks mount points "
+                        + ", ".join("/" + m for m in missing), image,
+                        hint="rebuild the squashfs from a directory with them: mkdir -p "
+                        "DIR/ch/meta DIR/ch/data1 ... DIR/ch/data4; mksquashfs DIR IMAGE")
+    os.makedirs(mount_dir, mode=0o700, exist_ok=True)
 
 
 LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib64",
@@ -141,10 +175,20 @@ class ContainerBackend(Backend):
 
     # -- prolog ---------------------------------------------------------------
     def _unpacked(self, ctx: Context) -> dict[str, Any]:
-        """For an archive: unpack (or reuse) it in the user's node cache."""
+        """For an archive: unpack (or reuse) it in the user's node cache; a
+        squashfs file is mounted by ch-run itself where FUSE allows it."""
         kind, fmt = call_as(ctx.user, images.detect, ctx.opts.image)
         if fmt == "directory":
             return {"image_dir": ctx.opts.image}
+        if fmt == "squashfs" and ctx.cfg["container.squashfs"] == "mount":
+            why = fuse_unusable()
+            if why is None:
+                mnt = os.path.join(ctx.paths.run, SQUASHFS_MOUNT)
+                call_as(ctx.user, check_squashfs, ctx.opts.image, len(ctx.opts.dir), mnt)
+                log.info("image %s: mounted by ch-run at %s (nothing unpacked)",
+                         ctx.opts.image, mnt)
+                return {"image_dir": ctx.opts.image, "squashfs_mount": mnt}
+            log.warning("image %s: unpacked, not mounted: %s", ctx.opts.image, why)
         cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
         user_cache = layout.create_user_dir(cache, ctx.user.uid, ctx.user.gid)
         got = call_as(ctx.user, unpack.unpack, ctx.opts.image, fmt, user_cache,
@@ -179,6 +223,8 @@ class ContainerBackend(Backend):
             argv += ["-b", f"{d}:/ch/data{i}"]
         for bind in ctx.cfg["container.binds"]:
             argv += ["-b", bind]
+        if image.get("squashfs_mount"):
+            argv += ["-m", image["squashfs_mount"]]
         argv += [image["image_dir"], "--", "/bin/sh", "-c", HOLDER_SCRIPT]
         log.info("starting holder as %s: %s", ctx.user, " ".join(argv))
         holder_log = os.path.join(ctx.paths.out, "holder.log")
@@ -211,8 +257,11 @@ class ContainerBackend(Backend):
                 raise UserError("container", f"ch-run exited with {proc.returncode}",
                                 text.splitlines()[-1] if text else None,
                                 hint=f"{holder_log} has ch-run's output")
-            mnt = _ns_inode(proc.pid, "mnt")
-            if mnt and mnt != host_mnt and _in_read(proc.pid):
+            # a squashfs image: ch-run stays as the FUSE server and the
+            # holder's sh is its child, in namespaces of its own
+            holder = _only_child(proc.pid) if image.get("squashfs_mount") else proc.pid
+            mnt = _ns_inode(holder, "mnt") if holder else None
+            if holder and mnt and mnt != host_mnt and _in_read(holder):
                 break
             time.sleep(0.005)
         else:
@@ -223,16 +272,20 @@ class ContainerBackend(Backend):
                             hint="the image's /bin/sh must be a POSIX shell that "
                             "runs `exec 3<>FILE; read -r _ <&3`")
         # ch-run has exec'd the image's /bin/sh by now: record that program
-        rec = dataclasses.replace(rec, mntns=mnt or 0,
-                                  exe=privileged.exe_of(proc.pid) or rec.exe)
+        if holder != proc.pid:
+            fuse = dataclasses.replace(rec, role="fuse", mntns=_ns_inode(proc.pid, "mnt") or 0)
+            ctx.spawned(fuse)
+            privileged.join_job_cgroup(ctx.node, fuse, ctx.job_id, ctx.guest_id)
+        rec = dataclasses.replace(rec, pid=holder, start=starttime(holder) or 0, mntns=mnt or 0,
+                                  exe=privileged.exe_of(holder) or rec.exe)
         ctx.spawned(rec)
         joined = privileged.join_job_cgroup(ctx.node, rec, ctx.job_id, ctx.guest_id)
         if joined:
             log.info("holder in the job's cgroups %s", " ".join(joined))
-        info = {"holder_mntns": mnt, "holder_userns": _ns_inode(proc.pid, "user"),
+        info = {"holder_mntns": mnt, "holder_userns": _ns_inode(holder, "user"),
                 **image}  # "warnings" is taken out by the prolog
         call_as(ctx.user, layout.write_file, os.path.join(ctx.paths.run, "holder"),
-                f"{proc.pid} {rec.start} {mnt}\n", 0o600)
+                f"{holder} {rec.start} {mnt}\n", 0o600)
         return info
 
     # -- epilog ---------------------------------------------------------------
@@ -241,15 +294,21 @@ class ContainerBackend(Backend):
         namespace (root's record), or holding this job's FIFO.  Only the job
         user's processes are candidates; each is checked through a pidfd."""
         holder = record.proc("holder") if record is not None else None
+        fuse = record.proc("fuse") if record is not None else None
         mntns = holder.mntns if holder is not None else 0
+        fuse_ns = fuse.mntns if fuse is not None else 0
+        squashfs = f"{ctx.paths.run}/{SQUASHFS_MOUNT}".encode()
         fifo = layout.lstat_in_job(ctx.paths, "meta", HOLDER_FIFO)
         fifo_id = (fifo.st_dev, fifo.st_ino) if fifo and stat.S_ISFIFO(fifo.st_mode) \
             else None
-        if holder is not None:
-            privileged.signal_process(holder, signal.SIGKILL)
+        for proc in (holder, fuse):
+            if proc is not None:
+                privileged.signal_process(proc, signal.SIGKILL)
         n = privileged.kill_user_processes(
             ctx.user.uid, lambda pid: bool(mntns and _ns_inode(pid, "mnt") == mntns)
-            or _holds_fifo(pid, fifo_id), ctx.cfg["timeouts.kill"], "container")
+            or bool(fuse_ns and _ns_inode(pid, "mnt") == fuse_ns)
+            or _holds_fifo(pid, fifo_id) or _mounts_for(pid, squashfs),
+            ctx.cfg["timeouts.kill"], "container")
         if n:
             log.info("container: %d processes of the job ended", n)
         facts = record.facts if record is not None else {}
@@ -258,6 +317,26 @@ class ContainerBackend(Backend):
             here = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
             if os.path.dirname(cache) == here:
                 call_as(ctx.user, unpack.release, cache, sha, ctx.job_id, limit=30)
+
+
+def _only_child(pid: int) -> int | None:
+    """pid's one child (ch-run's container process), None while it has none."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+    except OSError:
+        return None
+    return int(kids[0]) if len(kids) == 1 else None
+
+
+def _mounts_for(pid: int, mount_dir: bytes) -> bool:
+    """pid is a ch-run serving this job's squashfs mount (no record: its
+    command line names the job's mount point)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return mount_dir in f.read(1 << 16).split(b"\0")
+    except OSError:
+        return False
 
 
 def _in_read(pid: int) -> bool:

@@ -461,3 +461,49 @@ def test_openmpi_archive_warned_in_job_output(cluster, images):
     assert f"slurm-charlie: job {jobid}: hint: build the image's MPI programs with MPICH" in out
     assert out.count("warning: --charlie-image: image has Open MPI") == 1  # batch step only
     assert "inside-the-image" in out
+
+
+def test_squashfs_is_mounted_not_unpacked(cluster, archives, images):
+    """A squashfs image is mounted by ch-run (FUSE, as the user, in the
+    holder's namespace): nothing is unpacked on the nodes, the tasks see it
+    as their root, and it goes away with the job -- also after scancel."""
+    wd = cluster.workdir("squashfs-mount")
+    sqfs = archives["sqfs"]
+    p, jobid = cluster.sbatch(wd, ["-N3", f"--charlie-image={sqfs}", "-o", "job.out", "--wrap",
+                                   "srun -N3 sh -c 'cat /MARKER; "
+                                   "awk \"\\$2 == \\\"/\\\" {print \\\"ROOT\\\", \\$3}\" "
+                                   "/proc/self/mounts'"])
+    out = open(os.path.join(wd, "job.out")).read()
+    assert p.returncode == 0, out
+    assert out.count("inside-the-image") == 3, out
+    assert out.count("ROOT fuse") == 3, out  # the image file itself, mounted
+    for node in ("node1", "node2", "node3"):
+        lines = [l for l in _charlie_log(cluster, node).splitlines()
+                 if f"job {jobid}:" in l and f"image {sqfs}:" in l]
+        assert len(lines) == 1 and "mounted by ch-run" in lines[0], lines
+    # after scancel of a running job: no process, no mount, no job directory
+    q = cluster.as_user(["sbatch", "--parsable", "-N2", f"--charlie-image={sqfs}", "-o",
+                         "cancel.out", "--wrap", "srun sleep 300"], wd)
+    job2 = q.stdout.strip()
+    end = time.monotonic() + 60
+    while time.monotonic() < end and cluster.job(job2).get("JobState") != "RUNNING":
+        time.sleep(0.2)
+    time.sleep(2)
+    cluster.run(["scancel", job2], check=True)
+    cluster.wait_done(job2)
+    end = time.monotonic() + 30
+    while time.monotonic() < end and (cluster.user_processes() or cluster.job_dirs()):
+        time.sleep(0.2)
+    assert cluster.user_processes() == []
+    assert cluster.job_dirs() == []
+    assert sqfs not in open("/proc/self/mountinfo").read()
+    # an image without the mount points: the reason and the fix
+    bad = os.path.join(wd, "nomounts.sqfs")
+    subprocess.run(["mksquashfs", images["nomounts"], bad, "-quiet", "-no-progress"],
+                   check=True, capture_output=True)
+    os.chmod(bad, 0o644)
+    p, _ = cluster.sbatch(wd, ["-N1", f"--charlie-image={bad}", "-o", "bad.out", "--wrap",
+                               "srun true"])
+    out = open(os.path.join(wd, "bad.out")).read()
+    assert p.returncode != 0
+    assert "image lacks mount points /ch/meta" in out and "mksquashfs" in out, out

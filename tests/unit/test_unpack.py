@@ -199,3 +199,16 @@ def test_archive_key_from_several_processes_at_once(tmp_path):
         codes = [os.waitpid(p, 0)[1] for p in pids]
         assert codes == [0, 0, 0, 0], (round_, codes)
         assert [n for n in os.listdir(idx) if ".tmp" in n] == []
+
+
+def test_fuse_usable_only_when_users_may_open_it(tmp_path):
+    """squashfs images are mounted only where /dev/fuse is open to users
+    (0666 on a real host); else they are unpacked, and the log says why."""
+    from slurm_charlie.backends.container import fuse_unusable
+    dev = tmp_path / "fuse"
+    assert "missing" in fuse_unusable(str(dev))
+    dev.write_bytes(b"")
+    dev.chmod(0o600)
+    assert fuse_unusable(str(dev)) == f"{dev} is mode 600, not usable by users (chmod 0666 {dev})"
+    dev.chmod(0o666)
+    assert fuse_unusable(str(dev)) is None
