@@ -75,9 +75,15 @@ DEFAULTS: tuple[Key, ...] = (
     Key("container.env", [], list,
         "NAME=VALUE set in every task of a container job (a task's own "
         "setting wins)", rule=_env_items),
-    Key("container.default_mpi", "pmi2", str,
-        "SLURM_MPI_TYPE for container jobs whose user did not choose one "
-        "(empty: leave Slurm's MpiDefault)"),
+    Key("container.tmpdir", "/tmp", str,
+        "the node's TmpFS as Slurm has it (%n = node name; empty: none), bound "
+        "at the same path in every container: tasks get the node's writable "
+        "/tmp, and Slurm's PMIx plugin's per-step directories (srun --mpi=pmix) "
+        "are where its server says"),
+    Key("container.default_mpi", "auto", str,
+        "SLURM_MPI_TYPE for container jobs whose user did not choose one: 'auto' "
+        "(pmix for an image with Open MPI and no MPICH, else pmi2), a plugin name "
+        "(used for every image), or empty (leave Slurm's MpiDefault)"),
     Key("vm.qemu", "qemu-system-x86_64", str, "QEMU system emulator"),
     Key("vm.qemu_img", "qemu-img", str, "qemu-img binary"),
     Key("vm.accel", "kvm", str, "kvm or tcg (tcg: full emulation, slow)",

@@ -158,7 +158,13 @@ def _mpi(cfg: config.Config) -> Result:
     if offered is None:
         return "warn", "srun --mpi=list failed", None
     want = cfg["container.default_mpi"]
-    if want and want not in offered:
+    if want == "auto":
+        missing = [w for w in ("pmi2", "pmix") if w not in offered]
+        if missing:
+            return "warn", "srun --mpi=list does not offer " + ", ".join(missing), \
+                "install Slurm's MPI plugins (slurm-wlm-mpi / PMIx); container jobs " \
+                "use pmi2 for MPICH images and pmix for Open MPI ones"
+    elif want and want not in offered:
         return "warn", f"srun --mpi=list does not offer {want}", \
             "install Slurm's MPI plugins or change container.default_mpi (FAQ: MPI " \
             "ranks all say \"rank 0 of 1\")"

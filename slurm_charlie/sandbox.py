@@ -151,6 +151,8 @@ class Sandbox:
             os.makedirs(self._p(d), mode=0o755, exist_ok=True)
         for n in self.nodes:
             os.makedirs(self._p("spool", n.name), mode=0o755, exist_ok=True)
+            os.makedirs(self._p("tmp", n.name), exist_ok=True)
+            os.chmod(self._p("tmp", n.name), 0o1777)
         text = _render("slurm.conf.j2", ctl_name=CTL_NAME, ctl_addr=CTL_ADDR,
                        ctl_port=CTL_PORT, slurmd_port=SLURMD_PORT,
                        munge_socket=self.munge_socket, state=self.state,
@@ -175,6 +177,8 @@ class Sandbox:
                     + self._vm_conf() +
                     "[container]\n"
                     f'cache_dir = "{self._p("cache", "%n")}"\n'
+                    "# each node's TmpFS (slurm.conf), as real nodes have their own /tmp\n"
+                    f'tmpdir = "{self._p("tmp", "%n")}"\n'
                     "# Sandbox nodes share one kernel, so UCX takes ranks on different\n"
                     "# 'nodes' for neighbours and maps their shared memory through\n"
                     "# /proc/PID/fd, which fails between two nodes' containers (separate\n"

@@ -46,16 +46,48 @@ def check_image_dir(image: str, write: bool, ndirs: int) -> None:
         raise UserError("--charlie-image", "image has no executable /bin/sh", image,
                         hint="slurm-charlie needs /bin/sh inside the image (any "
                         "POSIX shell, e.g. busybox)")
-    missing = [m for m in MOUNT_POINTS[:1 + ndirs]
-               if not os.path.isdir(os.path.join(image, m))]
-    if missing and not write:
-        raise UserError("--charlie-image", "image lacks mount points "
-                        + ", ".join("/" + m for m in missing), image,
-                        hint="create them once: mkdir -p " + " ".join(
-                            os.path.join(image, m) for m in MOUNT_POINTS))
+    # missing mount points (a stock image) come from an overlay on the node
     if write and not os.access(image, os.W_OK):
         raise UserError("--charlie-write", "image directory not writable by you",
                         image, hint="drop --charlie-write, or use an image you own")
+
+
+def missing_mount_points(image: str, ndirs: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """As the user: which of /ch/meta, /ch/dataN (and the extra bind
+    targets, relative) the image directory lacks."""
+    return [m for m in (*MOUNT_POINTS[:1 + ndirs], *extra)
+            if not os.path.isdir(os.path.join(image, m))]
+
+
+def node_tmpdir(cfg: Config, node: str) -> str | None:
+    """container.tmpdir for this node, when it is an existing directory."""
+    path = config.expand_node(cfg["container.tmpdir"], node) if cfg["container.tmpdir"] else ""
+    if not path.startswith("/") or path == "/":
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        log.warning("container.tmpdir %s: missing on this node; not bound", path)
+        return None
+    return path if stat.S_ISDIR(st.st_mode) else None
+
+
+OVERLAY_DIR = "overlay"  # in run/: the stock image's overlay (its namespace only)
+#: run by `unshare --user --map-root-user --mount` as the job user: a tmpfs
+#: on run/overlay, the missing mount points made in it as the upper layer
+#: (there, not through the merged tree: the image's own directories may
+#: belong to root, whom this namespace does not map), the image as the
+#: read-only lower layer, then ch-run on the merged tree.  Nothing is
+#: written to the image; it all goes with the namespace.
+OVERLAY_SCRIPT = """set -e
+o=$1; lower=$2; shift 2
+mount -t tmpfs -o mode=0700 charlie-overlay "$o"
+mkdir "$o/upper" "$o/work" "$o/merged"
+while [ "$1" != -- ]; do mkdir -p "$o/upper/$1"; shift; done
+shift
+mount -t overlay charlie-overlay -o "lowerdir=$lower,upperdir=$o/upper,workdir=$o/work" "$o/merged"
+exec "$@"
+"""
 
 
 SQUASHFS_MOUNT = "squashfs"  # in run/: where ch-run mounts a squashfs image (its namespace only)
@@ -72,12 +104,13 @@ def fuse_unusable(dev: str = "/dev/fuse") -> str | None:
     return None
 
 
-def check_squashfs(image: str, ndirs: int, mount_dir: str) -> None:
+def check_squashfs(image: str, ndirs: int, mount_dir: str, optional: tuple[str, ...] = ()
+                   ) -> list[str]:
     """As the user: the squashfs image has our mount points (listed, not
     unpacked; a missing /bin/sh shows in the holder's log, as /bin may be a
     link), and the mount point for ch-run exists."""
     wanted = list(MOUNT_POINTS[:1 + ndirs])
-    p = run(["unsquashfs", "-lc", image, *wanted], timeout=60, check=False)
+    p = run(["unsquashfs", "-lc", image, *wanted, *optional], timeout=60, check=False)
     if p.returncode != 0:
         raise UserError("--charlie-image", "not a readable squashfs image", image,
                         p.stderr.decode(errors="replace").strip()[-200:] or None)
@@ -90,6 +123,7 @@ def check_squashfs(image: str, ndirs: int, mount_dir: str) -> None:
                         hint="rebuild the squashfs from a directory with them: mkdir -p "
                         "DIR/ch/meta DIR/ch/data1 ... DIR/ch/data4; mksquashfs DIR IMAGE")
     os.makedirs(mount_dir, mode=0o700, exist_ok=True)
+    return [o for o in optional if o in found]
 
 
 LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib64",
@@ -127,19 +161,63 @@ def mpi_plugins() -> list[str] | None:
     return p.stdout.decode(errors="replace").split()
 
 
-def mpi_offered(mpi_type: str) -> bool:
+MPI_LIST_FILE = ".mpi-list"  # in runtime_root: what srun --mpi=list said, and when
+MPI_LIST_TTL = 600  # seconds: a plugin installed meanwhile shows up after this
+
+
+def _srun_key() -> str:
+    srun = shutil.which("srun") or "/usr/bin/srun"
+    try:
+        st = os.stat(srun)
+        return f"{srun}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return f"{srun}:missing"
+
+
+def mpi_plugins_cached(root: str, now: float | None = None) -> list[str] | None:
+    """mpi_plugins(), asked once per node every MPI_LIST_TTL seconds (and
+    when srun changes) instead of by every prolog: `srun --mpi=list` loads
+    every plugin and costs a fair part of a short job's life.  The answer
+    lives in <runtime_root>/.mpi-list (root's, like the VM probe record)."""
+    now = time.time() if now is None else now
+    key, path = _srun_key(), os.path.join(root, MPI_LIST_FILE)
+    try:
+        with open(path) as f:
+            stamp, cached_key, *plugins = f.read().split("\n")[0].split(" ")
+        if cached_key == key and 0 <= now - float(stamp) < MPI_LIST_TTL:
+            return plugins
+    except (OSError, ValueError):
+        pass
+    plugins = mpi_plugins()
+    if plugins is not None and " " not in key:
+        try:
+            layout.write_file(path, " ".join([f"{now:.0f}", key, *plugins]) + "\n", 0o644)
+        except OSError as e:
+            log.debug("cannot keep %s: %s", path, e)
+    return plugins
+
+
+def mpi_offered(mpi_type: str, root: str | None = None) -> bool:
     """Does this node's Slurm offer the MPI plugin (`srun --mpi=list`)?"""
-    if mpi_type not in (mpi_plugins() or []):
+    offered = mpi_plugins_cached(root) if root else mpi_plugins()
+    if mpi_type not in (offered or []):
         log.warning("container.default_mpi %s: not offered by `srun --mpi=list` "
                     "here; SLURM_MPI_TYPE left alone", mpi_type)
         return False
     return True
 
 
-def openmpi_warning(image_dir: str, shown_as: str) -> list[str]:
-    """Lines to warn with when the image has Open MPI and no MPICH."""
+def mpi_for(flavours: dict[str, str]) -> str:
+    """The MPI plugin for an image's MPI: pmix for Open MPI alone (Debian's
+    has PMIx, not PMI2), else pmi2 (MPICH, or nothing known)."""
+    return "pmix" if "openmpi" in flavours and "mpich" not in flavours else "pmi2"
+
+
+def openmpi_warning(image_dir: str, shown_as: str, pmix: bool = False) -> list[str]:
+    """Lines to warn with when the image has Open MPI and no MPICH and this
+    Slurm offers no PMIx (with PMIx, such images get srun --mpi=pmix)."""
     mpi = mpi_flavours(image_dir)
-    if "openmpi" not in mpi or "mpich" in mpi:
+    if "openmpi" not in mpi or "mpich" in mpi or pmix:
         return []
     return [f"--charlie-image: image has Open MPI ({mpi['openmpi']}) and no MPICH: "
             "Open MPI built without PMI2 (Debian's, for one) aborts every rank in "
@@ -154,8 +232,10 @@ class ContainerBackend(Backend):
     def check(self, opts: Options, cfg: Config) -> None:
         if opts.image and os.path.isdir(opts.image):
             check_image_dir(opts.image, opts.write, len(opts.dir))
-            for line in openmpi_warning(opts.image, opts.image):
-                log.warning("%s", line)
+            if "openmpi" in mpi_flavours(opts.image):
+                pmix = "pmix" in (mpi_plugins() or [])
+                for line in openmpi_warning(opts.image, opts.image, pmix):
+                    log.warning("%s", line)
         elif opts.image and opts.write:
             raise UserError("--charlie-write", "needs an image directory; an "
                             "archive is unpacked into a private cache", opts.image,
@@ -168,8 +248,14 @@ class ContainerBackend(Backend):
         env = [("CH_META", "/ch/meta")]
         env += [(f"CH_DATA{i}", f"/ch/data{i}") for i in range(1, len(ctx.opts.dir) + 1)]
         mpi = ctx.cfg["container.default_mpi"]
-        if mpi and mpi_offered(mpi):
+        if mpi == "auto":
+            mpi = mpi_for(getattr(self, "image_mpi", {}))
+        if mpi and mpi_offered(mpi, ctx.paths.root):
             env.append(("SLURM_MPI_TYPE", mpi))
+        # PMIx clients in the container keep their job data in their own
+        # memory: the server's shared-memory store (gds ds12/ds21) takes
+        # locks a container's user namespace cannot share (PMIX ERROR lines)
+        env.append(("PMIX_MCA_gds", "hash"))
         env += [tuple(item.split("=", 1)) for item in ctx.cfg["container.env"]]
         return env
 
@@ -184,10 +270,15 @@ class ContainerBackend(Backend):
             why = fuse_unusable()
             if why is None:
                 mnt = os.path.join(ctx.paths.run, SQUASHFS_MOUNT)
-                call_as(ctx.user, check_squashfs, ctx.opts.image, len(ctx.opts.dir), mnt)
+                tmp = node_tmpdir(ctx.cfg, ctx.node)
+                has = call_as(ctx.user, check_squashfs, ctx.opts.image, len(ctx.opts.dir),
+                              mnt, (tmp.lstrip("/"),) if tmp else ())
                 log.info("image %s: mounted by ch-run at %s (nothing unpacked)",
                          ctx.opts.image, mnt)
-                return {"image_dir": ctx.opts.image, "squashfs_mount": mnt}
+                if tmp and not has:
+                    log.info("image %s has no %s: container.tmpdir not bound", ctx.opts.image, tmp)
+                return {"image_dir": ctx.opts.image, "squashfs_mount": mnt,
+                        "tmpdir": tmp if has else None}
             log.warning("image %s: unpacked, not mounted: %s", ctx.opts.image, why)
         cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
         user_cache = layout.create_user_dir(cache, ctx.user.uid, ctx.user.gid)
@@ -203,29 +294,70 @@ class ContainerBackend(Backend):
         for sha in removed:
             log.info("image cache: evicted %s", sha)
         # an archive's content is only seen now: warn in the job's output
-        warnings = call_as(ctx.user, openmpi_warning, got["image"], ctx.opts.image)
+        pmix = "pmix" in (mpi_plugins_cached(ctx.paths.root) or [])
+        warnings = call_as(ctx.user, openmpi_warning, got["image"], ctx.opts.image, pmix)
         return {"image_dir": got["image"], "cache": user_cache, "sha": got["sha"],
                 "warnings": warnings}
 
+    def _overlay(self, ctx: Context, image: dict[str, Any]) -> tuple[str, list[str]] | None:
+        """A stock image (no /ch/meta, /ch/dataN): (overlay dir, the missing
+        mount points), else None.  The image itself is never written."""
+        if image.get("squashfs_mount") or ctx.opts.write:
+            return None
+        tmp = node_tmpdir(ctx.cfg, ctx.node)
+        missing = call_as(ctx.user, missing_mount_points, image["image_dir"],
+                          len(ctx.opts.dir), (tmp.lstrip("/"),) if tmp else ())
+        if not missing:
+            return None
+        if any(c in image["image_dir"] for c in ",:\\"):
+            raise UserError("--charlie-image", "image lacks mount points "
+                            + ", ".join("/" + m for m in missing) + " and its path has "
+                            "',', ':' or '\\', which an overlay cannot take",
+                            image["image_dir"], hint="create them once: mkdir -p " + " ".join(
+                                os.path.join(image["image_dir"], m) for m in MOUNT_POINTS))
+        overlay = os.path.join(ctx.paths.run, OVERLAY_DIR)
+        call_as(ctx.user, os.makedirs, overlay, 0o700, True)
+        log.info("image %s has no %s: they come from an overlay (the image is not written)",
+                 image["image_dir"], ", ".join("/" + m for m in missing))
+        return overlay, missing
+
     def start(self, ctx: Context) -> dict[str, Any]:
         image = self._unpacked(ctx)
+        if not image.get("squashfs_mount"):  # what MPI the image carries (task_env)
+            self.image_mpi = call_as(ctx.user, mpi_flavours, image["image_dir"])
         call_as(ctx.user, _make_fifo, os.path.join(ctx.paths.meta, HOLDER_FIFO))
+        overlay = self._overlay(ctx, image)
         runtime = ctx.cfg["container.runtime"]
         argv = [runtime]
         if ctx.opts.write:
             argv.append("-w")
-        if ctx.opts.uid is not None:
-            argv.append(f"--uid={ctx.opts.uid}")
-        if ctx.opts.gid is not None:
-            argv.append(f"--gid={ctx.opts.gid}")
+        # in the overlay's namespace the user is root: ch-run maps them back
+        uid = ctx.opts.uid if ctx.opts.uid is not None else ctx.user.uid if overlay else None
+        gid = ctx.opts.gid if ctx.opts.gid is not None else ctx.user.gid if overlay else None
+        if uid is not None:
+            argv.append(f"--uid={uid}")
+        if gid is not None:
+            argv.append(f"--gid={gid}")
         argv += ["-b", f"{ctx.paths.meta}:/ch/meta"]
         for i, d in enumerate(ctx.opts.dir, start=1):
             argv += ["-b", f"{d}:/ch/data{i}"]
+        tmp = image["tmpdir"] if "tmpdir" in image else node_tmpdir(ctx.cfg, ctx.node)
+        if tmp and not overlay and not image.get("squashfs_mount") and not call_as(
+                ctx.user, os.path.isdir, os.path.join(image["image_dir"], tmp.lstrip("/"))):
+            tmp = None  # --charlie-write on an image without it: ch-run cannot bind there
+        if tmp:
+            argv += ["-b", f"{tmp}:{tmp}"]
         for bind in ctx.cfg["container.binds"]:
             argv += ["-b", bind]
         if image.get("squashfs_mount"):
             argv += ["-m", image["squashfs_mount"]]
-        argv += [image["image_dir"], "--", "/bin/sh", "-c", HOLDER_SCRIPT]
+        if overlay:
+            argv += [os.path.join(overlay[0], "merged"), "--", "/bin/sh", "-c", HOLDER_SCRIPT]
+            argv = ["unshare", "--user", "--map-root-user", "--mount", "/bin/sh", "-c",
+                    OVERLAY_SCRIPT, "sh", overlay[0], image["image_dir"], *overlay[1], "--",
+                    *argv]
+        else:
+            argv += [image["image_dir"], "--", "/bin/sh", "-c", HOLDER_SCRIPT]
         log.info("starting holder as %s: %s", ctx.user, " ".join(argv))
         holder_log = os.path.join(ctx.paths.out, "holder.log")
         fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, "holder.log")
@@ -254,9 +386,15 @@ class ContainerBackend(Backend):
                                 "stays in service")
             if proc.poll() is not None:
                 text = call_as(ctx.user, layout.read_tail, holder_log, 1, limit=30)
+                hint = f"{holder_log} has ch-run's output"
+                if overlay:
+                    hint += ("; the image lacks mount points and the node could not "
+                             "overlay them (unprivileged overlayfs needs Linux 5.11 or "
+                             "later and user namespaces): create them once: mkdir -p "
+                             + " ".join(os.path.join(image["image_dir"], m)
+                                        for m in MOUNT_POINTS))
                 raise UserError("container", f"ch-run exited with {proc.returncode}",
-                                text.splitlines()[-1] if text else None,
-                                hint=f"{holder_log} has ch-run's output")
+                                text.splitlines()[-1] if text else None, hint=hint)
             # a squashfs image: ch-run stays as the FUSE server and the
             # holder's sh is its child, in namespaces of its own
             holder = _only_child(proc.pid) if image.get("squashfs_mount") else proc.pid

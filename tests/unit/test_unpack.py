@@ -212,3 +212,40 @@ def test_fuse_usable_only_when_users_may_open_it(tmp_path):
     assert fuse_unusable(str(dev)) == f"{dev} is mode 600, not usable by users (chmod 0666 {dev})"
     dev.chmod(0o666)
     assert fuse_unusable(str(dev)) is None
+
+
+def test_mpi_list_asked_once_per_node_and_ttl(tmp_path, monkeypatch):
+    """srun --mpi=list runs on the first prolog, then again only after the
+    TTL or when srun changes; the answer lives in runtime_root."""
+    from slurm_charlie.backends import container
+    calls = []
+    monkeypatch.setattr(container, "mpi_plugins", lambda: calls.append(1) or ["none", "pmi2"])
+    root = str(tmp_path)
+    assert container.mpi_plugins_cached(root, now=1000.0) == ["none", "pmi2"]
+    assert container.mpi_plugins_cached(root, now=1000.0 + 5) == ["none", "pmi2"]
+    assert len(calls) == 1
+    container.mpi_plugins_cached(root, now=1000.0 + container.MPI_LIST_TTL + 1)
+    assert len(calls) == 2
+    monkeypatch.setattr(container, "_srun_key", lambda: "/other/srun:1:2")
+    container.mpi_plugins_cached(root, now=1000.0 + container.MPI_LIST_TTL + 2)
+    assert len(calls) == 3
+    (tmp_path / container.MPI_LIST_FILE).write_text("garbage")
+    assert container.mpi_plugins_cached(root, now=5000.0) == ["none", "pmi2"]
+    assert len(calls) == 4
+
+
+def test_mpi_type_follows_the_image(tmp_path):
+    """container.default_mpi = "auto": Open MPI alone -> pmix, anything
+    else -> pmi2; the Open MPI warning only where Slurm has no PMIx."""
+    from slurm_charlie.backends.container import mpi_flavours, mpi_for, openmpi_warning
+    img = tmp_path / "img"
+    lib = img / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    assert mpi_for(mpi_flavours(str(img))) == "pmi2"
+    (lib / "libmpi.so.40").write_bytes(b"")
+    assert mpi_for(mpi_flavours(str(img))) == "pmix"
+    assert openmpi_warning(str(img), "IMG", pmix=True) == []
+    assert "image has Open MPI" in openmpi_warning(str(img), "IMG", pmix=False)[0]
+    (lib / "libmpich.so.12").write_bytes(b"")
+    assert mpi_for(mpi_flavours(str(img))) == "pmi2"
+    assert openmpi_warning(str(img), "IMG", pmix=False) == []
