@@ -101,6 +101,7 @@ bench: sandbox-up
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/scale.py
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/vmnet.py
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/vmsrun.py
+	PYTHONPATH=tests $(VENV)/bin/python tests/bench/life.py
 
 docs-gen: venv
 	$(SB) gen options-rst > docs/options.rst

@@ -18,7 +18,7 @@ from . import (asuser, backends, config, hostlist, jobenv, jobnet, layout, optio
                privileged, shm, sshkey)
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError
-from .proc import User, call_as
+from .proc import User, call_as, process_age
 
 log = logmod.log
 
@@ -129,6 +129,7 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
     log.info("prolog done: type %s, guest %d of %d", opts.type, ctx.guest_id, len(nodes))
     from . import reconcile
     reconcile.from_prolog(cfg, job.node_name)
+    log.info("prolog done in %.3f s (this process's life)", process_age() or 0.0)
 
 
 def epilog(env: jobenv.Environ, at: Attempt,
@@ -158,6 +159,7 @@ def epilog(env: jobenv.Environ, at: Attempt,
     if not faults:
         records.remove(job.job_id)
         log.info("epilog done: job directory removed")
+    log.info("epilog done in %.3f s (this process's life)", process_age() or 0.0)
     return faults
 
 

@@ -81,6 +81,18 @@ def starttime(pid: int | str) -> int | None:
     return int(fields[19]) if fields and len(fields) > 19 else None
 
 
+def process_age(pid: int | str = "self") -> float | None:
+    """Seconds since pid started (Python's own start included), from its
+    start time in clock ticks and the system's uptime."""
+    fields = proc_stat(pid)
+    try:
+        with open("/proc/uptime") as f:
+            up = float(f.read().split()[0])
+        return up - int(fields[19]) / os.sysconf("SC_CLK_TCK") if fields else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def is_zombie(pid: int | str) -> bool:
     """Gone, or a zombie nobody has reaped yet."""
     fields = proc_stat(pid)
@@ -297,6 +309,10 @@ def _collect(pid: int, rfd: int, limit: float) -> tuple[bytes, int, bool | str]:
     eof = False
     next_check = time.monotonic() + 0.5
     stopped_since: float | None = None
+    try:  # readable once the child has exited: no polling after EOF
+        pidfd: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
     try:
         while True:
             now = time.monotonic()
@@ -337,7 +353,10 @@ def _collect(pid: int, rfd: int, limit: float) -> tuple[bytes, int, bool | str]:
                 status = st
                 break
             if eof:
-                time.sleep(0.01)
+                if pidfd is not None:
+                    select.select([pidfd], [], [], min(max(left, 0), 0.5))
+                else:
+                    time.sleep(0.01)
         os.set_blocking(rfd, False)
         while True:
             try:
@@ -349,6 +368,8 @@ def _collect(pid: int, rfd: int, limit: float) -> tuple[bytes, int, bool | str]:
             chunks.append(chunk)
     finally:
         os.close(rfd)
+        if pidfd is not None:
+            os.close(pidfd)
     return b"".join(chunks), status, False
 
 

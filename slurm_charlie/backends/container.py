@@ -23,7 +23,7 @@ from typing import Any
 from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
-from .. import config, images, layout, privileged, unpack
+from .. import config, images, layout, privileged
 from ..meta import MOUNT_POINTS
 from ..proc import call_as, fd_targets, log, run, starttime
 from . import Backend, Context
@@ -282,6 +282,7 @@ class ContainerBackend(Backend):
             log.warning("image %s: unpacked, not mounted: %s", ctx.opts.image, why)
         cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
         user_cache = layout.create_user_dir(cache, ctx.user.uid, ctx.user.gid)
+        from .. import unpack  # archives only: tarfile, filelock
         got = call_as(ctx.user, unpack.unpack, ctx.opts.image, fmt, user_cache,
                       ctx.job_id, ctx.cfg["timeouts.unpack"],
                       limit=2 * ctx.cfg["timeouts.unpack"] + 60)
@@ -454,6 +455,7 @@ class ContainerBackend(Backend):
         if isinstance(sha, str) and isinstance(cache, str):
             here = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
             if os.path.dirname(cache) == here:
+                from .. import unpack
                 call_as(ctx.user, unpack.release, cache, sha, ctx.job_id, limit=30)
 
 

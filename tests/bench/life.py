@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""A container job's whole life vs a plain job's (issue 11), side by side in
+one run: `srun -N3 true` in its own allocation, from submission until the
+last node's epilog has finished (the nodes are idle again), rounds
+alternating the two.  Also the prolog's and epilog's own time per node, from
+the charlie log ("prolog done in", "epilog done in").
+
+    PYTHONPATH=tests .venv/bin/python tests/bench/life.py   (make bench)
+
+Needs the sandbox.  Asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import time
+
+from helpers.cluster import USER, build_busybox_image, make_cluster
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "15"))
+
+
+def life(cluster, wd: str, image: str | None) -> float:
+    args = ["srun", "-N3", "--quiet"] + ([f"--charlie-image={image}"] if image else []) + ["true"]
+    t0 = time.perf_counter()
+    p = cluster.as_user(args, wd)
+    if p.returncode != 0:
+        raise SystemExit(f"life: {' '.join(args)} failed: {p.stderr[-400:]}")
+    while True:  # the epilogs end when no node is completing any more
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                             env={**os.environ, "SLURM_CONF": cluster.sb.conf}).stdout.split()
+        if out and all(s == "idle" for s in out):
+            return time.perf_counter() - t0
+        time.sleep(0.01)
+
+
+def main() -> None:
+    cluster = make_cluster()
+    wd = cluster.workdir("bench-life")
+    bb = build_busybox_image(os.path.join(wd, "bb"))
+    log_before = {n: os.path.getsize(f) if os.path.exists(f) else 0
+                  for n in ("node1", "node2", "node3")
+                  for f in [os.path.join(cluster.sb.state, "log", f"charlie-{n}.log")]}
+    times: dict[str, list[float]] = {"plain": [], "container": []}
+    life(cluster, wd, bb)  # warm-up: caches, page cache
+    for r in range(ROUNDS):
+        for kind in (("plain", "container") if r % 2 == 0 else ("container", "plain")):
+            times[kind].append(life(cluster, wd, bb if kind == "container" else None))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{'srun -N3 true, submission to the end of the epilogs':<52} {'median s':>9} {'runs':>5}")
+    for k in ("plain", "container"):
+        print(f"  {k:<50} {med[k]:>9.3f} {len(times[k]):>5}")
+    print(f"  {'ratio container / plain':<50} {med['container'] / med['plain']:>9.2f}")
+    hooks: dict[str, list[float]] = {"prolog": [], "epilog": []}
+    for n, start in log_before.items():
+        with open(os.path.join(cluster.sb.state, "log", f"charlie-{n}.log")) as f:
+            f.seek(start)
+            for line in f:
+                m = re.search(r"(prolog|epilog) done in ([\d.]+) s", line)
+                if m:
+                    hooks[m.group(1)].append(float(m.group(2)))
+    for k, v in hooks.items():
+        if v:
+            print(f"  {k + ' on a node (its own log)':<50} {statistics.median(v):>9.3f} {len(v):>5}")
+
+
+if __name__ == "__main__":
+    main()
