@@ -744,12 +744,16 @@ class VMBackend(Backend):
                         log_tail.strip().splitlines()[-1] if log_tail.strip() else None,
                         hint=f"see out/{n}_mux.log in the job directory")
 
-    def _stop_relay(self, ctx: Context, record: Any) -> None:
-        relay = record.proc("relay") if record is not None else None
-        if relay is None:  # no record: the user's relay that names this job dir
-            relay = _sweep(ctx, "relay", (f"ssh-relay\0{ctx.paths.run}/".encode(),))
-        if relay is not None and privileged.alive(relay):
-            privileged.stop_process(relay, 2, ctx.cfg["timeouts.kill"])
+    @staticmethod
+    def _stop_helper(ctx: Context, record: Any, role: str, command: str) -> None:
+        """Stop the user's ssh relay ("relay", ssh-relay) or task multiplexer
+        ("mux", task-mux): root's record, or without one the user's process
+        whose command line names this job's run directory."""
+        proc = record.proc(role) if record is not None else None
+        if proc is None:
+            proc = _sweep(ctx, role, (f"{command}\0{ctx.paths.run}/".encode(),))
+        if proc is not None and privileged.alive(proc):
+            privileged.stop_process(proc, 2, ctx.cfg["timeouts.kill"])
 
     # -- epilog ---------------------------------------------------------------
     def _sweep_qemu(self, ctx: Context) -> privileged.ProcRecord | None:
@@ -758,17 +762,10 @@ class VMBackend(Backend):
         return _sweep(ctx, "qemu", (f"charlie-{ctx.job_id}-chgu".encode(),
                                     ctx.paths.run.encode()))
 
-    def _stop_mux(self, ctx: Context, record: Any) -> None:
-        mux = record.proc("mux") if record is not None else None
-        if mux is None:  # no record: the user's multiplexer that names this job dir
-            mux = _sweep(ctx, "mux", (f"task-mux\0{ctx.paths.run}/".encode(),))
-        if mux is not None and privileged.alive(mux):
-            privileged.stop_process(mux, 2, ctx.cfg["timeouts.kill"])
-
     def stop(self, ctx: Context, record: Any) -> None:
         cfg = ctx.cfg
-        self._stop_relay(ctx, record)
-        self._stop_mux(ctx, record)
+        self._stop_helper(ctx, record, "relay", "ssh-relay")
+        self._stop_helper(ctx, record, "mux", "task-mux")
         facts = record.facts if record is not None else {}
         qemu = record.proc("qemu") if record is not None else self._sweep_qemu(ctx)
         n = facts.get("guest") if type(facts.get("guest")) is int else ctx.guest_id

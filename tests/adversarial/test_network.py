@@ -152,6 +152,22 @@ def test_no_tcp_port_on_the_node_ssh_through_the_job_directory(cluster, vm_job):
     assert p.returncode == 0 and p.stdout.strip() == "chgu1", (p.stdout, p.stderr)
 
 
+def _users_helpers(cluster, job, command):
+    """Pids of the user's `slurm-charlie COMMAND` processes of this job."""
+    uid = int(cluster.run(["id", "-u", USER]).stdout)
+    found = []
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if command in cmd and any(f"/{job}/run/".encode() in c for c in cmd):
+            found.append(int(pid))
+    return found
+
+
 def test_the_user_killing_their_task_multiplexer_costs_only_their_steps(cluster, vm_job):
     """srun reaches the guest through the user's own multiplexer: killed, the
     next step on that node fails with a message that says what happened,
@@ -161,17 +177,7 @@ def test_the_user_killing_their_task_multiplexer_costs_only_their_steps(cluster,
     step = ["srun", f"--jobid={job}", "--overlap", "-N1", "-n1", "-w", "node1", "hostname"]
     p = cluster.as_user(step, wd)
     assert p.returncode == 0 and p.stdout.strip() == "chgu0", (p.stdout, p.stderr)
-    uid = int(cluster.run(["id", "-u", USER]).stdout)
-    muxes = []
-    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if b"task-mux" in cmd and any(f"/{job}/run/".encode() in c for c in cmd):
-            muxes.append(int(pid))
+    muxes = _users_helpers(cluster, job, b"task-mux")
     assert len(muxes) == 2, muxes  # one per node of the job
     for pid in muxes:
         os.kill(pid, 9)
@@ -188,17 +194,7 @@ def test_the_user_killing_their_relay_costs_only_their_ssh(cluster, vm_job):
     the network and its namespace, and no node is drained.  (Runs last: it
     ends the module's job.)"""
     job = vm_job
-    uid = int(cluster.run(["id", "-u", USER]).stdout)
-    relays = []
-    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if b"ssh-relay" in cmd and any(f"/{job}/run/".encode() in c for c in cmd):
-            relays.append(int(pid))
+    relays = _users_helpers(cluster, job, b"ssh-relay")
     assert len(relays) == 2, relays  # one per node of the job
     for pid in relays:
         os.kill(pid, 9)
