@@ -80,6 +80,12 @@ DEFAULTS: tuple[Key, ...] = (
         "at the same path in every container: tasks get the node's writable "
         "/tmp, and Slurm's PMIx plugin's per-step directories (srun --mpi=pmix) "
         "are where its server says"),
+    Key("container.registry_cache", "~/.cache/slurm-charlie/images", str,
+        "where a user's registry images (docker://...) are kept as squashfs files, "
+        "by digest; ~ is the job user's home; must be on a filesystem every node "
+        "sees (the job's first node pulls, the others wait for the file)"),
+    Key("container.registry_insecure", [], list,
+        "registries (HOST:PORT) reached without TLS verification"),
     Key("container.default_mpi", "auto", str,
         "SLURM_MPI_TYPE for container jobs whose user did not choose one: 'auto' "
         "(pmix for an image with Open MPI and no MPICH, else pmi2), a plugin name "

@@ -116,11 +116,13 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
     book.update(type=opts.type)
     started = backend.start(ctx)
     warnings += started.pop("warnings", [])
+    notes = started.pop("notes", [])
     book.update(phase="started", facts=started)
     for w in warnings:
         log.warning("%s", w)
     notices = [f"slurm-charlie: job {job.job_id}: "
                + (w if w.startswith("hint: ") else f"warning: {w}") for w in warnings]
+    notices += [f"slurm-charlie: job {job.job_id}: {n}" for n in notes]
     task_env = [("CH_JOB_ID", job.job_id), ("CH_TYPE", opts.type),
                 ("CH_GUEST_ID", str(ctx.guest_id)),
                 ("CH_GUEST_COUNT", str(len(nodes))),

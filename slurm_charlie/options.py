@@ -51,7 +51,8 @@ class OptionSpec:
 
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("image", "path", "PATH",
-               "VM image (qcow2/raw) or container image (dir, tarball, squashfs)",
+               "VM image (qcow2/raw) or container image (dir, tarball, squashfs, "
+               "or docker://[REGISTRY/]NAME[:TAG] from a registry)",
                1, default="none"),
     OptionSpec("type", "choice", "TYPE",
                "auto|container|vm|none: what to start (auto: from the image)",
@@ -342,7 +343,9 @@ def from_env(environ: Mapping[str, str], prefix: str = SPANK_ENV_PREFIX
         else:
             values[spec.name] = [raw]
     opts = build(values)
-    for path in (opts.image, opts.job, *opts.dir):
+    pinned = opts.image is not None and opts.image.startswith("docker://") \
+        and "@sha256:" in opts.image  # a registry image, pinned at submit
+    for path in ((opts.job, *opts.dir) if pinned else (opts.image, opts.job, *opts.dir)):
         if path is not None and not path.startswith("/"):
             raise UserError("--charlie-image/--charlie-job/--charlie-dir",
                             "not an absolute path on the node", repr(path[:80]),

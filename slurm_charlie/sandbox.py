@@ -33,6 +33,7 @@ DEFAULT_DIR = "/run/slurm-charlie-sandbox"
 BRIDGE = "chsbx0"
 NET = "10.211.77"          # private /24 that only the sandbox uses
 CTL_ADDR = f"{NET}.1"
+REGISTRY = f"{CTL_ADDR}:5000"  # a local image registry (docker-registry), no TLS
 CTL_NAME = "chsbx-ctl"
 USER = "chuser"            # unprivileged user jobs run as
 CTL_PORT, SLURMD_PORT = 6817, 6818
@@ -104,7 +105,7 @@ class Sandbox:
 
     def env(self) -> dict[str, str]:
         return {"SLURM_CONF": self.conf, "SLURM_CHARLIE_CONF": self.charlie_conf,
-                "SLURM_CHARLIE_SANDBOX": self.state}
+                "SLURM_CHARLIE_SANDBOX": self.state, "CHARLIE_SANDBOX_REGISTRY": REGISTRY}
 
     def default_prolog_flags(self) -> str:
         """Alloc,Contain where Slurm keeps cgroups (the extern step adopts
@@ -177,6 +178,7 @@ class Sandbox:
                     + self._vm_conf() +
                     "[container]\n"
                     f'cache_dir = "{self._p("cache", "%n")}"\n'
+                    f'registry_insecure = ["{REGISTRY}"]\n'
                     "# each node's TmpFS (slurm.conf), as real nodes have their own /tmp\n"
                     f'tmpdir = "{self._p("tmp", "%n")}"\n'
                     "# Sandbox nodes share one kernel, so UCX takes ranks on different\n"
@@ -305,6 +307,31 @@ class Sandbox:
             if "224.0.0.0/4" not in _run(ns + ["route", "show"]).stdout:
                 _run(ns + ["route", "add", "224.0.0.0/4", "dev", "eth0"])
 
+    def start_registry(self) -> None:
+        """A local image registry on the bridge's address, as a site has one
+        (Debian's docker-registry; storage in the state directory; the tests
+        seed it).  Nodes and the host reach it; nothing else does."""
+        pidfile = self._p("run", "registry.pid")
+        if _alive(pidfile):
+            return
+        conf = self._p("etc", "registry.yml")
+        self._write(conf, "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n"
+                    f"    rootdirectory: {self._p('registry')}\n"
+                    f"http:\n  addr: {REGISTRY}\n")
+        with open(self._p("log", "registry.log"), "ab") as out:
+            proc = subprocess.Popen(["docker-registry", "serve", conf], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out, start_new_session=True)
+        self._write(pidfile, f"{proc.pid}\n")
+
+        def up() -> bool:
+            import urllib.request
+            try:
+                with urllib.request.urlopen(f"http://{REGISTRY}/v2/", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        self._wait(up, "the image registry", 30, self._p("log", "registry.log"))
+
     def start_slurm(self) -> None:
         ctl_pid = self._p("run", "slurmctld.pid")
         if not _alive(ctl_pid):
@@ -378,6 +405,7 @@ class Sandbox:
         self.fuse_as_on_a_host()
         self.start_munge()
         self.net_up()
+        self.start_registry()
         self.start_slurm()
         for n in self.nodes:  # a node drained by an earlier run comes back
             _run(["scontrol", "update", f"NodeName={n.name}", "State=RESUME"],

@@ -102,14 +102,24 @@ def resolve(opts: Options, cfg: Config, cwd: str | None,
             num_nodes: int | None = None) -> Options:
     """Make paths absolute, check them as the calling user, settle the type.
     Returns the normalized Options the prolog will receive."""
-    image = _absolute("--charlie-image", opts.image, cwd) if opts.image else None
+    from . import registry
+    remote = registry.is_ref(opts.image)
+    image = (opts.image if remote else _absolute("--charlie-image", opts.image, cwd)) \
+        if opts.image else None
     dirs = tuple(_absolute("--charlie-dir", d, cwd) for d in opts.dir)
     job = _absolute("--charlie-job", opts.job, cwd) if opts.job else None
     type_ = cfg["default_type"] if opts.type == "auto" else opts.type
     if opts.type == "none" and image:
         raise UserError("--charlie-type=none", "takes no image", image,
                         hint="drop --charlie-image or choose another type")
-    if image is not None:
+    if image is not None and remote:
+        if type_ not in ("auto", "container"):
+            raise UserError("--charlie-image", "a registry image is a container image, "
+                            f"which does not fit --charlie-type={type_}", image)
+        type_ = "container"
+        # pinned to its digest now: every node runs the same image
+        image = registry.pin(image, cfg["container.registry_insecure"])
+    elif image is not None:
         if cfg["image_roots"] and not _under_roots(image, cfg["image_roots"]):
             raise UserError("--charlie-image", "outside the allowed image "
                             "directories", image, hint="allowed: " +

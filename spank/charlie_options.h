@@ -26,7 +26,7 @@ struct charlie_opt {
 };
 
 static const struct charlie_opt charlie_opts[] = {
-    { "charlie-image", "PATH", "VM image (qcow2/raw) or container image (dir, tarball, squashfs)", 1, 1, NULL },
+    { "charlie-image", "PATH", "VM image (qcow2/raw) or container image (dir, tarball, squashfs, or docker://[REGISTRY/]NAME[:TAG] from a registry)", 1, 1, NULL },
     { "charlie-type", "TYPE", "auto|container|vm|none: what to start (auto: from the image)", 1, 1, "auto|container|vm|none" },
     { "charlie-dir", "DIR", "host directory shown as /ch/dataN (repeat, up to 4); sets CH_DATAn", 1, 4, NULL },
     { "charlie-job", "SCRIPT", "VM batch mode: run SCRIPT on every guest at boot; the job's output and exit code are guest 0's", 1, 1, NULL },

@@ -23,7 +23,7 @@ from typing import Any
 from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
-from .. import config, images, layout, privileged
+from .. import config, images, layout, privileged, registry
 from ..meta import MOUNT_POINTS
 from ..proc import call_as, fd_targets, log, run, starttime
 from . import Backend, Context
@@ -263,30 +263,34 @@ class ContainerBackend(Backend):
     def _unpacked(self, ctx: Context) -> dict[str, Any]:
         """For an archive: unpack (or reuse) it in the user's node cache; a
         squashfs file is mounted by ch-run itself where FUSE allows it."""
-        kind, fmt = call_as(ctx.user, images.detect, ctx.opts.image)
+        source, notes = ctx.opts.image, []
+        if registry.is_ref(source):
+            source, note = self._pulled(ctx)
+            notes = [note] if note else []
+        kind, fmt = call_as(ctx.user, images.detect, source)
         if fmt == "directory":
-            return {"image_dir": ctx.opts.image}
+            return {"image_dir": source, "notes": notes}
         if fmt == "squashfs" and ctx.cfg["container.squashfs"] == "mount":
             why = fuse_unusable()
             if why is None:
                 mnt = os.path.join(ctx.paths.run, SQUASHFS_MOUNT)
                 tmp = node_tmpdir(ctx.cfg, ctx.node)
-                has = call_as(ctx.user, check_squashfs, ctx.opts.image, len(ctx.opts.dir),
+                has = call_as(ctx.user, check_squashfs, source, len(ctx.opts.dir),
                               mnt, (tmp.lstrip("/"),) if tmp else ())
                 log.info("image %s: mounted by ch-run at %s (nothing unpacked)",
-                         ctx.opts.image, mnt)
+                         source, mnt)
                 if tmp and not has:
-                    log.info("image %s has no %s: container.tmpdir not bound", ctx.opts.image, tmp)
-                return {"image_dir": ctx.opts.image, "squashfs_mount": mnt,
-                        "tmpdir": tmp if has else None}
-            log.warning("image %s: unpacked, not mounted: %s", ctx.opts.image, why)
+                    log.info("image %s has no %s: container.tmpdir not bound", source, tmp)
+                return {"image_dir": source, "squashfs_mount": mnt,
+                        "tmpdir": tmp if has else None, "notes": notes}
+            log.warning("image %s: unpacked, not mounted: %s", source, why)
         cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
         user_cache = layout.create_user_dir(cache, ctx.user.uid, ctx.user.gid)
         from .. import unpack  # archives only: tarfile, filelock
-        got = call_as(ctx.user, unpack.unpack, ctx.opts.image, fmt, user_cache,
+        got = call_as(ctx.user, unpack.unpack, source, fmt, user_cache,
                       ctx.job_id, ctx.cfg["timeouts.unpack"],
                       limit=2 * ctx.cfg["timeouts.unpack"] + 60)
-        log.info("image %s: %s %s", ctx.opts.image,
+        log.info("image %s: %s %s", source,
                  "unpacked into" if got["unpacked"] else "cached at", got["image"])
         running = set(layout.list_job_dirs(ctx.paths.root))
         removed = call_as(ctx.user, unpack.evict, user_cache,
@@ -296,9 +300,28 @@ class ContainerBackend(Backend):
             log.info("image cache: evicted %s", sha)
         # an archive's content is only seen now: warn in the job's output
         pmix = "pmix" in (mpi_plugins_cached(ctx.paths.root) or [])
-        warnings = call_as(ctx.user, openmpi_warning, got["image"], ctx.opts.image, pmix)
+        warnings = call_as(ctx.user, openmpi_warning, got["image"], source, pmix)
         return {"image_dir": got["image"], "cache": user_cache, "sha": got["sha"],
-                "warnings": warnings}
+                "warnings": warnings, "notes": notes}
+
+    def _pulled(self, ctx: Context) -> tuple[str, str | None]:
+        """A registry image (pinned at submit): its squashfs in the user's
+        registry cache, pulled by the job's first node, waited for by the
+        others."""
+        cache = ctx.cfg["container.registry_cache"]
+        if cache.startswith("~/"):
+            cache = os.path.join(ctx.user.home, cache[2:])
+        limit = ctx.cfg["timeouts.unpack"]
+        got = call_as(ctx.user, registry.fetch, ctx.opts.image, cache, ctx.guest_id == 0,
+                      ctx.cfg["container.registry_insecure"], limit, limit=2 * limit + 60)
+        if got["pulled"]:
+            log.info("image %s: pulled into %s in %.1f s", ctx.opts.image, got["path"],
+                     got["seconds"])
+            return str(got["path"]), (f"{ctx.opts.image}: pulled once for the job by "
+                                      f"{ctx.node} in {got['seconds']:.1f} s, kept in "
+                                      f"{got['path']}")
+        log.info("image %s: from the cache %s", ctx.opts.image, got["path"])
+        return str(got["path"]), None
 
     def _overlay(self, ctx: Context, image: dict[str, Any]) -> tuple[str, list[str]] | None:
         """A stock image (no /ch/meta, /ch/dataN): (overlay dir, the missing

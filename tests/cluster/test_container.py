@@ -572,3 +572,63 @@ def test_squashfs_is_mounted_not_unpacked(cluster, archives, images):
     out = open(os.path.join(wd, "bad.out")).read()
     assert p.returncode != 0
     assert "image lacks mount points /ch/meta" in out and "mksquashfs" in out, out
+
+
+@pytest.fixture(scope="module")
+def registry_images(cluster, images):
+    from helpers.registry import push
+    from slurm_charlie.sandbox import REGISTRY
+    return {"busybox": push(REGISTRY, "charlie/busybox:latest", images["nomounts"]),
+            "registry": REGISTRY}
+
+
+def _registry_log(cluster) -> str:
+    return os.path.join(cluster.sb.state, "log", "registry.log")
+
+
+def _blob_gets(cluster, since: int) -> list[str]:
+    """Digests of the blobs the registry served since byte `since` of its log."""
+    with open(_registry_log(cluster)) as f:
+        f.seek(since)
+        text = f.read()
+    return re.findall(r'"GET /v2/charlie/busybox/blobs/(sha256:[0-9a-f]+) [^"]*" 200', text)
+
+
+def test_registry_image_pulled_once_for_the_job(cluster, registry_images):
+    """docker://REGISTRY/NAME:TAG: pinned to its digest at submit, pulled
+    once (by the job's first node) for a 3-node job, run everywhere; a
+    second job finds it in the cache and pulls nothing."""
+    wd = cluster.workdir("container-registry")
+    ref = f"docker://{registry_images['busybox']}"
+    cache = os.path.join(cluster.home, ".cache", "slurm-charlie", "images")
+    shutil.rmtree(cache, ignore_errors=True)
+    since = os.path.getsize(_registry_log(cluster))
+    p, jobid = cluster.sbatch(wd, ["-N3", f"--charlie-image={ref}", "-o", "job.out", "-e",
+                                   "job.err", "--wrap", "srun -N3 sh -c 'cat /MARKER; ls -d /ch/meta'"])
+    out, err = open(os.path.join(wd, "job.out")).read(), open(os.path.join(wd, "job.err")).read()
+    assert p.returncode == 0, (out, err)
+    assert out.count("inside-the-image") == 3 and out.count("/ch/meta") == 3, out
+    assert "pulled once for the job by node1" in err, err
+    served = _blob_gets(cluster, since)
+    # one pull: the config and the layer, each once, for three nodes
+    assert len(served) == 2 and len(set(served)) == 2, served
+    assert len([f for f in os.listdir(cache) if f.endswith(".sqfs")]) == 1
+    since = os.path.getsize(_registry_log(cluster))
+    p, _ = cluster.sbatch(wd, ["-N2", f"--charlie-image={ref}", "-o", "job2.out", "--wrap",
+                               "srun cat /MARKER"])
+    assert p.returncode == 0
+    assert "inside-the-image" in open(os.path.join(wd, "job2.out")).read()
+    assert _blob_gets(cluster, since) == []  # from the cache, by digest
+
+
+@pytest.mark.parametrize("ref,message", [
+    ("docker://{reg}/charlie/busybox:no-such-tag", "cannot find the image in its registry"),
+    ("docker://{reg}/charlie/nothing-here:latest", "cannot find the image in its registry"),
+    ("docker://{reg}/Bad Name", "not a registry image reference"),
+])
+def test_bad_registry_references_refused_at_submit(cluster, registry_images, ref, message):
+    wd = cluster.workdir("container-registry-bad")
+    ref = ref.format(reg=registry_images["registry"])
+    p = cluster.as_user(["sbatch", "-N1", f"--charlie-image={ref}", "--wrap", "true"], wd)
+    assert p.returncode != 0 and "Submitted" not in p.stdout
+    assert f"--charlie-image: {message}" in p.stderr, p.stderr

@@ -1,0 +1,158 @@
+"""Registry images: --charlie-image=docker://[REGISTRY/]NAME[:TAG|@DIGEST].
+
+At submit the reference is pinned to its digest (`skopeo inspect`, as the
+user, with the user's own registry credentials), so every node runs the same
+image even if the tag moves.  On the nodes the first node of the job pulls it
+once (`skopeo copy` to an OCI layout, `umoci unpack --rootless`), adds the
+/ch mount points and makes a squashfs of it in the user's registry cache
+(container.registry_cache, on a filesystem every node sees); the other nodes
+wait for that file.  Later jobs find it by digest.  The squashfs is then
+mounted like any squashfs image.  Everything here runs as the job user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+
+from .errors import UserError
+from .meta import MOUNT_POINTS
+from .proc import run
+
+PREFIX = "docker://"
+_NAME = r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+_REF = re.compile(r"^(?:(?P<registry>[a-zA-Z0-9.-]+(?::[0-9]+)?)/)?"
+                  rf"(?P<name>{_NAME})"
+                  r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+                  r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+HINT = ("write it as docker://[REGISTRY/]NAME[:TAG], e.g. "
+        "docker://registry.example.org:5000/busybox:latest")
+
+
+def is_ref(image: str | None) -> bool:
+    return bool(image) and image.startswith(PREFIX)  # type: ignore[union-attr]
+
+
+def parse(ref: str) -> dict[str, str | None]:
+    m = _REF.match(ref[len(PREFIX):])
+    if not m or "//" in ref[len(PREFIX):]:
+        raise UserError("--charlie-image", "not a registry image reference", ref, hint=HINT)
+    parts = m.groupdict()
+    if parts["registry"] and "." not in parts["registry"] and ":" not in parts["registry"] \
+            and parts["registry"] != "localhost":
+        # docker's rule: a first component without '.' or ':' is part of the name
+        parts["name"] = f"{parts['registry']}/{parts['name']}"
+        parts["registry"] = None
+        if not re.fullmatch(_NAME, parts["name"] or ""):
+            raise UserError("--charlie-image", "not a registry image reference", ref,
+                            hint=HINT)
+    return parts
+
+
+def _tls(registry: str | None, insecure: list[str]) -> list[str]:
+    return ["--tls-verify=false"] if registry and registry in insecure else []
+
+
+def _skopeo_error(p) -> str:
+    lines = [ln for ln in p.stderr.decode(errors="replace").strip().splitlines() if ln]
+    text = lines[-1] if lines else f"skopeo exited with {p.returncode}"
+    return re.sub(r'^time="[^"]*" level=\w+ msg="(.*)"$', r"\1", text)[-300:]
+
+
+def pin(ref: str, insecure: list[str], timeout: float = 60) -> str:
+    """The reference with its digest (at submit, as the user)."""
+    parts = parse(ref)
+    # the manifest only (--raw): its sha256 is the digest, and no layer or
+    # config blob is fetched at submit
+    p = run(["skopeo", "inspect", "--raw", *_tls(parts["registry"], insecure), ref],
+            timeout=timeout, check=False)
+    if p.returncode != 0:
+        raise UserError("--charlie-image", f"cannot find the image in its registry: "
+                        f"{_skopeo_error(p)}", ref,
+                        hint="check the name and tag; for a private registry log in "
+                        "first (skopeo login REGISTRY), the job uses your credentials")
+    if not p.stdout.strip().startswith(b"{"):
+        raise UserError("--charlie-image", "the registry gave no manifest", ref)
+    digest = parts["digest"] or "sha256:" + hashlib.sha256(p.stdout).hexdigest()
+    base = ref[len(PREFIX):].split("@")[0]
+    if parts["tag"]:
+        base = base[: -len(parts["tag"]) - 1]
+    return f"{PREFIX}{base}@{digest}"
+
+
+def cache_file(cache_dir: str, pinned: str) -> str:
+    digest = parse(pinned)["digest"]
+    if not digest:
+        raise UserError("--charlie-image", "not pinned to a digest", pinned)
+    return os.path.join(cache_dir, digest.split(":", 1)[1] + ".sqfs")
+
+
+def fetch(pinned: str, cache_dir: str, pull: bool, insecure: list[str],
+          timeout: float) -> dict[str, object]:
+    """As the job user: the squashfs of the pinned image in cache_dir.  The
+    puller (the job's first node) pulls and converts it unless another job
+    already did; the others wait for it.  Returns {"path", "pulled", "seconds"}."""
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    final = cache_file(cache_dir, pinned)
+    start = time.monotonic()
+    if os.path.exists(final):
+        return {"path": final, "pulled": False, "seconds": 0.0}
+    failed = final + ".failed"  # the puller's reason, for the nodes waiting on it
+    if not pull:
+        began = time.time()
+        while time.monotonic() - start < timeout:
+            if os.path.exists(final):
+                return {"path": final, "pulled": False,
+                        "seconds": round(time.monotonic() - start, 2)}
+            try:
+                if os.stat(failed).st_mtime >= began - 60:
+                    with open(failed) as f:
+                        why = f.read(500).strip()
+                    raise UserError("--charlie-image", f"the job's first node could not "
+                                    f"pull the image: {why}", pinned)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)
+        raise UserError("--charlie-image", f"the job's first node did not provide the "
+                        f"image within {timeout:g} s", final,
+                        hint="container.registry_cache must be on a filesystem every "
+                        "node sees (the first node's error says more)")
+    import filelock
+    with filelock.FileLock(final + ".lock", timeout=timeout):
+        if os.path.exists(final):
+            return {"path": final, "pulled": False, "seconds": 0.0}
+        if os.path.exists(failed):
+            os.unlink(failed)
+        tmp = tempfile.mkdtemp(prefix=".pull-", dir=cache_dir)
+        try:
+            parts = parse(pinned)
+            p = run(["skopeo", "copy", "--quiet", *_tls(parts["registry"], insecure),
+                     pinned, f"oci:{tmp}/oci:image"], timeout=timeout, check=False)
+            if p.returncode != 0:
+                raise UserError("--charlie-image", f"pull failed: {_skopeo_error(p)}", pinned)
+            p = run(["umoci", "unpack", "--rootless", "--image", f"{tmp}/oci:image",
+                     f"{tmp}/bundle"], timeout=timeout, check=False)
+            if p.returncode != 0:
+                raise UserError("--charlie-image", "cannot unpack the pulled image: "
+                                + p.stderr.decode(errors="replace").strip()[-300:], pinned)
+            root = os.path.join(tmp, "bundle", "rootfs")
+            for m in MOUNT_POINTS:
+                os.makedirs(os.path.join(root, m), exist_ok=True)
+            p = run(["mksquashfs", root, f"{tmp}/image.sqfs", "-quiet", "-no-progress",
+                     "-no-xattrs"], timeout=timeout, check=False)
+            if p.returncode != 0:
+                raise UserError("--charlie-image", "cannot make a squashfs of the image: "
+                                + p.stderr.decode(errors="replace").strip()[-300:], pinned)
+            os.chmod(f"{tmp}/image.sqfs", 0o600)
+            os.rename(f"{tmp}/image.sqfs", final)
+        except UserError as e:
+            with open(failed, "w") as f:
+                f.write(e.line() + "\n")
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"path": final, "pulled": True, "seconds": round(time.monotonic() - start, 2)}
