@@ -549,6 +549,9 @@ class Sandbox:
         ctl = _alive(self._p("run", "slurmctld.pid"))
         print(f"slurmctld: {'running, pid %d' % ctl if ctl else 'stopped'}")
         ok &= bool(ctl)
+        reg = _alive(self._p("run", "registry.pid"))
+        print(f"registry:  {'running, pid %d (%s)' % (reg, REGISTRY) if reg else 'stopped'}")
+        ok &= bool(reg)
         states = self.node_states() if ctl else {}
         for n in self.nodes:
             pid = _alive(self._p("run", f"slurmd-{n.name}.pid"))

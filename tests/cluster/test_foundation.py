@@ -254,6 +254,6 @@ def test_sandbox_up_is_idempotent(cluster):
     bin_ = cluster.sb.charlie_bin()
     p = cluster.run([bin_, "sandbox", "up", "--nodes", str(cluster.sb.nnodes)])
     assert p.returncode == 0, p.stderr
-    assert len(pids) == 1 + cluster.sb.nnodes
+    assert len(pids) == 2 + cluster.sb.nnodes  # slurmctld, the image registry, slurmds
     assert {f: open(f).read().split()[0] for f in pids} == pids  # nothing restarted
     assert cluster.sb.leftovers() != []  # the check sees a running sandbox
