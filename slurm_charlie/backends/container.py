@@ -72,6 +72,11 @@ def node_tmpdir(cfg: Config, node: str) -> str | None:
     return path if stat.S_ISDIR(st.st_mode) else None
 
 
+def _mkdir_hint(image: str) -> str:
+    return "create them once: mkdir -p " + " ".join(os.path.join(image, m)
+                                                    for m in MOUNT_POINTS)
+
+
 OVERLAY_DIR = "overlay"  # in run/: the stock image's overlay (its namespace only)
 #: run by `unshare --user --map-root-user --mount` as the job user: a tmpfs
 #: on run/overlay, the missing mount points made in it as the upper layer
@@ -213,10 +218,10 @@ def mpi_for(flavours: dict[str, str]) -> str:
     return "pmix" if "openmpi" in flavours and "mpich" not in flavours else "pmi2"
 
 
-def openmpi_warning(image_dir: str, shown_as: str, pmix: bool = False) -> list[str]:
-    """Lines to warn with when the image has Open MPI and no MPICH and this
-    Slurm offers no PMIx (with PMIx, such images get srun --mpi=pmix)."""
-    mpi = mpi_flavours(image_dir)
+def openmpi_warning(mpi: dict[str, str], shown_as: str, pmix: bool = False) -> list[str]:
+    """Lines to warn with when the image's MPI (mpi_flavours) is Open MPI
+    without MPICH and this Slurm offers no PMIx (with PMIx, such images get
+    srun --mpi=pmix)."""
     if "openmpi" not in mpi or "mpich" in mpi or pmix:
         return []
     return [f"--charlie-image: image has Open MPI ({mpi['openmpi']}) and no MPICH: "
@@ -232,9 +237,10 @@ class ContainerBackend(Backend):
     def check(self, opts: Options, cfg: Config) -> None:
         if opts.image and os.path.isdir(opts.image):
             check_image_dir(opts.image, opts.write, len(opts.dir))
-            if "openmpi" in mpi_flavours(opts.image):
+            mpi = mpi_flavours(opts.image)
+            if "openmpi" in mpi:  # srun --mpi=list only for such images
                 pmix = "pmix" in (mpi_plugins() or [])
-                for line in openmpi_warning(opts.image, opts.image, pmix):
+                for line in openmpi_warning(mpi, opts.image, pmix):
                     log.warning("%s", line)
         elif opts.image and opts.write:
             raise UserError("--charlie-write", "needs an image directory; an "
@@ -299,10 +305,10 @@ class ContainerBackend(Backend):
         for sha in removed:
             log.info("image cache: evicted %s", sha)
         # an archive's content is only seen now: warn in the job's output
-        pmix = "pmix" in (mpi_plugins_cached(ctx.paths.root) or [])
-        warnings = call_as(ctx.user, openmpi_warning, got["image"], source, pmix)
+        mpi = call_as(ctx.user, mpi_flavours, got["image"])
+        pmix = "pmix" in (mpi_plugins_cached(ctx.paths.root) or []) if "openmpi" in mpi else False
         return {"image_dir": got["image"], "cache": user_cache, "sha": got["sha"],
-                "warnings": warnings, "notes": notes}
+                "warnings": openmpi_warning(mpi, source, pmix), "notes": notes, "mpi": mpi}
 
     def _pulled(self, ctx: Context) -> tuple[str, str | None]:
         """A registry image (pinned at submit): its squashfs in the user's
@@ -323,12 +329,13 @@ class ContainerBackend(Backend):
         log.info("image %s: from the cache %s", ctx.opts.image, got["path"])
         return str(got["path"]), None
 
-    def _overlay(self, ctx: Context, image: dict[str, Any]) -> tuple[str, list[str]] | None:
-        """A stock image (no /ch/meta, /ch/dataN): (overlay dir, the missing
-        mount points), else None.  The image itself is never written."""
+    def _overlay(self, ctx: Context, image: dict[str, Any], tmp: str | None
+                 ) -> tuple[str, list[str]] | None:
+        """A stock image (no /ch/meta, /ch/dataN, or no node TmpFS path
+        tmp): (overlay dir, the missing mount points), else None.  The image
+        itself is never written."""
         if image.get("squashfs_mount") or ctx.opts.write:
             return None
-        tmp = node_tmpdir(ctx.cfg, ctx.node)
         missing = call_as(ctx.user, missing_mount_points, image["image_dir"],
                           len(ctx.opts.dir), (tmp.lstrip("/"),) if tmp else ())
         if not missing:
@@ -337,8 +344,7 @@ class ContainerBackend(Backend):
             raise UserError("--charlie-image", "image lacks mount points "
                             + ", ".join("/" + m for m in missing) + " and its path has "
                             "',', ':' or '\\', which an overlay cannot take",
-                            image["image_dir"], hint="create them once: mkdir -p " + " ".join(
-                                os.path.join(image["image_dir"], m) for m in MOUNT_POINTS))
+                            image["image_dir"], hint=_mkdir_hint(image["image_dir"]))
         overlay = os.path.join(ctx.paths.run, OVERLAY_DIR)
         call_as(ctx.user, os.makedirs, overlay, 0o700, True)
         log.info("image %s has no %s: they come from an overlay (the image is not written)",
@@ -347,10 +353,14 @@ class ContainerBackend(Backend):
 
     def start(self, ctx: Context) -> dict[str, Any]:
         image = self._unpacked(ctx)
-        if not image.get("squashfs_mount"):  # what MPI the image carries (task_env)
+        # what MPI the image carries (task_env): an archive's was read when unpacked
+        if "mpi" in image:
+            self.image_mpi = image.pop("mpi")
+        elif not image.get("squashfs_mount"):
             self.image_mpi = call_as(ctx.user, mpi_flavours, image["image_dir"])
         call_as(ctx.user, _make_fifo, os.path.join(ctx.paths.meta, HOLDER_FIFO))
-        overlay = self._overlay(ctx, image)
+        tmp = image["tmpdir"] if "tmpdir" in image else node_tmpdir(ctx.cfg, ctx.node)
+        overlay = self._overlay(ctx, image, tmp)
         runtime = ctx.cfg["container.runtime"]
         argv = [runtime]
         if ctx.opts.write:
@@ -365,7 +375,6 @@ class ContainerBackend(Backend):
         argv += ["-b", f"{ctx.paths.meta}:/ch/meta"]
         for i, d in enumerate(ctx.opts.dir, start=1):
             argv += ["-b", f"{d}:/ch/data{i}"]
-        tmp = image["tmpdir"] if "tmpdir" in image else node_tmpdir(ctx.cfg, ctx.node)
         if tmp and not overlay and not image.get("squashfs_mount") and not call_as(
                 ctx.user, os.path.isdir, os.path.join(image["image_dir"], tmp.lstrip("/"))):
             tmp = None  # --charlie-write on an image without it: ch-run cannot bind there
@@ -414,9 +423,7 @@ class ContainerBackend(Backend):
                 if overlay:
                     hint += ("; the image lacks mount points and the node could not "
                              "overlay them (unprivileged overlayfs needs Linux 5.11 or "
-                             "later and user namespaces): create them once: mkdir -p "
-                             + " ".join(os.path.join(image["image_dir"], m)
-                                        for m in MOUNT_POINTS))
+                             "later and user namespaces): " + _mkdir_hint(image["image_dir"]))
                 raise UserError("container", f"ch-run exited with {proc.returncode}",
                                 text.splitlines()[-1] if text else None, hint=hint)
             # a squashfs image: ch-run stays as the FUSE server and the

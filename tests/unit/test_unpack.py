@@ -244,8 +244,8 @@ def test_mpi_type_follows_the_image(tmp_path):
     assert mpi_for(mpi_flavours(str(img))) == "pmi2"
     (lib / "libmpi.so.40").write_bytes(b"")
     assert mpi_for(mpi_flavours(str(img))) == "pmix"
-    assert openmpi_warning(str(img), "IMG", pmix=True) == []
-    assert "image has Open MPI" in openmpi_warning(str(img), "IMG", pmix=False)[0]
+    assert openmpi_warning(mpi_flavours(str(img)), "IMG", pmix=True) == []
+    assert "image has Open MPI" in openmpi_warning(mpi_flavours(str(img)), "IMG", pmix=False)[0]
     (lib / "libmpich.so.12").write_bytes(b"")
     assert mpi_for(mpi_flavours(str(img))) == "pmi2"
-    assert openmpi_warning(str(img), "IMG", pmix=False) == []
+    assert openmpi_warning(mpi_flavours(str(img)), "IMG", pmix=False) == []
