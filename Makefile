@@ -72,8 +72,13 @@ $(VMC)/guest.qcow2 $(VMC)/initrd.img $(VMC)/guest-boot.qcow2 $(VMC)/debian.sqfs:
 		slurm_charlie/vmbuild.py | venv
 	sh tests/vm/build_guest.sh $(VMC) $(abspath $(SB))
 
+# the sandbox's registry gets two stock images (busybox, debian-mpi), built
+# once into an OCI layout under $(CACHE)/images (tests/helpers/registry.py)
+SEED := PYTHONPATH=tests $(VENV)/bin/python -m helpers.registry $(CACHE)/images $(VMC)/debian.sqfs
+
 sandbox-up: all guest
 	$(SB) sandbox up --nodes 3 --guest-dir $(VMC)
+	$(SEED)
 
 sandbox-down:
 	@if [ -x $(SB) ]; then $(SB) sandbox down; fi
@@ -84,7 +89,7 @@ demo: sandbox-up
 # The full suite on the sandbox; the sandbox is stopped afterwards whatever
 # the result (CI must stop what it started).
 test: all shim-other-slurm guest
-	@rc=0; $(SB) sandbox up --nodes 3 --guest-dir $(VMC) || rc=$$?; \
+	@rc=0; $(SB) sandbox up --nodes 3 --guest-dir $(VMC) && $(SEED) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then $(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit tests/cluster tests/adversarial tests/vm || rc=$$?; fi; \
 	$(SB) sandbox down || true; exit $$rc
 

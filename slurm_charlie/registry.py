@@ -142,8 +142,11 @@ def fetch(pinned: str, cache_dir: str, pull: bool, insecure: list[str],
             root = os.path.join(tmp, "bundle", "rootfs")
             for m in MOUNT_POINTS:
                 os.makedirs(os.path.join(root, m), exist_ok=True)
+                os.chmod(os.path.join(root, m), 0o755)
+            # owned by root as in the registry (a rootless unpack gave every
+            # file to the user): in a user namespace root is the job user
             p = run(["mksquashfs", root, f"{tmp}/image.sqfs", "-quiet", "-no-progress",
-                     "-no-xattrs"], timeout=timeout, check=False)
+                     "-no-xattrs", "-all-root"], timeout=timeout, check=False)
             if p.returncode != 0:
                 raise UserError("--charlie-image", "cannot make a squashfs of the image: "
                                 + p.stderr.decode(errors="replace").strip()[-300:], pinned)

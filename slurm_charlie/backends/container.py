@@ -85,9 +85,22 @@ OVERLAY_DIR = "overlay"  # in run/: the stock image's overlay (its namespace onl
 #: read-only lower layer, then ch-run on the merged tree.  Nothing is
 #: written to the image; it all goes with the namespace.
 OVERLAY_SCRIPT = """set -e
-o=$1; lower=$2; shift 2
+o=$1; lower=$2; sqfs=$3; shift 3
 mount -t tmpfs -o mode=0700 charlie-overlay "$o"
 mkdir "$o/upper" "$o/work" "$o/merged"
+if [ -n "$sqfs" ]; then
+    # a squashfs image: squashfuse (as the user, this namespace only) is the
+    # read-only lower layer; it stays the holder's child until the epilog
+    mkdir "$o/lower"
+    squashfuse -f "$sqfs" "$o/lower" </dev/null &
+    i=0
+    until mountpoint -q "$o/lower"; do
+        kill -0 $! 2>/dev/null || { echo "squashfuse could not mount $sqfs" >&2; exit 1; }
+        i=$((i + 1)); [ $i -lt 600 ] || { echo "squashfuse did not mount $sqfs" >&2; exit 1; }
+        sleep 0.05
+    done
+    lower=$o/lower
+fi
 while [ "$1" != -- ]; do mkdir -p "$o/upper/$1"; shift; done
 shift
 mount -t overlay charlie-overlay -o "lowerdir=$lower,upperdir=$o/upper,workdir=$o/work" "$o/merged"
@@ -109,47 +122,52 @@ def fuse_unusable(dev: str = "/dev/fuse") -> str | None:
     return None
 
 
-def check_squashfs(image: str, ndirs: int, mount_dir: str, optional: tuple[str, ...] = ()
-                   ) -> list[str]:
-    """As the user: the squashfs image has our mount points (listed, not
-    unpacked; a missing /bin/sh shows in the holder's log, as /bin may be a
-    link), and the mount point for ch-run exists."""
-    wanted = list(MOUNT_POINTS[:1 + ndirs])
-    p = run(["unsquashfs", "-lc", image, *wanted, *optional], timeout=60, check=False)
-    if p.returncode != 0:
-        raise UserError("--charlie-image", "not a readable squashfs image", image,
-                        p.stderr.decode(errors="replace").strip()[-200:] or None)
-    found = {line.split("/", 1)[1] for line in p.stdout.decode(errors="replace").splitlines()
-             if "/" in line}
-    missing = [m for m in wanted if m not in found]
-    if missing:
-        raise UserError("--charlie-image", "image lacks mount points "
-                        + ", ".join("/" + m for m in missing), image,
-                        hint="rebuild the squashfs from a directory with them: mkdir -p "
-                        "DIR/ch/meta DIR/ch/data1 ... DIR/ch/data4; mksquashfs DIR IMAGE")
-    os.makedirs(mount_dir, mode=0o700, exist_ok=True)
-    return [o for o in optional if o in found]
-
-
 LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib64",
             "usr/lib", "lib", "lib64", "usr/local/lib",
             "usr/lib/x86_64-linux-gnu/openmpi/lib", "usr/lib64/openmpi/lib")
 
 
+def _mpi_in(paths) -> dict[str, str]:
+    """{"openmpi"|"mpich": path} for the MPI libraries among paths (relative
+    to the image root) that sit directly in one of LIB_DIRS."""
+    found: dict[str, str] = {}
+    for rel in sorted(paths):
+        d, _, n = rel.rpartition("/")
+        if d not in LIB_DIRS:
+            continue
+        if n.startswith("libmpi.so.40"):
+            found.setdefault("openmpi", "/" + rel)
+        elif n.startswith("libmpich.so"):
+            found.setdefault("mpich", "/" + rel)
+    return found
+
+
 def mpi_flavours(image: str) -> dict[str, str]:
     """Which MPI libraries an image directory carries: {"openmpi"|"mpich": path}."""
-    found: dict[str, str] = {}
+    names = []
     for d in LIB_DIRS:
         try:
-            names = os.listdir(os.path.join(image, d))
+            names += [f"{d}/{n}" for n in os.listdir(os.path.join(image, d))]
         except OSError:
             continue
-        for n in names:
-            if n.startswith("libmpi.so.40"):
-                found.setdefault("openmpi", "/" + os.path.join(d, n))
-            elif n.startswith("libmpich.so"):
-                found.setdefault("mpich", "/" + os.path.join(d, n))
-    return found
+    return _mpi_in(names)
+
+
+def check_squashfs(image: str, ndirs: int, mount_dir: str, optional: tuple[str, ...] = ()
+                   ) -> tuple[list[str], dict[str, str]]:
+    """As the user, from the squashfs image's listing (nothing unpacked):
+    which of our mount points (and the optional ones) it lacks, and the MPI
+    it carries (mpi_flavours).  A missing /bin/sh shows in the holder's log,
+    as /bin may be a link.  Makes the mount point for ch-run."""
+    wanted = [*MOUNT_POINTS[:1 + ndirs], *optional]
+    p = run(["unsquashfs", "-l", image, *wanted, *LIB_DIRS], timeout=60, check=False)
+    if p.returncode != 0:
+        raise UserError("--charlie-image", "not a readable squashfs image", image,
+                        p.stderr.decode(errors="replace").strip()[-200:] or None)
+    found = {line.split("/", 1)[1] for line in p.stdout.decode(errors="replace").splitlines()
+             if "/" in line}
+    os.makedirs(mount_dir, mode=0o700, exist_ok=True)
+    return [m for m in wanted if m not in found], _mpi_in(found)
 
 
 def mpi_plugins() -> list[str] | None:
@@ -276,19 +294,28 @@ class ContainerBackend(Backend):
         kind, fmt = call_as(ctx.user, images.detect, source)
         if fmt == "directory":
             return {"image_dir": source, "notes": notes}
-        if fmt == "squashfs" and ctx.cfg["container.squashfs"] == "mount":
+        if fmt == "squashfs" and ctx.cfg["container.squashfs"] == "mount" \
+                and not ctx.opts.write:  # --charlie-write: a copy to write into
             why = fuse_unusable()
             if why is None:
                 mnt = os.path.join(ctx.paths.run, SQUASHFS_MOUNT)
                 tmp = node_tmpdir(ctx.cfg, ctx.node)
-                has = call_as(ctx.user, check_squashfs, source, len(ctx.opts.dir),
-                              mnt, (tmp.lstrip("/"),) if tmp else ())
-                log.info("image %s: mounted by ch-run at %s (nothing unpacked)",
-                         source, mnt)
-                if tmp and not has:
-                    log.info("image %s has no %s: container.tmpdir not bound", source, tmp)
-                return {"image_dir": source, "squashfs_mount": mnt,
-                        "tmpdir": tmp if has else None, "notes": notes}
+                missing, mpi = call_as(ctx.user, check_squashfs, source, len(ctx.opts.dir),
+                                       mnt, (tmp.lstrip("/"),) if tmp else ())
+                if not missing:
+                    log.info("image %s: mounted by ch-run at %s (nothing unpacked)",
+                             source, mnt)
+                    return {"image_dir": source, "squashfs_mount": mnt, "tmpdir": tmp,
+                            "notes": notes, "mpi": mpi}
+                if shutil.which("squashfuse"):
+                    # the mount points come from an overlay on squashfuse
+                    log.info("image %s has no %s: mounted by squashfuse, the mount points "
+                             "from an overlay (nothing unpacked)", source,
+                             ", ".join("/" + m for m in missing))
+                    return {"image_dir": source, "squashfs_lower": missing,
+                            "tmpdir": tmp, "notes": notes, "mpi": mpi}
+                why = ("it lacks " + ", ".join("/" + m for m in missing)
+                       + " and squashfuse (for an overlay) is not installed")
             log.warning("image %s: unpacked, not mounted: %s", source, why)
         cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
         user_cache = layout.create_user_dir(cache, ctx.user.uid, ctx.user.gid)
@@ -336,19 +363,21 @@ class ContainerBackend(Backend):
         itself is never written."""
         if image.get("squashfs_mount") or ctx.opts.write:
             return None
-        missing = call_as(ctx.user, missing_mount_points, image["image_dir"],
-                          len(ctx.opts.dir), (tmp.lstrip("/"),) if tmp else ())
+        missing = image.get("squashfs_lower") or call_as(
+            ctx.user, missing_mount_points, image["image_dir"], len(ctx.opts.dir),
+            (tmp.lstrip("/"),) if tmp else ())
         if not missing:
             return None
-        if any(c in image["image_dir"] for c in ",:\\"):
+        if not image.get("squashfs_lower") and any(c in image["image_dir"] for c in ",:\\"):
             raise UserError("--charlie-image", "image lacks mount points "
                             + ", ".join("/" + m for m in missing) + " and its path has "
                             "',', ':' or '\\', which an overlay cannot take",
                             image["image_dir"], hint=_mkdir_hint(image["image_dir"]))
         overlay = os.path.join(ctx.paths.run, OVERLAY_DIR)
         call_as(ctx.user, os.makedirs, overlay, 0o700, True)
-        log.info("image %s has no %s: they come from an overlay (the image is not written)",
-                 image["image_dir"], ", ".join("/" + m for m in missing))
+        if not image.get("squashfs_lower"):  # that one is logged already
+            log.info("image %s has no %s: they come from an overlay (the image is not "
+                     "written)", image["image_dir"], ", ".join("/" + m for m in missing))
         return overlay, missing
 
     def start(self, ctx: Context) -> dict[str, Any]:
@@ -387,7 +416,8 @@ class ContainerBackend(Backend):
         if overlay:
             argv += [os.path.join(overlay[0], "merged"), "--", "/bin/sh", "-c", HOLDER_SCRIPT]
             argv = ["unshare", "--user", "--map-root-user", "--mount", "/bin/sh", "-c",
-                    OVERLAY_SCRIPT, "sh", overlay[0], image["image_dir"], *overlay[1], "--",
+                    OVERLAY_SCRIPT, "sh", overlay[0], image["image_dir"],
+                    image["image_dir"] if image.get("squashfs_lower") else "", *overlay[1], "--",
                     *argv]
         else:
             argv += [image["image_dir"], "--", "/bin/sh", "-c", HOLDER_SCRIPT]
@@ -441,8 +471,14 @@ class ContainerBackend(Backend):
                             hint="the image's /bin/sh must be a POSIX shell that "
                             "runs `exec 3<>FILE; read -r _ <&3`")
         # ch-run has exec'd the image's /bin/sh by now: record that program
-        if holder != proc.pid:
-            fuse = dataclasses.replace(rec, role="fuse", mntns=_ns_inode(proc.pid, "mnt") or 0)
+        # and the FUSE server (ch-run itself, or the overlay's squashfuse)
+        server = proc.pid if holder != proc.pid else \
+            _only_child(holder) if image.get("squashfs_lower") else None
+        if server:
+            fuse = dataclasses.replace(rec, role="fuse", pid=server,
+                                       start=starttime(server) or 0,
+                                       exe=privileged.exe_of(server) or rec.exe,
+                                       mntns=_ns_inode(server, "mnt") or 0)
             ctx.spawned(fuse)
             privileged.join_job_cgroup(ctx.node, fuse, ctx.job_id, ctx.guest_id)
         rec = dataclasses.replace(rec, pid=holder, start=starttime(holder) or 0, mntns=mnt or 0,
@@ -466,7 +502,9 @@ class ContainerBackend(Backend):
         fuse = record.proc("fuse") if record is not None else None
         mntns = holder.mntns if holder is not None else 0
         fuse_ns = fuse.mntns if fuse is not None else 0
-        squashfs = f"{ctx.paths.run}/{SQUASHFS_MOUNT}".encode()
+        # FUSE servers of this job's image: ch-run's mount point, squashfuse's
+        fuse_dirs = (f"{ctx.paths.run}/{SQUASHFS_MOUNT}".encode(),
+                     f"{ctx.paths.run}/{OVERLAY_DIR}/lower".encode())
         fifo = layout.lstat_in_job(ctx.paths, "meta", HOLDER_FIFO)
         fifo_id = (fifo.st_dev, fifo.st_ino) if fifo and stat.S_ISFIFO(fifo.st_mode) \
             else None
@@ -476,7 +514,7 @@ class ContainerBackend(Backend):
         n = privileged.kill_user_processes(
             ctx.user.uid, lambda pid: bool(mntns and _ns_inode(pid, "mnt") == mntns)
             or bool(fuse_ns and _ns_inode(pid, "mnt") == fuse_ns)
-            or _holds_fifo(pid, fifo_id) or _mounts_for(pid, squashfs),
+            or _holds_fifo(pid, fifo_id) or _mounts_for(pid, fuse_dirs),
             ctx.cfg["timeouts.kill"], "container")
         if n:
             log.info("container: %d processes of the job ended", n)
@@ -499,12 +537,12 @@ def _only_child(pid: int) -> int | None:
     return int(kids[0]) if len(kids) == 1 else None
 
 
-def _mounts_for(pid: int, mount_dir: bytes) -> bool:
-    """pid is a ch-run serving this job's squashfs mount (no record: its
-    command line names the job's mount point)."""
+def _mounts_for(pid: int, mount_dirs: tuple[bytes, ...]) -> bool:
+    """pid is a FUSE server (ch-run, squashfuse) serving this job's image
+    (no record: its command line names one of the job's mount points)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return mount_dir in f.read(1 << 16).split(b"\0")
+            return bool(set(mount_dirs) & set(f.read(1 << 16).split(b"\0")))
     except OSError:
         return False
 

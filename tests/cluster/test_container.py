@@ -1,6 +1,7 @@
 """Container jobs (issue 3, first part) on the sandbox: one holder per node,
 every task of a step inside it, the batch script on the host, cleanup."""
 
+import hashlib
 import os
 import re
 import shutil
@@ -290,7 +291,13 @@ def archives(cluster, images):
     subprocess.run(["tar", "-C", images["bb"], "-czf", out["tgz"], "."], check=True)
     subprocess.run(["tar", "-C", parent, "-cJf", out["topdir"], name], check=True)
     subprocess.run(["tar", "-C", images["bb"], "-cf", out["tar"], "."], check=True)
-    subprocess.run(["mksquashfs", images["bb"], out["sqfs"], "-quiet", "-no-progress"],
+    # the squashfs has every mount point, the nodes' TmpFS paths included
+    # (as any image has /tmp where TmpFS=/tmp): ch-run mounts it as it is
+    full = os.path.join(base, "bb-full")
+    shutil.copytree(images["bb"], full, symlinks=True)
+    for n in ("node1", "node2", "node3"):
+        os.makedirs(full + os.path.join(cluster.sb.state, "tmp", n))
+    subprocess.run(["mksquashfs", full, out["sqfs"], "-quiet", "-no-progress"],
                    check=True, capture_output=True)
     subprocess.run(["tar", "-C", images["nomounts"], "-czf", out["other"], "."], check=True)
     evil_src = os.path.join(base, "evil-src")
@@ -562,23 +569,68 @@ def test_squashfs_is_mounted_not_unpacked(cluster, archives, images):
     assert cluster.user_processes() == []
     assert cluster.job_dirs() == []
     assert sqfs not in open("/proc/self/mountinfo").read()
-    # an image without the mount points: the reason and the fix
-    bad = os.path.join(wd, "nomounts.sqfs")
-    subprocess.run(["mksquashfs", images["nomounts"], bad, "-quiet", "-no-progress"],
+
+
+def test_stock_squashfs_gets_mount_points_from_an_overlay(cluster, images):
+    """A squashfs image without /ch (nor the node's TmpFS path): squashfuse
+    mounts it as the user, an overlay in the holder's namespace adds the
+    mount points; nothing unpacked, the file unchanged, and squashfuse goes
+    with the job -- also after scancel."""
+    wd = cluster.workdir("squashfs-stock")
+    sqfs = os.path.join(wd, "nomounts.sqfs")
+    subprocess.run(["mksquashfs", images["nomounts"], sqfs, "-quiet", "-no-progress"],
                    check=True, capture_output=True)
-    os.chmod(bad, 0o644)
-    p, _ = cluster.sbatch(wd, ["-N1", f"--charlie-image={bad}", "-o", "bad.out", "--wrap",
-                               "srun true"])
-    out = open(os.path.join(wd, "bad.out")).read()
-    assert p.returncode != 0
-    assert "image lacks mount points /ch/meta" in out and "mksquashfs" in out, out
+    os.chmod(sqfs, 0o644)
+    before = hashlib.sha256(open(sqfs, "rb").read()).hexdigest()
+    tmpfs = os.path.join(cluster.sb.state, "tmp")
+    cluster.write(os.path.join(wd, "job.sh"), f"""#!/bin/sh
+srun -N3 sh -c 'cat /MARKER; ls -d /ch/meta /ch/data1 {tmpfs}/$(hostname) \\
+    && touch /ch/data1/w.$SLURM_NODEID {tmpfs}/$(hostname)/probe.$SLURM_JOB_ID \\
+    && awk "\\$2 == \\"/\\" {{print \\"ROOT\\", \\$3}}" /proc/self/mounts'
+""")
+    p, jobid = cluster.sbatch(wd, ["-N3", f"--charlie-image={sqfs}", "--charlie-dir=.",
+                                   "-o", "job.out", "job.sh"])
+    out = open(os.path.join(wd, "job.out")).read()
+    assert p.returncode == 0, out
+    assert out.count("inside-the-image") == 3 and out.count("/ch/data1") == 3, out
+    assert out.count("ROOT overlay") == 3, out
+    assert sorted(f for f in os.listdir(wd) if f.startswith("w.")) == ["w.0", "w.1", "w.2"]
+    for n in ("node1", "node2", "node3"):  # the node's TmpFS itself is bound there
+        assert os.path.exists(os.path.join(tmpfs, n, f"probe.{jobid}"))
+    for node in ("node1", "node2", "node3"):
+        lines = [l for l in _charlie_log(cluster, node).splitlines()
+                 if f"job {jobid}:" in l and f"image {sqfs}" in l]
+        assert any("mounted by squashfuse" in l for l in lines), lines
+        assert not any("unpacked into" in l for l in lines), lines
+    assert hashlib.sha256(open(sqfs, "rb").read()).hexdigest() == before
+    assert cluster.user_processes() == []  # squashfuse included
+    # scancel while it runs: no squashfuse, no process, no job directory
+    q = cluster.as_user(["sbatch", "--parsable", "-N2", f"--charlie-image={sqfs}", "-o",
+                         "cancel.out", "--wrap", "srun sleep 300"], wd)
+    job2 = q.stdout.strip()
+    end = time.monotonic() + 60
+    while time.monotonic() < end and cluster.job(job2).get("JobState") != "RUNNING":
+        time.sleep(0.2)
+    time.sleep(2)
+    assert cluster.run(["pgrep", "-c", "-x", "squashfuse"], check=False).stdout.strip() == "2"
+    cluster.run(["scancel", job2], check=True)
+    cluster.wait_done(job2)
+    end = time.monotonic() + 30
+    while time.monotonic() < end and (cluster.user_processes() or cluster.job_dirs()):
+        time.sleep(0.2)
+    assert cluster.user_processes() == []
+    assert cluster.job_dirs() == []
+    assert set(cluster.wait_nodes_idle().values()) == {"idle"}
 
 
 @pytest.fixture(scope="module")
-def registry_images(cluster, images):
-    from helpers.registry import push
+def registry_images(cluster):
+    """The sandbox registry's seed images (`make sandbox-up` pushes them;
+    pushing again costs a HEAD request per blob)."""
+    from helpers.registry import seed
     from slurm_charlie.sandbox import REGISTRY
-    return {"busybox": push(REGISTRY, "charlie/busybox:latest", images["nomounts"]),
+    cache = os.path.join(os.path.dirname(cluster.sb.guest_dir), "images")
+    return {**seed(REGISTRY, cache, os.path.join(cluster.sb.guest_dir, "debian.sqfs")),
             "registry": REGISTRY}
 
 
@@ -619,6 +671,41 @@ def test_registry_image_pulled_once_for_the_job(cluster, registry_images):
     assert p.returncode == 0
     assert "inside-the-image" in open(os.path.join(wd, "job2.out")).read()
     assert _blob_gets(cluster, since) == []  # from the cache, by digest
+
+
+def test_registry_mpi_image_runs_mpich_and_open_mpi(cluster, registry_images):
+    """The registry's stock Debian MPI image (no /ch; Open MPI and MPICH):
+    pulled once by the job's first node, then MPICH allreduce over srun
+    --mpi=pmi2 and Open MPI allreduce over srun --mpi=pmix on 3 nodes x 2
+    ranks in it."""
+    wd = cluster.workdir("container-registry-mpi")
+    ref = f"docker://{registry_images['debian-mpi']}"
+    cache = os.path.join(cluster.home, ".cache", "slurm-charlie", "images")
+    shutil.rmtree(cache, ignore_errors=True)
+    cluster.write(os.path.join(wd, "job.sh"), """#!/bin/sh
+srun --mpi=pmi2 /usr/local/bin/mpi_allreduce.mpich | sed 's/^/MPICH /'
+srun --mpi=pmix /usr/local/bin/mpi_allreduce | sed 's/^/OMPI /'
+""")
+    p, _ = cluster.sbatch(wd, ["-N3", "--ntasks-per-node=2", f"--charlie-image={ref}",
+                               "-o", "job.out", "-e", "job.err", "job.sh"], timeout=600)
+    out, err = open(os.path.join(wd, "job.out")).read(), open(os.path.join(wd, "job.err")).read()
+    assert p.returncode == 0, (out, err)
+    for mpi in ("MPICH", "OMPI"):
+        ranks = re.findall(rf"^{mpi} rank (\d) of 6 on node\d sum 6$", out, re.M)
+        assert sorted(ranks) == [str(r) for r in range(6)], out
+    assert "pulled once for the job by node1" in err, err
+
+
+def test_unreachable_registry_refused_at_submit(cluster, registry_images):
+    """Nothing listens on the port: the submit fails at once with skopeo's
+    reason and the hint."""
+    wd = cluster.workdir("container-registry-bad")
+    host = registry_images["registry"].split(":")[0]
+    p = cluster.as_user(["sbatch", "-N1", f"--charlie-image=docker://{host}:5999/charlie/"
+                         "busybox:latest", "--wrap", "true"], wd)
+    assert p.returncode != 0 and "Submitted" not in p.stdout
+    assert "--charlie-image: cannot find the image in its registry" in p.stderr, p.stderr
+    assert "connection refused" in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("ref,message", [

@@ -5,6 +5,7 @@ same through real jobs."""
 import io
 import os
 import stat
+import subprocess
 import tarfile
 
 import pytest
@@ -249,3 +250,30 @@ def test_mpi_type_follows_the_image(tmp_path):
     (lib / "libmpich.so.12").write_bytes(b"")
     assert mpi_for(mpi_flavours(str(img))) == "pmi2"
     assert openmpi_warning(mpi_flavours(str(img)), "IMG", pmix=False) == []
+
+
+def test_squashfs_listing_tells_missing_mount_points_and_mpi(tmp_path):
+    """A squashfs image is read from its listing (mksquashfs, unsquashfs
+    -l; nothing unpacked): the mount points it lacks (an overlay adds them)
+    and the MPI it carries, the same answer as for the directory."""
+    from slurm_charlie.backends.container import check_squashfs, mpi_flavours
+    img = tmp_path / "img"
+    (img / "usr/lib/x86_64-linux-gnu/openmpi/lib").mkdir(parents=True)
+    (img / "usr/lib/x86_64-linux-gnu/openmpi/lib/libmpi.so.40.30.4").write_bytes(b"x")
+    (img / "usr/lib/python3/libmpich.so.12").parent.mkdir(parents=True)
+    (img / "usr/lib/python3/libmpich.so.12").write_bytes(b"x")  # not a library dir
+    (img / "ch/meta").mkdir(parents=True)
+    (img / "ch/data1").mkdir()
+    (img / "tmp/node1").mkdir(parents=True)
+    sqfs = tmp_path / "img.sqfs"
+    subprocess.run(["mksquashfs", str(img), str(sqfs), "-quiet", "-no-progress"], check=True)
+    mnt = tmp_path / "run" / "squashfs"
+    missing, mpi = check_squashfs(str(sqfs), 2, str(mnt), ("tmp/node1", "scratch/node1"))
+    assert missing == ["ch/data2", "scratch/node1"]
+    assert mpi == {"openmpi": "/usr/lib/x86_64-linux-gnu/openmpi/lib/libmpi.so.40.30.4"}
+    assert mpi == mpi_flavours(str(img))
+    assert mnt.is_dir()
+    assert check_squashfs(str(sqfs), 1, str(mnt)) == ([], mpi)
+    (tmp_path / "bad.sqfs").write_bytes(b"hsqs" + b"\0" * 200)
+    with pytest.raises(UserError, match="not a readable squashfs image"):
+        check_squashfs(str(tmp_path / "bad.sqfs"), 1, str(mnt))
