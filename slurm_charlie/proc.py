@@ -17,6 +17,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
@@ -174,6 +175,38 @@ def run(argv: Sequence[str], as_user: User | None = None,
         raise NodeFault(argv[0], f"exited with {proc.returncode}",
                         err.splitlines()[-1] if err else None)
     return proc
+
+
+def run_watched(argv: Sequence[str], timeout: float, tick: Callable[[float], None],
+                every: float = 2.0) -> subprocess.CompletedProcess:
+    """run(argv, check=False) for a long step, calling tick(seconds so far)
+    every `every` seconds while it runs (progress reports).  Output goes
+    through files, so a chatty program never blocks on a full pipe."""
+    import tempfile
+    log.debug("run as %s: %s", User.current() if os.geteuid() else "root", " ".join(argv))
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=err)
+        except FileNotFoundError:
+            raise NodeFault(argv[0], "program not found (exit 127)",
+                            hint="install it or fix its path in the site config") from None
+        while True:
+            try:
+                proc.wait(timeout=every)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() - start > timeout:
+                    proc.kill()
+                    proc.wait()
+                    raise NodeFault(argv[0], f"did not finish within {timeout} s",
+                                    " ".join(argv)) from None
+                tick(time.monotonic() - start)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(list(argv), proc.returncode, out.read(1 << 20),
+                                           err.read(1 << 20))
 
 
 #: seconds a step as the user may take unless the caller says otherwise

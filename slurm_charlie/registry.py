@@ -13,6 +13,7 @@ mounted like any squashfs image.  Everything here runs as the job user.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ import time
 
 from .errors import UserError
 from .meta import MOUNT_POINTS
-from .proc import run
+from .proc import log, run, run_watched
 
 PREFIX = "docker://"
 _NAME = r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
@@ -91,6 +92,86 @@ def cache_file(cache_dir: str, pinned: str) -> str:
     return os.path.join(cache_dir, digest.split(":", 1)[1] + ".sqfs")
 
 
+def _total(pinned: str, insecure: list[str]) -> int | None:
+    """The image's compressed size from its manifest (None for an index of
+    platforms, or when the registry does not say)."""
+    p = run(["skopeo", "inspect", "--raw", *_tls(parse(pinned)["registry"], insecure), pinned],
+            timeout=60, check=False)
+    try:
+        m = json.loads(p.stdout)
+        return sum(int(x["size"]) for x in [m["config"], *m["layers"]])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _bytes_under(path: str) -> int:
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(d, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 10e6 else f"{n / 1e6:.1f} MB"
+
+
+class Progress:
+    """The pull's progress, for a person waiting on it: rewritten in
+    PATH (next to the cache file, `cat` it while the job is in CF), logged
+    on the node every LOG_EVERY s, summed up in the job's output."""
+
+    LOG_EVERY = 10.0
+
+    def __init__(self, path: str, image: str, total: int | None) -> None:
+        self.path, self.image, self.total = path, image, total
+        self.start = self.mark = time.monotonic()
+        self.logged = self.start
+        self.times: dict[str, float] = {}
+        self.fetched = 0
+        self._write("starting")
+
+    def _write(self, what: str) -> None:
+        line = f"{self.image}: {what}, {time.monotonic() - self.start:.0f} s so far\n"
+        try:
+            with open(self.path + ".tmp", "w") as f:
+                f.write(line)
+            os.replace(self.path + ".tmp", self.path)
+        except OSError:
+            pass
+        if time.monotonic() - self.logged >= self.LOG_EVERY:
+            self.logged = time.monotonic()
+            log.info("pull %s", line.strip())
+
+    def fetching(self, _t: float, got: int) -> None:
+        of = f" of {_mb(self.total)}" if self.total else ""
+        self._write(f"fetched {_mb(got)}{of}")
+
+    def working(self, what: str) -> None:
+        self._write(what)
+
+    def phase(self, name: str, fetched: int | None = None) -> None:
+        now = time.monotonic()
+        self.times[name] = now - self.mark
+        self.mark = now
+        if fetched is not None:
+            self.fetched = fetched
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.times.items())
+        return f"{_mb(self.fetched)} fetched; {parts}"
+
+    def done(self) -> None:
+        for p in (self.path, self.path + ".tmp"):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
 def fetch(pinned: str, cache_dir: str, pull: bool, insecure: list[str],
           timeout: float) -> dict[str, object]:
     """As the job user: the squashfs of the pinned image in cache_dir.  The
@@ -117,8 +198,13 @@ def fetch(pinned: str, cache_dir: str, pull: bool, insecure: list[str],
             except FileNotFoundError:
                 pass
             time.sleep(0.2)
+        try:
+            with open(final + ".progress") as f:
+                where = "; its pull: " + f.read(300).strip()
+        except OSError:
+            where = ""
         raise UserError("--charlie-image", f"the job's first node did not provide the "
-                        f"image within {timeout:g} s", final,
+                        f"image within {timeout:g} s{where}", final,
                         hint="container.registry_cache must be on a filesystem every "
                         "node sees (the first node's error says more)")
     import filelock
@@ -128,28 +214,38 @@ def fetch(pinned: str, cache_dir: str, pull: bool, insecure: list[str],
         if os.path.exists(failed):
             os.unlink(failed)
         tmp = tempfile.mkdtemp(prefix=".pull-", dir=cache_dir)
+        progress = Progress(final + ".progress", pinned, _total(pinned, insecure))
         try:
             parts = parse(pinned)
-            p = run(["skopeo", "copy", "--quiet", *_tls(parts["registry"], insecure),
-                     pinned, f"oci:{tmp}/oci:image"], timeout=timeout, check=False)
+            p = run_watched(["skopeo", "copy", *_tls(parts["registry"], insecure), pinned,
+                             f"oci:{tmp}/oci:image"], timeout,
+                            lambda t: progress.fetching(t, _bytes_under(f"{tmp}/oci")))
             if p.returncode != 0:
                 raise UserError("--charlie-image", f"pull failed: {_skopeo_error(p)}", pinned)
-            p = run(["umoci", "unpack", "--rootless", "--image", f"{tmp}/oci:image",
-                     f"{tmp}/bundle"], timeout=timeout, check=False)
+            progress.phase("fetch", _bytes_under(f"{tmp}/oci"))
+            p = run_watched(["umoci", "unpack", "--rootless", "--image", f"{tmp}/oci:image",
+                             f"{tmp}/bundle"], timeout, lambda t: progress.working("unpacking"))
             if p.returncode != 0:
                 raise UserError("--charlie-image", "cannot unpack the pulled image: "
                                 + p.stderr.decode(errors="replace").strip()[-300:], pinned)
+            progress.phase("unpack")
             root = os.path.join(tmp, "bundle", "rootfs")
             for m in MOUNT_POINTS:
                 os.makedirs(os.path.join(root, m), exist_ok=True)
                 os.chmod(os.path.join(root, m), 0o755)
             # owned by root as in the registry (a rootless unpack gave every
-            # file to the user): in a user namespace root is the job user
-            p = run(["mksquashfs", root, f"{tmp}/image.sqfs", "-quiet", "-no-progress",
-                     "-no-xattrs", "-all-root"], timeout=timeout, check=False)
+            # file to the user): in a user namespace root is the job user.
+            # zstd level 3: as small as gzip, 15x faster to make (1 s against
+            # 13.5 s for a 350 MB Debian with MPI here); squashfuse and
+            # ch-run read it
+            p = run_watched(["mksquashfs", root, f"{tmp}/image.sqfs", "-quiet", "-no-progress",
+                             "-no-xattrs", "-all-root", "-comp", "zstd",
+                             "-Xcompression-level", "3"], timeout,
+                            lambda t: progress.working("making the squashfs"))
             if p.returncode != 0:
                 raise UserError("--charlie-image", "cannot make a squashfs of the image: "
                                 + p.stderr.decode(errors="replace").strip()[-300:], pinned)
+            progress.phase("squashfs")
             os.chmod(f"{tmp}/image.sqfs", 0o600)
             os.rename(f"{tmp}/image.sqfs", final)
         except UserError as e:
@@ -158,4 +254,6 @@ def fetch(pinned: str, cache_dir: str, pull: bool, insecure: list[str],
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"path": final, "pulled": True, "seconds": round(time.monotonic() - start, 2)}
+            progress.done()
+    return {"path": final, "pulled": True, "seconds": round(time.monotonic() - start, 2),
+            "summary": progress.summary()}

@@ -351,8 +351,8 @@ class ContainerBackend(Backend):
             log.info("image %s: pulled into %s in %.1f s", ctx.opts.image, got["path"],
                      got["seconds"])
             return str(got["path"]), (f"{ctx.opts.image}: pulled once for the job by "
-                                      f"{ctx.node} in {got['seconds']:.1f} s, kept in "
-                                      f"{got['path']}")
+                                      f"{ctx.node} in {got['seconds']:.1f} s "
+                                      f"({got['summary']}), kept in {got['path']}")
         log.info("image %s: from the cache %s", ctx.opts.image, got["path"])
         return str(got["path"]), None
 

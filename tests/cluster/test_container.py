@@ -693,7 +693,8 @@ srun --mpi=pmix /usr/local/bin/mpi_allreduce | sed 's/^/OMPI /'
     for mpi in ("MPICH", "OMPI"):
         ranks = re.findall(rf"^{mpi} rank (\d) of 6 on node\d sum 6$", out, re.M)
         assert sorted(ranks) == [str(r) for r in range(6)], out
-    assert "pulled once for the job by node1" in err, err
+    assert re.search(r"pulled once for the job by node1 in [\d.]+ s \(\d+ MB fetched; "
+                     r"fetch [\d.]+ s, unpack [\d.]+ s, squashfs [\d.]+ s\)", err), err
 
 
 def test_unreachable_registry_refused_at_submit(cluster, registry_images):

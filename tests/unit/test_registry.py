@@ -2,6 +2,8 @@
 file name; the pull itself runs against the sandbox's registry in
 tests/cluster/test_container.py."""
 
+import os
+
 import pytest
 
 from slurm_charlie import registry
@@ -39,3 +41,32 @@ def test_cache_file_is_named_by_digest(tmp_path):
         str(tmp_path / ("ab" * 32 + ".sqfs"))
     with pytest.raises(UserError):
         registry.cache_file(str(tmp_path), "docker://r.org/x:latest")
+
+
+def test_long_steps_report_progress(tmp_path, monkeypatch):
+    """run_watched calls back while a step runs and keeps its output; the
+    pull's progress file says what is happening and goes at the end; the
+    summary names each phase."""
+    from slurm_charlie.errors import NodeFault
+    from slurm_charlie.proc import run_watched
+    ticks = []
+    p = run_watched(["sh", "-c", "echo out; echo err >&2; sleep 0.5; exit 3"], 30,
+                    ticks.append, every=0.1)
+    assert (p.returncode, p.stdout, p.stderr) == (3, b"out\n", b"err\n")
+    assert len(ticks) >= 2 and ticks == sorted(ticks)
+    with pytest.raises(NodeFault, match="did not finish within 0.3 s"):
+        run_watched(["sleep", "5"], 0.3, lambda t: None, every=0.1)
+    path = str(tmp_path / "x.sqfs.progress")
+    progress = registry.Progress(path, "docker://r.org/x@" + D, 50_000_000)
+    assert "starting" in open(path).read()
+    (tmp_path / "blob").write_bytes(b"x" * 2_000_000)
+    progress.fetching(1.0, registry._bytes_under(str(tmp_path)))
+    assert "fetched 2.0 MB of 50 MB" in open(path).read()
+    progress.phase("fetch", 2_000_000)
+    progress.working("unpacking")
+    assert "unpacking" in open(path).read()
+    progress.phase("unpack")
+    assert progress.summary().startswith("2.0 MB fetched; fetch ")
+    assert ", unpack " in progress.summary()
+    progress.done()
+    assert not os.path.exists(path)
