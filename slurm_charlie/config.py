@@ -85,7 +85,8 @@ DEFAULTS: tuple[Key, ...] = (
         "by digest; ~ is the job user's home; must be on a filesystem every node "
         "sees (the job's first node pulls, the others wait for the file)"),
     Key("container.registry_insecure", [], list,
-        "registries (HOST:PORT) reached without TLS verification"),
+        "registries reached without TLS verification (plain HTTP allowed): HOST:PORT, "
+        "or HOST for all its ports"),
     Key("container.default_mpi", "auto", str,
         "SLURM_MPI_TYPE for container jobs whose user did not choose one: 'auto' "
         "(pmix for an image with Open MPI and no MPICH, else pmi2), a plugin name "

@@ -123,6 +123,19 @@ def _fuse() -> Result:
     return "ok", "/dev/fuse usable by users", None
 
 
+def _image_tools() -> Result:
+    """squashfuse (stock squashfs images), skopeo and umoci (registry images)."""
+    missing = [(prog, pkg) for prog, pkg in (("squashfuse", "squashfuse"),
+                                             ("skopeo", "skopeo"), ("umoci", "umoci"),
+                                             ("mksquashfs", "squashfs-tools"))
+               if not shutil.which(prog)]
+    if missing:
+        return "warn", "missing " + ", ".join(p for p, _ in missing) + \
+            " (squashfs images without /ch are unpacked; docker:// images need skopeo, " \
+            "umoci and mksquashfs)", "apt-get install " + " ".join(k for _, k in missing)
+    return "ok", "squashfuse, skopeo, umoci, mksquashfs found", None
+
+
 def _kvm(cfg: config.Config) -> Result:
     if cfg["vm.accel"] != "kvm":
         return "ok", f"vm.accel = {cfg['vm.accel']} (no /dev/kvm needed)", None
@@ -228,6 +241,7 @@ def checks(cfg: config.Config, node: str) -> list[tuple[str, Callable[[], Result
         ("ch-run", lambda: _program(cfg, "container.runtime", "charliecloud-runtime")),
         ("user namespaces", lambda: _userns(cfg)),
         ("/dev/fuse", _fuse),
+        ("image tools", _image_tools),
         ("qemu", lambda: _program(cfg, "vm.qemu", "qemu-system-x86")),
         ("qemu-img", lambda: _program(cfg, "vm.qemu_img", "qemu-utils")),
         ("/dev/kvm", lambda: _kvm(cfg)),

@@ -55,7 +55,11 @@ def parse(ref: str) -> dict[str, str | None]:
 
 
 def _tls(registry: str | None, insecure: list[str]) -> list[str]:
-    return ["--tls-verify=false"] if registry and registry in insecure else []
+    """skopeo's TLS flag: off for a registry container.registry_insecure
+    lists as HOST:PORT, or as HOST (every port of it)."""
+    if registry and (registry in insecure or registry.rsplit(":", 1)[0] in insecure):
+        return ["--tls-verify=false"]
+    return []
 
 
 def _skopeo_error(p) -> str:

@@ -178,7 +178,7 @@ class Sandbox:
                     + self._vm_conf() +
                     "[container]\n"
                     f'cache_dir = "{self._p("cache", "%n")}"\n'
-                    f'registry_insecure = ["{REGISTRY}"]\n'
+                    f'registry_insecure = ["{CTL_ADDR}"]\n'
                     "# each node's TmpFS (slurm.conf), as real nodes have their own /tmp\n"
                     f'tmpdir = "{self._p("tmp", "%n")}"\n'
                     "# Sandbox nodes share one kernel, so UCX takes ranks on different\n"

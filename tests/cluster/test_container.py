@@ -709,6 +709,91 @@ def test_unreachable_registry_refused_at_submit(cluster, registry_images):
     assert "connection refused" in p.stderr, p.stderr
 
 
+PASSWORD = "pw-Zq81-never-logged"
+
+
+@pytest.fixture
+def private_registry(cluster, registry_images, tmp_path):
+    """A second registry on the sandbox bridge (port 5001) that wants a
+    login (htpasswd, as a site's private registry), serving the same images."""
+    host = registry_images["registry"].split(":")[0]
+    subprocess.run(["htpasswd", "-Bbc", str(tmp_path / "htpasswd"), "chuser", PASSWORD],
+                   check=True, capture_output=True)
+    conf = tmp_path / "registry.yml"
+    conf.write_text("version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n"
+                    f"    rootdirectory: {os.path.join(cluster.sb.state, 'registry')}\n"
+                    f"auth:\n  htpasswd:\n    realm: charlie\n    path: {tmp_path}/htpasswd\n"
+                    f"http:\n  addr: {host}:5001\n")
+    log = open(tmp_path / "registry.log", "wb")
+    proc = subprocess.Popen(["docker-registry", "serve", str(conf)], stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL)
+    import urllib.error
+    import urllib.request
+    end = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://{host}:5001/v2/", timeout=1)
+        except urllib.error.HTTPError as e:
+            if e.code == 401:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < end and proc.poll() is None, "private registry did not start"
+        time.sleep(0.2)
+    auth = os.path.join(cluster.home, ".config", "containers", "auth.json")
+    yield {"registry": f"{host}:5001", "auth": auth, "log": str(tmp_path / "registry.log")}
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+    if os.path.exists(auth):
+        os.unlink(auth)
+
+
+def test_private_registry_credentials(cluster, private_registry):
+    """A registry that wants a login: without credentials, and with a wrong
+    password, the submit fails with the registry's reason and the way to
+    log in; after `skopeo login` (the user's usual auth file) the job's
+    first node pulls with the same credentials.  The password appears in no
+    log and no job output."""
+    wd = cluster.workdir("container-registry-private")
+    reg, auth = private_registry["registry"], private_registry["auth"]
+    ref = f"docker://{reg}/charlie/busybox:latest"
+    cache = os.path.join(cluster.home, ".cache", "slurm-charlie", "images")
+    shutil.rmtree(cache, ignore_errors=True)
+    if os.path.exists(auth):
+        os.unlink(auth)
+    p = cluster.as_user(["sbatch", "-N1", f"--charlie-image={ref}", "--wrap", "true"], wd)
+    assert p.returncode != 0 and "Submitted" not in p.stdout
+    assert "--charlie-image: cannot find the image in its registry" in p.stderr, p.stderr
+    assert "unauthorized" in p.stderr and "skopeo login" in p.stderr, p.stderr
+    login = ["skopeo", "login", "--tls-verify=false", "--authfile", auth, "-u", "chuser",
+             "--password-stdin", reg]
+    cluster.as_user(["mkdir", "-p", os.path.dirname(auth)], wd)
+    bad = subprocess.run(["runuser", "-u", "chuser", "--", *login], input="wrong\n",
+                         capture_output=True, text=True, cwd=wd)
+    assert bad.returncode != 0  # skopeo checks the password at login
+    # a wrong password already in the auth file (changed on the registry since)
+    token = __import__("base64").b64encode(b"chuser:wrong").decode()
+    cluster.write(auth, '{"auths": {"%s": {"auth": "%s"}}}' % (reg, token), 0o600)
+    cluster.run(["chown", "chuser:", auth], check=True)
+    p = cluster.as_user(["sbatch", "-N1", f"--charlie-image={ref}", "--wrap", "true"], wd)
+    assert p.returncode != 0 and "unauthorized" in p.stderr, p.stderr
+    good = subprocess.run(["runuser", "-u", "chuser", "--", *login], input=PASSWORD + "\n",
+                          capture_output=True, text=True, cwd=wd)
+    assert good.returncode == 0, good.stderr
+    p, jobid = cluster.sbatch(wd, ["-N3", f"--charlie-image={ref}", "-o", "job.out", "-e",
+                                   "job.err", "--wrap", "srun -N3 cat /MARKER"])
+    out, err = open(os.path.join(wd, "job.out")).read(), open(os.path.join(wd, "job.err")).read()
+    assert p.returncode == 0, (out, err)
+    assert out.count("inside-the-image") == 3 and "pulled once for the job" in err, (out, err)
+    served = open(private_registry["log"]).read()
+    assert re.search(r'"GET /v2/charlie/busybox/blobs/sha256:[0-9a-f]+ [^"]*" 200', served)
+    logs = [open(os.path.join(cluster.sb.state, "log", f)).read()
+            for f in os.listdir(os.path.join(cluster.sb.state, "log"))]
+    for text in (out, err, p.stdout, p.stderr, *logs):
+        assert PASSWORD not in text and token not in text
+
+
 @pytest.mark.parametrize("ref,message", [
     ("docker://{reg}/charlie/busybox:no-such-tag", "cannot find the image in its registry"),
     ("docker://{reg}/charlie/nothing-here:latest", "cannot find the image in its registry"),
