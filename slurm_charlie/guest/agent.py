@@ -129,6 +129,24 @@ class Sink(threading.Thread):
         os.close(self.fd)
 
 
+def bad_spec(spec):
+    """Why an OPEN frame's request cannot be a task (None: it can).  The
+    relay sends {"argv": [str, ...], "env": {str: str}, "cwd": str, "pmi":
+    bool}; anything else came from someone else's program."""
+    if not isinstance(spec, dict):
+        return "not a JSON object"
+    argv = spec.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a
+                                                         for a in argv):
+        return "argv is not a list of strings"
+    if any("\0" in a for a in argv):
+        return "argv has a NUL byte"
+    for key, kind in (("env", dict), ("cwd", str), ("pmi", bool)):
+        if key in spec and not isinstance(spec[key], kind):
+            return f"{key} is not a {kind.__name__}"
+    return None
+
+
 class Task:
     def __init__(self, agent, channel, spec):
         self.agent, self.channel = agent, channel
@@ -293,8 +311,19 @@ class Agent:
                 try:
                     spec = json.loads(payload)
                 except ValueError:
+                    spec = None
+                why = bad_spec(spec)
+                if why is None:
+                    try:
+                        task = Task(self, channel, spec)
+                    except Exception as e:  # noqa: BLE001 -- one task, never the agent
+                        why = f"{type(e).__name__}: {e}"
+                if why is not None:
+                    self.port.send(channel, wire.STDERR, (
+                        f"slurm-charlie: error: bad task request for guest {self.name}: "
+                        f"{why}\n").encode())
+                    self.port.send(channel, wire.EXIT, json.dumps({"status": 126}).encode())
                     continue
-                task = Task(self, channel, spec)
                 if task.proc is not None:
                     with self.lock:
                         self.tasks[channel] = task

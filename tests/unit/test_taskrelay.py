@@ -8,59 +8,19 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
+from helpers.tasks import NOBODY, agent_harness, relay
 from slurm_charlie import taskrelay
 from slurm_charlie.guest import wire
-
-AGENT = os.path.join(os.path.dirname(taskrelay.__file__), "guest", "agent.py")
-NOBODY = 65534
 
 
 @pytest.fixture
 def guest():
-    base = tempfile.mkdtemp(prefix="charlie-tasks-")
-    os.chmod(base, 0o755)
-    meta = os.path.join(base, "meta")
-    data = os.path.join(base, "data")
-    os.mkdir(meta)
-    os.mkdir(data)
-    os.chmod(data, 0o777)
-    with open(os.path.join(meta, "user"), "w") as f:
-        f.write(f"nobody {NOBODY} {NOBODY} nogroup\n")
-    with open(os.path.join(meta, "env"), "w") as f:
-        f.write("CH_JOB_ID=42\nCH_DATA1=/ch/data1\nCH_META=/ch/meta\n")
-    port, tasks = os.path.join(base, "0.agent"), os.path.join(base, "guest-tasks")
-    # QEMU's part: listen for the multiplexer, hand the connection to the agent
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(port)
-    srv.listen(1)
-    mux = subprocess.Popen([sys.executable, "-m", "slurm_charlie.cli", "task-mux", port,
-                            tasks, os.path.join(base, "0.status")])
-    conn, _ = srv.accept()
-    agent = subprocess.Popen([sys.executable, AGENT, "0", "--fd", str(conn.fileno()),
-                              "--meta", meta], pass_fds=(conn.fileno(),),
-                             stderr=subprocess.PIPE, text=True)
-    conn.close()
-    srv.close()
-    while not os.path.exists(tasks):
-        time.sleep(0.02)
-    yield {"tasks": tasks, "data": data, "base": base, "agent": agent}
-    for p in (mux, agent):
-        p.kill()
-        p.wait()
-    subprocess.run(["rm", "-rf", base])
-
-
-def relay(g, command, stdin=None, env=None, cwd=None, **kw):
-    e = dict(os.environ, **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "slurm_charlie.cli", "task-relay",
-                             g["tasks"], *command], stdin=stdin or subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e,
-                            cwd=cwd, **kw)
+    with agent_harness() as g:
+        yield g
 
 
 pytestmark = pytest.mark.root  # the agent starts tasks as another user

@@ -1,0 +1,117 @@
+"""Attack on the srun-task channel of a VM job (issue 10's relay): the
+user talks to their node's task multiplexer themselves instead of through
+`slurm-charlie task-relay`, with frames no relay sends.  The multiplexer
+and the guest's agent run the real code (tests/helpers/tasks.py: the agent
+as root, as in the guest; the job user is nobody).  Whatever arrives, a
+task runs only as the job user, nothing crashes, and the next honest task
+still runs."""
+
+import json
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from helpers.tasks import NOBODY, agent_harness, relay
+from slurm_charlie.guest import wire
+
+pytestmark = pytest.mark.root  # the agent starts tasks as another user
+
+
+def _send_raw(path, data, read=True):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(data)
+    got = b""
+    if read:
+        s.settimeout(10)
+        try:
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                got += b
+        except (socket.timeout, ConnectionResetError):
+            pass
+    s.close()
+    return got
+
+
+def _frames(data):
+    out = []
+    while len(data) >= wire.HEADER.size:
+        ch, kind, n = wire.HEADER.unpack(data[:wire.HEADER.size])
+        out.append((kind, data[wire.HEADER.size:wire.HEADER.size + n]))
+        data = data[wire.HEADER.size + n:]
+    return out
+
+
+def _honest_task_runs(g):
+    p = relay(g, ["/bin/sh", "-c", "echo still $(id -u)"])
+    out, err = p.communicate(timeout=30)
+    assert (p.returncode, out) == (0, f"still {NOBODY}\n".encode()), err
+
+
+HOSTILE = {
+    # a length far over the cap: the multiplexer drops the connection
+    "huge length": wire.HEADER.pack(0, wire.OPEN, 0xFFFFFFFF) + b"x" * 100,
+    "torn header": b"\x00\x00",
+    "not JSON": wire.pack(0, wire.OPEN, b"\xff\xfe{{{"),
+    "JSON list": wire.pack(0, wire.OPEN, b"[1, 2, 3]"),
+    "JSON string": wire.pack(0, wire.OPEN, b'"sh"'),
+    "argv of numbers": wire.pack(0, wire.OPEN, json.dumps({"argv": [1, 2]}).encode()),
+    "argv a string": wire.pack(0, wire.OPEN, json.dumps({"argv": "id"}).encode()),
+    "cwd a number": wire.pack(0, wire.OPEN, json.dumps({"argv": ["/bin/true"],
+                                                         "cwd": 3}).encode()),
+    "env not a dict": wire.pack(0, wire.OPEN, json.dumps({"argv": ["/bin/true"],
+                                                          "env": ["A=1"]}).encode()),
+    "frames of kinds only the guest sends": wire.pack(0, wire.EXIT, b"{}")
+    + wire.pack(0, wire.HELLO, b"9") + wire.pack(0, 250, b"?"),
+    "a signal before any task": wire.pack(0, wire.SIGNAL, b"\x09"),
+    "a signal number out of range": wire.pack(0, wire.OPEN, json.dumps(
+        {"argv": ["/bin/sleep", "5"]}).encode()) + wire.pack(0, wire.SIGNAL, b"\xff"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_frames_harm_nothing(name):
+    with agent_harness() as g:
+        _send_raw(g["tasks"], HOSTILE[name])
+        time.sleep(0.3)
+        assert g["agent"].poll() is None, g["agent"].stderr.read()
+        assert g["mux"].poll() is None
+        _honest_task_runs(g)
+
+
+def test_a_task_asking_for_root_runs_as_the_job_user():
+    """The frame names no user; whatever it carries (uid fields, sudo-ish
+    variables, LD_PRELOAD), the task runs as meta/user's uid."""
+    with agent_harness() as g:
+        spec = {"argv": ["/bin/sh", "-c", "id -u; id -g"], "uid": 0, "user": "root",
+                "env": {"SUDO_UID": "0", "LD_PRELOAD": "/nonexistent.so", "USER": "root"}}
+        got = _frames(_send_raw(g["tasks"], wire.pack(0, wire.OPEN, json.dumps(spec).encode())
+                                + wire.pack(0, wire.STDIN_EOF)))
+        out = b"".join(p for k, p in got if k == wire.STDOUT)
+        assert out.split() == [str(NOBODY).encode(), str(NOBODY).encode()], got
+        assert any(k == wire.EXIT for k, _ in got)
+
+
+def test_a_flood_of_connections_leaves_honest_tasks_running():
+    """200 connections opened and dropped at once, half with a partial
+    frame: no task, no crash, the next honest task runs."""
+    with agent_harness() as g:
+        socks = []
+        for i in range(200):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(g["tasks"])
+            if i % 2:
+                s.sendall(struct.pack(">IB", 0, wire.OPEN))
+            socks.append(s)
+        for s in socks:
+            s.close()
+        time.sleep(0.5)
+        assert g["agent"].poll() is None and g["mux"].poll() is None
+        _honest_task_runs(g)
+        assert os.path.exists(g["tasks"])
