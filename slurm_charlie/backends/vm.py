@@ -731,14 +731,26 @@ class VMBackend(Backend):
             os.close(fd)
         ctx.spawned(rec)
         deadline = time.monotonic() + 20
+        watch = privileged.StopWatch(proc.pid)
+        stopped = False
         while time.monotonic() < deadline and proc.poll() is None:
-            if layout.lstat_in_job(ctx.paths, "run", TASKS_SOCKET) is not None:
+            # its socket (lstat only: a file or link the user put there is
+            # not it, and the multiplexer must still be running)
+            st = layout.lstat_in_job(ctx.paths, "run", TASKS_SOCKET)
+            if st is not None and stat.S_ISSOCK(st.st_mode) and proc.poll() is None:
                 log.info("guest %d: srun tasks through %s", n, p["tasks"])
                 return
+            if watch.expired():
+                stopped = True
+                break
             time.sleep(0.05)
         if proc.poll() is None:
             proc.kill()  # our own child, not yet reaped: the pid is still it
         proc.wait()
+        if stopped:
+            raise UserError(f"guest {n}", "the task multiplexer was stopped (SIGSTOP) "
+                            "before it was ready", hint="the job fails, the node stays "
+                            "in service")
         log_tail = call_as(ctx.user, read_tail, f"{ctx.paths.out}/{n}_mux.log", 5, limit=30)
         raise UserError(f"guest {n}", "the task multiplexer did not start",
                         log_tail.strip().splitlines()[-1] if log_tail.strip() else None,
