@@ -110,6 +110,19 @@ def read_bytes(path: str, limit: int = 4096, dir_fd: int | None = None) -> bytes
         os.close(fd)
 
 
+def tree_size(path: str) -> int:
+    """Bytes in the files below path (links not followed; entries that
+    vanish meanwhile do not count)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def read_small(path: str, limit: int = 4096) -> str | None:
     """read_bytes() as text."""
     data = read_bytes(path, limit)

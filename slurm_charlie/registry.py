@@ -21,6 +21,7 @@ import tempfile
 import time
 
 from .errors import UserError
+from .layout import tree_size
 from .meta import MOUNT_POINTS
 from .proc import log, run, run_watched
 
@@ -106,17 +107,6 @@ def _total(pinned: str, insecure: list[str]) -> int | None:
         return sum(int(x["size"]) for x in [m["config"], *m["layers"]])
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def _bytes_under(path: str) -> int:
-    total = 0
-    for d, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(d, f)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def _mb(n: int) -> str:
@@ -223,10 +213,10 @@ def fetch(pinned: str, cache_dir: str, pull: bool, insecure: list[str],
             parts = parse(pinned)
             p = run_watched(["skopeo", "copy", *_tls(parts["registry"], insecure), pinned,
                              f"oci:{tmp}/oci:image"], timeout,
-                            lambda t: progress.fetching(t, _bytes_under(f"{tmp}/oci")))
+                            lambda t: progress.fetching(t, tree_size(f"{tmp}/oci")))
             if p.returncode != 0:
                 raise UserError("--charlie-image", f"pull failed: {_skopeo_error(p)}", pinned)
-            progress.phase("fetch", _bytes_under(f"{tmp}/oci"))
+            progress.phase("fetch", tree_size(f"{tmp}/oci"))
             p = run_watched(["umoci", "unpack", "--rootless", "--image", f"{tmp}/oci:image",
                              f"{tmp}/bundle"], timeout, lambda t: progress.working("unpacking"))
             if p.returncode != 0:

@@ -31,7 +31,7 @@ import tarfile
 import filelock
 
 from .errors import UserError
-from .layout import read_small, write_file
+from .layout import read_small, tree_size, write_file
 from .meta import MOUNT_POINTS
 from .proc import run
 
@@ -220,17 +220,6 @@ def _extract_squashfs(archive: str, dest: str, timeout: float) -> None:
         raise UserError("--charlie-image", "cannot unpack squashfs", err[-1])
 
 
-def _tree_size(path: str) -> int:
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def archive_key(archive: str, index_dir: str) -> str:
     """sha256 of the archive, remembered per (dev, inode, size, mtime)."""
     st = os.stat(archive)
@@ -281,7 +270,7 @@ def unpack(archive: str, fmt: str, user_cache: str, job_id: str,
                     os.makedirs(os.path.join(tmp, m), exist_ok=True)
                 os.rename(tmp, image)
                 with open(image + ".size", "w") as f:
-                    f.write(f"{_tree_size(image)}\n")
+                    f.write(f"{tree_size(image)}\n")
                 unpacked = True
             os.utime(image + ".size")
     except filelock.Timeout:

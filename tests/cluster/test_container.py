@@ -535,6 +535,28 @@ echo "OMPI-OK $ok"
     assert _tree_digest(debian_image) == before
 
 
+def _scancel_while_running(cluster, wd, image, running_ok=None):
+    """A 2-node job of the image cancelled while its step runs: afterwards
+    no process of the user and no job directory (running_ok() is checked
+    while it runs)."""
+    q = cluster.as_user(["sbatch", "--parsable", "-N2", f"--charlie-image={image}", "-o",
+                         "cancel.out", "--wrap", "srun sleep 300"], wd)
+    job = q.stdout.strip()
+    end = time.monotonic() + 60
+    while time.monotonic() < end and cluster.job(job).get("JobState") != "RUNNING":
+        time.sleep(0.2)
+    time.sleep(2)
+    if running_ok is not None:
+        assert running_ok()
+    cluster.run(["scancel", job], check=True)
+    cluster.wait_done(job)
+    end = time.monotonic() + 30
+    while time.monotonic() < end and (cluster.user_processes() or cluster.job_dirs()):
+        time.sleep(0.2)
+    assert cluster.user_processes() == []
+    assert cluster.job_dirs() == []
+
+
 def test_squashfs_is_mounted_not_unpacked(cluster, archives, images):
     """A squashfs image is mounted by ch-run (FUSE, as the user, in the
     holder's namespace): nothing is unpacked on the nodes, the tasks see it
@@ -554,20 +576,7 @@ def test_squashfs_is_mounted_not_unpacked(cluster, archives, images):
                  if f"job {jobid}:" in l and f"image {sqfs}:" in l]
         assert len(lines) == 1 and "mounted by ch-run" in lines[0], lines
     # after scancel of a running job: no process, no mount, no job directory
-    q = cluster.as_user(["sbatch", "--parsable", "-N2", f"--charlie-image={sqfs}", "-o",
-                         "cancel.out", "--wrap", "srun sleep 300"], wd)
-    job2 = q.stdout.strip()
-    end = time.monotonic() + 60
-    while time.monotonic() < end and cluster.job(job2).get("JobState") != "RUNNING":
-        time.sleep(0.2)
-    time.sleep(2)
-    cluster.run(["scancel", job2], check=True)
-    cluster.wait_done(job2)
-    end = time.monotonic() + 30
-    while time.monotonic() < end and (cluster.user_processes() or cluster.job_dirs()):
-        time.sleep(0.2)
-    assert cluster.user_processes() == []
-    assert cluster.job_dirs() == []
+    _scancel_while_running(cluster, wd, sqfs)
     assert sqfs not in open("/proc/self/mountinfo").read()
 
 
@@ -605,21 +614,8 @@ srun -N3 sh -c 'cat /MARKER; ls -d /ch/meta /ch/data1 {tmpfs}/$(hostname) \\
     assert hashlib.sha256(open(sqfs, "rb").read()).hexdigest() == before
     assert cluster.user_processes() == []  # squashfuse included
     # scancel while it runs: no squashfuse, no process, no job directory
-    q = cluster.as_user(["sbatch", "--parsable", "-N2", f"--charlie-image={sqfs}", "-o",
-                         "cancel.out", "--wrap", "srun sleep 300"], wd)
-    job2 = q.stdout.strip()
-    end = time.monotonic() + 60
-    while time.monotonic() < end and cluster.job(job2).get("JobState") != "RUNNING":
-        time.sleep(0.2)
-    time.sleep(2)
-    assert cluster.run(["pgrep", "-c", "-x", "squashfuse"], check=False).stdout.strip() == "2"
-    cluster.run(["scancel", job2], check=True)
-    cluster.wait_done(job2)
-    end = time.monotonic() + 30
-    while time.monotonic() < end and (cluster.user_processes() or cluster.job_dirs()):
-        time.sleep(0.2)
-    assert cluster.user_processes() == []
-    assert cluster.job_dirs() == []
+    _scancel_while_running(cluster, wd, sqfs, lambda: cluster.run(
+        ["pgrep", "-c", "-x", "squashfuse"], check=False).stdout.strip() == "2")
     assert set(cluster.wait_nodes_idle().values()) == {"idle"}
 
 

@@ -60,7 +60,7 @@ def test_long_steps_report_progress(tmp_path, monkeypatch):
     progress = registry.Progress(path, "docker://r.org/x@" + D, 50_000_000)
     assert "starting" in open(path).read()
     (tmp_path / "blob").write_bytes(b"x" * 2_000_000)
-    progress.fetching(1.0, registry._bytes_under(str(tmp_path)))
+    progress.fetching(1.0, registry.tree_size(str(tmp_path)))
     assert "fetched 2.0 MB of 50 MB" in open(path).read()
     progress.phase("fetch", 2_000_000)
     progress.working("unpacking")
