@@ -147,12 +147,20 @@ def _drop(user: User) -> None:
         raise NodeFault("privileges", "could not drop root", user)
 
 
+def _who(as_user: User | None) -> str:
+    return str(as_user) if as_user else "root" if os.geteuid() == 0 else str(User.current())
+
+
+def _not_found(program: str) -> NodeFault:
+    return NodeFault(program, "program not found (exit 127)",
+                     hint="install it or fix its path in the site config")
+
+
 def run(argv: Sequence[str], as_user: User | None = None,
         env: Mapping[str, str] | None = None, timeout: float | None = None,
         check: bool = True, cwd: str | None = None,
         input: bytes | None = None) -> subprocess.CompletedProcess:
-    who = str(as_user) if as_user else "root" if os.geteuid() == 0 else str(User.current())
-    log.debug("run as %s: %s", who, " ".join(argv))
+    log.debug("run as %s: %s", _who(as_user), " ".join(argv))
     kwargs: dict[str, Any] = {}
     if as_user is not None and os.geteuid() == 0:
         kwargs = {"user": as_user.uid, "group": as_user.gid,
@@ -165,8 +173,7 @@ def run(argv: Sequence[str], as_user: User | None = None,
                               capture_output=True, env=None if env is None else dict(env),
                               timeout=timeout, cwd=cwd, **kwargs)
     except FileNotFoundError:
-        raise NodeFault(argv[0], "program not found (exit 127)",
-                        hint="install it or fix its path in the site config") from None
+        raise _not_found(argv[0]) from None
     except subprocess.TimeoutExpired:
         raise NodeFault(argv[0], f"did not finish within {timeout} s",
                         " ".join(argv)) from None
@@ -183,15 +190,14 @@ def run_watched(argv: Sequence[str], timeout: float, tick: Callable[[float], Non
     every `every` seconds while it runs (progress reports).  Output goes
     through files, so a chatty program never blocks on a full pipe."""
     import tempfile
-    log.debug("run as %s: %s", User.current() if os.geteuid() else "root", " ".join(argv))
+    log.debug("run as %s: %s", _who(None), " ".join(argv))
     start = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
             proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=err)
         except FileNotFoundError:
-            raise NodeFault(argv[0], "program not found (exit 127)",
-                            hint="install it or fix its path in the site config") from None
+            raise _not_found(argv[0]) from None
         while True:
             try:
                 proc.wait(timeout=every)

@@ -59,6 +59,13 @@ def missing_mount_points(image: str, ndirs: int, extra: tuple[str, ...] = ()) ->
             if not os.path.isdir(os.path.join(image, m))]
 
 
+def inspect_dir(image: str, ndirs: int, extra: tuple[str, ...] = ()
+                ) -> tuple[list[str], dict[str, str]]:
+    """As the user, in one child: the image directory's missing mount points
+    and its MPI (check_squashfs's answer, for a directory)."""
+    return missing_mount_points(image, ndirs, extra), mpi_flavours(image)
+
+
 def node_tmpdir(cfg: Config, node: str) -> str | None:
     """container.tmpdir for this node, when it is an existing directory."""
     path = config.expand_node(cfg["container.tmpdir"], node) if cfg["container.tmpdir"] else ""
@@ -292,28 +299,31 @@ class ContainerBackend(Backend):
             source, note = self._pulled(ctx)
             notes = [note] if note else []
         kind, fmt = call_as(ctx.user, images.detect, source)
+        tmp = node_tmpdir(ctx.cfg, ctx.node)
+        extra = (tmp.lstrip("/"),) if tmp else ()
         if fmt == "directory":
-            return {"image_dir": source, "notes": notes}
+            missing, mpi = call_as(ctx.user, inspect_dir, source, len(ctx.opts.dir), extra)
+            return {"image_dir": source, "notes": notes, "tmpdir": tmp, "missing": missing,
+                    "mpi": mpi}
         if fmt == "squashfs" and ctx.cfg["container.squashfs"] == "mount" \
                 and not ctx.opts.write:  # --charlie-write: a copy to write into
             why = fuse_unusable()
             if why is None:
                 mnt = os.path.join(ctx.paths.run, SQUASHFS_MOUNT)
-                tmp = node_tmpdir(ctx.cfg, ctx.node)
                 missing, mpi = call_as(ctx.user, check_squashfs, source, len(ctx.opts.dir),
-                                       mnt, (tmp.lstrip("/"),) if tmp else ())
+                                       mnt, extra)
                 if not missing:
                     log.info("image %s: mounted by ch-run at %s (nothing unpacked)",
                              source, mnt)
                     return {"image_dir": source, "squashfs_mount": mnt, "tmpdir": tmp,
-                            "notes": notes, "mpi": mpi}
+                            "notes": notes, "missing": [], "mpi": mpi}
                 if shutil.which("squashfuse"):
                     # the mount points come from an overlay on squashfuse
                     log.info("image %s has no %s: mounted by squashfuse, the mount points "
                              "from an overlay (nothing unpacked)", source,
                              ", ".join("/" + m for m in missing))
-                    return {"image_dir": source, "squashfs_lower": missing,
-                            "tmpdir": tmp, "notes": notes, "mpi": mpi}
+                    return {"image_dir": source, "squashfs_lower": True, "tmpdir": tmp,
+                            "notes": notes, "missing": missing, "mpi": mpi}
                 why = ("it lacks " + ", ".join("/" + m for m in missing)
                        + " and squashfuse (for an overlay) is not installed")
             log.warning("image %s: unpacked, not mounted: %s", source, why)
@@ -332,10 +342,11 @@ class ContainerBackend(Backend):
         for sha in removed:
             log.info("image cache: evicted %s", sha)
         # an archive's content is only seen now: warn in the job's output
-        mpi = call_as(ctx.user, mpi_flavours, got["image"])
+        missing, mpi = call_as(ctx.user, inspect_dir, got["image"], len(ctx.opts.dir), extra)
         pmix = "pmix" in (mpi_plugins_cached(ctx.paths.root) or []) if "openmpi" in mpi else False
         return {"image_dir": got["image"], "cache": user_cache, "sha": got["sha"],
-                "warnings": openmpi_warning(mpi, source, pmix), "notes": notes, "mpi": mpi}
+                "warnings": openmpi_warning(mpi, source, pmix), "notes": notes,
+                "tmpdir": tmp, "missing": missing, "mpi": mpi}
 
     def _pulled(self, ctx: Context) -> tuple[str, str | None]:
         """A registry image (pinned at submit): its squashfs in the user's
@@ -356,17 +367,12 @@ class ContainerBackend(Backend):
         log.info("image %s: from the cache %s", ctx.opts.image, got["path"])
         return str(got["path"]), None
 
-    def _overlay(self, ctx: Context, image: dict[str, Any], tmp: str | None
-                 ) -> tuple[str, list[str]] | None:
-        """A stock image (no /ch/meta, /ch/dataN, or no node TmpFS path
-        tmp): (overlay dir, the missing mount points), else None.  The image
+    def _overlay(self, ctx: Context, image: dict[str, Any]) -> tuple[str, list[str]] | None:
+        """A stock image (no /ch/meta, /ch/dataN, or no node TmpFS path):
+        (overlay dir, the missing mount points), else None.  The image
         itself is never written."""
-        if image.get("squashfs_mount") or ctx.opts.write:
-            return None
-        missing = image.get("squashfs_lower") or call_as(
-            ctx.user, missing_mount_points, image["image_dir"], len(ctx.opts.dir),
-            (tmp.lstrip("/"),) if tmp else ())
-        if not missing:
+        missing = image["missing"]
+        if not missing or ctx.opts.write:
             return None
         if not image.get("squashfs_lower") and any(c in image["image_dir"] for c in ",:\\"):
             raise UserError("--charlie-image", "image lacks mount points "
@@ -382,14 +388,10 @@ class ContainerBackend(Backend):
 
     def start(self, ctx: Context) -> dict[str, Any]:
         image = self._unpacked(ctx)
-        # what MPI the image carries (task_env): an archive's was read when unpacked
-        if "mpi" in image:
-            self.image_mpi = image.pop("mpi")
-        elif not image.get("squashfs_mount"):
-            self.image_mpi = call_as(ctx.user, mpi_flavours, image["image_dir"])
+        self.image_mpi = image.pop("mpi")  # what MPI the image carries (task_env)
         call_as(ctx.user, _make_fifo, os.path.join(ctx.paths.meta, HOLDER_FIFO))
-        tmp = image["tmpdir"] if "tmpdir" in image else node_tmpdir(ctx.cfg, ctx.node)
-        overlay = self._overlay(ctx, image, tmp)
+        tmp = image["tmpdir"]
+        overlay = self._overlay(ctx, image)
         runtime = ctx.cfg["container.runtime"]
         argv = [runtime]
         if ctx.opts.write:
@@ -404,8 +406,7 @@ class ContainerBackend(Backend):
         argv += ["-b", f"{ctx.paths.meta}:/ch/meta"]
         for i, d in enumerate(ctx.opts.dir, start=1):
             argv += ["-b", f"{d}:/ch/data{i}"]
-        if tmp and not overlay and not image.get("squashfs_mount") and not call_as(
-                ctx.user, os.path.isdir, os.path.join(image["image_dir"], tmp.lstrip("/"))):
+        if tmp and not overlay and tmp.lstrip("/") in image["missing"]:
             tmp = None  # --charlie-write on an image without it: ch-run cannot bind there
         if tmp:
             argv += ["-b", f"{tmp}:{tmp}"]

@@ -266,7 +266,7 @@ def test_squashfs_listing_tells_missing_mount_points_and_mpi(tmp_path):
     """A squashfs image is read from its listing (mksquashfs, unsquashfs
     -l; nothing unpacked): the mount points it lacks (an overlay adds them)
     and the MPI it carries, the same answer as for the directory."""
-    from slurm_charlie.backends.container import check_squashfs, mpi_flavours
+    from slurm_charlie.backends.container import check_squashfs, inspect_dir, mpi_flavours
     img = tmp_path / "img"
     (img / "usr/lib/x86_64-linux-gnu/openmpi/lib").mkdir(parents=True)
     (img / "usr/lib/x86_64-linux-gnu/openmpi/lib/libmpi.so.40.30.4").write_bytes(b"x")
@@ -282,6 +282,8 @@ def test_squashfs_listing_tells_missing_mount_points_and_mpi(tmp_path):
     assert missing == ["ch/data2", "scratch/node1"]
     assert mpi == {"openmpi": "/usr/lib/x86_64-linux-gnu/openmpi/lib/libmpi.so.40.30.4"}
     assert mpi == mpi_flavours(str(img))
+    # a directory gives the same answer in one child (inspect_dir)
+    assert inspect_dir(str(img), 2, ("tmp/node1", "scratch/node1")) == (missing, mpi)
     assert mnt.is_dir()
     assert check_squashfs(str(sqfs), 1, str(mnt)) == ([], mpi)
     (tmp_path / "bad.sqfs").write_bytes(b"hsqs" + b"\0" * 200)
