@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 
-from .errors import UserError
+from .errors import CharlieError, UserError
 from .layout import tree_size
 from .meta import MOUNT_POINTS
 from .proc import log, run, run_watched
@@ -242,7 +242,7 @@ def fetch(pinned: str, cache_dir: str, pull: bool, insecure: list[str],
             progress.phase("squashfs")
             os.chmod(f"{tmp}/image.sqfs", 0o600)
             os.rename(f"{tmp}/image.sqfs", final)
-        except UserError as e:
+        except CharlieError as e:  # a refusal, or a step that timed out or is missing
             with open(failed, "w") as f:
                 f.write(e.line() + "\n")
             raise

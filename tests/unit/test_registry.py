@@ -70,3 +70,20 @@ def test_long_steps_report_progress(tmp_path, monkeypatch):
     assert ", unpack " in progress.summary()
     progress.done()
     assert not os.path.exists(path)
+
+
+def test_a_pull_that_times_out_tells_the_waiting_nodes(tmp_path, monkeypatch):
+    """The puller's step hits its deadline (a huge image, a slow registry):
+    the marker the other nodes watch says why, so they fail at once instead
+    of waiting out their own limit."""
+    from slurm_charlie.errors import CharlieError, NodeFault
+
+    def slow(argv, timeout, tick, every=2.0):
+        raise NodeFault(argv[0], f"did not finish within {timeout} s")
+    monkeypatch.setattr(registry, "run_watched", slow)
+    monkeypatch.setattr(registry, "_total", lambda pinned, insecure: None)
+    pinned = f"docker://r.org/x@{D}"
+    with pytest.raises(CharlieError, match="did not finish within 5 s"):
+        registry.fetch(pinned, str(tmp_path), True, [], 5)
+    with pytest.raises(UserError, match="could not pull the image: .*did not finish"):
+        registry.fetch(pinned, str(tmp_path), False, [], 5)
