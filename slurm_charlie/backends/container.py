@@ -441,8 +441,12 @@ class ContainerBackend(Backend):
         limit = ctx.cfg["timeouts.boot"]
         deadline = time.monotonic() + limit
         watch = privileged.StopWatch(proc.pid)
+        fuse_watch = None  # the overlay's squashfuse: stopped, ch-run would wait on it
         while time.monotonic() < deadline:
-            if watch.expired():
+            if image.get("squashfs_lower") and fuse_watch is None:
+                server = _squashfuse_of(proc.pid)
+                fuse_watch = privileged.StopWatch(server) if server else None
+            if watch.expired() or (fuse_watch is not None and fuse_watch.expired()):
                 proc.kill()  # our own child, not yet reaped: the pid is still it
                 proc.wait()
                 raise UserError("container", "the container was stopped (SIGSTOP) "
@@ -474,7 +478,7 @@ class ContainerBackend(Backend):
         # ch-run has exec'd the image's /bin/sh by now: record that program
         # and the FUSE server (ch-run itself, or the overlay's squashfuse)
         server = proc.pid if holder != proc.pid else \
-            _only_child(holder) if image.get("squashfs_lower") else None
+            _squashfuse_of(holder) if image.get("squashfs_lower") else None
         if server:
             fuse = dataclasses.replace(rec, role="fuse", pid=server,
                                        start=starttime(server) or 0,
@@ -536,6 +540,24 @@ def _only_child(pid: int) -> int | None:
     except OSError:
         return None
     return int(kids[0]) if len(kids) == 1 else None
+
+
+def _squashfuse_of(pid: int) -> int | None:
+    """The overlay's squashfuse: the child of pid (the overlay script, then
+    the holder it becomes) that runs squashfuse, None before it starts."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+    except OSError:
+        return None
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/comm") as f:
+                if f.read().strip() == "squashfuse":
+                    return int(kid)
+        except OSError:
+            continue
+    return None
 
 
 def _mounts_for(pid: int, mount_dirs: tuple[bytes, ...]) -> bool:
