@@ -3,28 +3,36 @@ place (with hooks.py) that reads argv/environment and picks exit codes."""
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from . import PROG, __version__, config, options, validate
+from . import PROG, __version__, config
 from .errors import CharlieError, NodeFault, UserError, format_message
-from .render import render_config_rst, render_header, render_options_rst
+
+if TYPE_CHECKING:
+    import argparse
+
+#: run by slurmd for every charlie job on every node: main() takes them
+#: before argparse, and they import only what the hooks need
+HOOKS = ("prolog", "epilog")
 
 
 # --- subcommands ----------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from . import log as logmod
+    from . import options, validate
     logmod.setup("info", stderr=True)  # warnings reach the submitting user
     cmdline = options.parse_argv(args.options)
     merged = options.merge(cmdline, options.parse_user_env(os.environ))
     opts = options.build(merged)
     cfg = config.load()
     resolved = validate.resolve(opts, cfg, cwd=os.getcwd(), num_nodes=args.nodes)
+    # an archive is hashed here, once, not on every node
+    resolved = validate.submit_digest(resolved, cfg, validate.user_cache_home(os.environ))
     if args.emit:
         for name, value in options.to_env(resolved):
             print(f"{name}={value}")
@@ -61,6 +69,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
+    from .render import render_config_rst, render_header, render_options_rst
     out = {"header": render_header, "options-rst": render_options_rst,
            "config-example": config.render_example,
            "config-rst": render_config_rst}[args.what]()
@@ -205,6 +214,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
     p = argparse.ArgumentParser(prog=PROG, description=(
         "Per-job containers and virtual machines for Slurm."))
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -334,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0] in HOOKS:
+        from . import hooks
+        return (hooks.prolog_main if argv[0] == "prolog" else hooks.epilog_main)(os.environ)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -14,8 +14,10 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from . import (asuser, backends, config, hostlist, jobenv, jobnet, layout, options,
-               privileged, shm, sshkey)
+# jobnet and sshkey (socket, hashlib) are VM-only: imported where used, as
+# every import here is paid by each prolog and epilog on every node
+from . import (asuser, backends, config, hostlist, jobenv, layout, options,
+               privileged, shm)
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError
 from .proc import User, call_as, process_age
@@ -101,6 +103,7 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
         raise early
     vm_user, ssh = (), None
     if raw is not None and raw.type in ("vm", "auto"):
+        from . import sshkey
         vm_user = asuser.guest_user(user)
         ssh = sshkey.job_keys(cfg["vm.ssh_secret"], job.job_id, user.uid)
     prepared = call_as(user, asuser.prepare_as_user, ctx, raw, cpus, vm_user, ssh)
@@ -222,6 +225,7 @@ def undo(cfg: config.Config, paths: layout.JobPaths,
             ctx.node, user.uid, paths.job_id))
     if rec is None or rec.type == "vm":
         # devices and filters by the job's name, whatever of them was made
+        from . import jobnet
         step("job network", lambda: jobnet.remove(paths.job_id, node))
     step("job directory", lambda: privileged.remove_job_dir(paths))
     return faults

@@ -8,7 +8,6 @@ byte-identical files on every node, so no node talks to another.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import shlex
 
 from .errors import UserError
@@ -55,6 +54,7 @@ def addresses(subnet: str, count: int) -> tuple[list[str], list[str], int]:
     """Guest i gets the (i+1)-th address of the subnet, the host side of node
     i the (i+1)-th address of its upper half.  Returns (guests, hosts, prefix)."""
     try:
+        import ipaddress  # VMs only: not paid by every container prolog
         net = ipaddress.IPv4Network(subnet)
     except ValueError as e:
         raise UserError("vm.subnet", "not an IPv4 network", subnet) from e

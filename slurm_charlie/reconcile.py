@@ -21,7 +21,7 @@ import shutil
 import stat
 import time
 
-from . import config, jobnet, layout, privileged
+from . import config, layout, privileged
 from .errors import CharlieError, NodeFault
 from .proc import User, log, run
 
@@ -144,6 +144,7 @@ def reconcile(cfg: config.Config, node: str, running: set[str], *,
             report.cgroups.append(jid)
         except CharlieError as e:
             report.faults.append(f"job {jid}: {e.line()}")
+    from . import jobnet  # socket & co.: not for the prolog that only checks due()
     for jid in sorted(jobnet.jobs_with_devices(node) - running - set(report.skipped)):
         if dry_run:
             report.networks.append(jid)
