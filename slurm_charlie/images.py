@@ -48,3 +48,16 @@ def detect(path: str) -> tuple[str, str]:
     raise UserError("--charlie-image", "not a recognised image", path, hint=(
         "use a directory, .tar/.tar.gz/.tar.xz, squashfs, qcow2, or a raw "
         "disk named *.raw or *.img"))
+
+
+#: archive formats the nodes unpack (and so need a digest to cache by)
+ARCHIVES = ("tar", "tar.gz", "tar.xz")
+
+
+def sha256_file(path: str) -> str:
+    import hashlib  # only archives are hashed
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -9,6 +9,7 @@ validate.py and run as the job user.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Iterable, Mapping
 
@@ -110,6 +111,9 @@ class Options:
     cpus: int | None = None
     mem: int | None = None        # MiB
     tmp_size: int | None = None   # MiB
+    #: not an option: what the validator found at submit for an archive
+    #: image (see image_digest()); users never set it
+    image_digest: str | None = None
 
     def given(self) -> bool:
         return self != Options()
@@ -274,6 +278,34 @@ def merge(cmdline: Mapping[str, list[str | None]],
 # spank_job_control_setenv(), and the prolog sees them as SPANK_NAME=VALUE.
 
 MARKER = "CHARLIE"
+#: an archive image's sha256 and the file's identity, hashed once at submit
+DIGEST_ENV = ENV_PREFIX + "IMAGE_DIGEST"
+_DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})@([0-9]{1,20}):([0-9]{1,20}):"
+                        r"(-?[0-9]{1,21}):(-?[0-9]{1,21})")
+
+
+def image_digest(sha256: str, st: os.stat_result) -> str:
+    """The CHARLIE_IMAGE_DIGEST value: the archive's sha256 and what a node
+    compares before it trusts it (inode, size, mtime and ctime in ns: the
+    same on every client of a shared filesystem, and ctime is not the
+    user's to set back)."""
+    return (f"sha256:{sha256}@{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+            f":{st.st_ctime_ns}")
+
+
+def parse_image_digest(text: str) -> tuple[str, tuple[int, int, int, int]]:
+    """-> (sha256, (inode, size, mtime_ns, ctime_ns)); UserError when it is
+    not what image_digest() makes."""
+    m = _DIGEST_RE.fullmatch(text) if text.isascii() else None
+    if m is None:
+        raise UserError(DIGEST_ENV, "not an image digest", repr(text[:100]),
+                        hint="submit with the site's slurm-charlie")
+    return m.group(1), (int(m.group(2)), int(m.group(3)), int(m.group(4)),
+                        int(m.group(5)))
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def to_env(opts: Options) -> list[tuple[str, str]]:
@@ -289,12 +321,14 @@ def to_env(opts: Options) -> list[tuple[str, str]]:
                 out.append((spec.env, "1"))
         elif value is not None:
             out.append((spec.env, str(value)))
+    if opts.image_digest is not None:
+        out.append((DIGEST_ENV, opts.image_digest))
     return out
 
 
 #: every CHARLIE_* name to_env() can produce; anything else is refused
 def _known_names() -> set[str]:
-    names = {MARKER}
+    names = {MARKER, DIGEST_ENV}
     for spec in OPTIONS:
         if spec.kind == "paths":
             names |= {f"{spec.env}{i}" for i in range(1, spec.max_count + 1)}
@@ -343,6 +377,13 @@ def from_env(environ: Mapping[str, str], prefix: str = SPANK_ENV_PREFIX
         else:
             values[spec.name] = [raw]
     opts = build(values)
+    digest = environ.get(prefix + DIGEST_ENV)
+    if digest is not None:
+        parse_image_digest(digest)
+        if opts.image is None:
+            raise UserError(DIGEST_ENV, "given without an image",
+                            hint="submit with the site's slurm-charlie")
+        opts = dataclasses.replace(opts, image_digest=digest)
     pinned = opts.image is not None and opts.image.startswith("docker://") \
         and "@sha256:" in opts.image  # a registry image, pinned at submit
     for path in ((opts.job, *opts.dir) if pinned else (opts.image, opts.job, *opts.dir)):

@@ -21,7 +21,6 @@ everything under one directory").
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import shutil
@@ -30,6 +29,7 @@ import tarfile
 
 import filelock
 
+from . import images, options
 from .errors import UserError
 from .layout import read_small, tree_size, write_file
 from .meta import MOUNT_POINTS
@@ -220,31 +220,39 @@ def _extract_squashfs(archive: str, dest: str, timeout: float) -> None:
         raise UserError("--charlie-image", "cannot unpack squashfs", err[-1])
 
 
-def archive_key(archive: str, index_dir: str) -> str:
-    """sha256 of the archive, remembered per (dev, inode, size, mtime)."""
+def archive_key(archive: str, index_dir: str, claimed: str | None = None
+                ) -> tuple[str, str]:
+    """(sha256 of the archive, where it came from: "submit", "index" or
+    "hashed").  The digest the validator made at submit (``claimed``) is
+    taken while the file's identity is what it was then; else the node's
+    index per (dev, inode, size, mtime); else the file is read here.  A
+    false claim only names an entry in the user's own cache."""
     st = os.stat(archive)
     key = f"{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
     os.makedirs(index_dir, mode=0o700, exist_ok=True)
     path = os.path.join(index_dir, key)
+    if claimed is not None:
+        sha, identity = options.parse_image_digest(claimed)
+        if identity == options.file_identity(st):
+            if read_small(path, 128) is None:
+                write_file(path, sha + "\n", 0o600)
+            return sha, "submit"
     known = read_small(path, 128)
     if known is not None and len(known.strip()) == 64:
-        return known.strip()
-    h = hashlib.sha256()
-    with open(archive, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+        return known.strip(), "index"
+    digest = images.sha256_file(archive)
     # jobs of the user on this node may hash the same archive at once
     write_file(path, digest + "\n", 0o600)
-    return digest
+    return digest, "hashed"
 
 
 def unpack(archive: str, fmt: str, user_cache: str, job_id: str,
-           lock_timeout: float) -> dict:
+           lock_timeout: float, claimed: str | None = None) -> dict:
     """As the user: make sure the archive is unpacked in user_cache and mark
-    job_id as a user of it.  Returns {"image": dir, "sha": …, "unpacked": bool}."""
+    job_id as a user of it.  Returns {"image": dir, "sha": …, "unpacked":
+    bool, "digest_from": archive_key()'s second answer}."""
     os.makedirs(user_cache, mode=0o700, exist_ok=True)
-    sha = archive_key(archive, os.path.join(user_cache, "index"))
+    sha, digest_from = archive_key(archive, os.path.join(user_cache, "index"), claimed)
     image = os.path.join(user_cache, sha)
     jobs = image + ".jobs"
     unpacked = False
@@ -283,7 +291,7 @@ def unpack(archive: str, fmt: str, user_cache: str, job_id: str,
         except OSError:
             pass
         raise
-    return {"image": image, "sha": sha, "unpacked": unpacked}
+    return {"image": image, "sha": sha, "unpacked": unpacked, "digest_from": digest_from}
 
 
 def release(user_cache: str, sha: str, job_id: str) -> None:

@@ -331,8 +331,13 @@ class ContainerBackend(Backend):
         user_cache = layout.create_user_dir(cache, ctx.user.uid, ctx.user.gid)
         from .. import unpack  # archives only: tarfile, filelock
         got = call_as(ctx.user, unpack.unpack, source, fmt, user_cache,
-                      ctx.job_id, ctx.cfg["timeouts.unpack"],
+                      ctx.job_id, ctx.cfg["timeouts.unpack"], ctx.opts.image_digest,
                       limit=2 * ctx.cfg["timeouts.unpack"] + 60)
+        log.info("image %s: digest %s", source,
+                 {"submit": "made at submit", "index": "from this node's index",
+                  "hashed": "read on this node: "
+                  + ("the file changed after submit" if ctx.opts.image_digest
+                     else "none from submit")}[got["digest_from"]])
         log.info("image %s: %s %s", source,
                  "unpacked into" if got["unpacked"] else "cached at", got["image"])
         running = set(layout.list_job_dirs(ctx.paths.root))

@@ -117,6 +117,14 @@ def _private_conf(cluster, wd, validator_lines):
      "not an absolute path on the node"),
     (["CHARLIE=1", "CHARLIE_TYPE=none", "CHARLIE_DIR1=/a", "CHARLIE_DIR5=/e"],
      "SPANK_CHARLIE_DIR5: not a variable slurm-charlie sets"),
+    # the submit-time digest of an archive is parsed by root: a huge or
+    # malformed one, or one without an image, fails the job
+    (["CHARLIE=1", "CHARLIE_TYPE=none",
+      "CHARLIE_IMAGE_DIGEST=sha256:" + "a" * 64 + "@1:2:3:" + "9" * 4000],
+     "CHARLIE_IMAGE_DIGEST: not an image digest"),
+    (["CHARLIE=1", "CHARLIE_TYPE=none",
+      "CHARLIE_IMAGE_DIGEST=sha256:" + "a" * 64 + "@1:2:3:4"],
+     "CHARLIE_IMAGE_DIGEST: given without an image"),
 ])
 def test_own_validator_cannot_drain(cluster, lines, message):
     """Class 2: nothing the submit side checked is trusted by the prolog."""

@@ -324,6 +324,53 @@ def test_archive_images(cluster, archives, kind):
     assert out.count("inside-the-image") == 2 and "meta" in out
 
 
+def test_tarball_hashed_once_at_submit_not_on_the_nodes(cluster, images):
+    """A new tarball is hashed by sbatch (as the user) once: none of the 3
+    nodes reads it to name its cache entry, and a resubmit reuses the
+    digest from the user's ~/.cache.  A tarball rewritten between submit and
+    job start (a held job) is hashed by each node instead, and the job runs
+    what the file holds then."""
+    wd = cluster.workdir("archive-digest")
+    src = os.path.join(wd, "src")
+    shutil.copytree(images["bb"], src, symlinks=True)
+    with open(os.path.join(src, "unique"), "w") as f:
+        f.write(f"{time.time_ns()}\n")
+    tgz = os.path.join(wd, "digest.tar.gz")
+    subprocess.run(["tar", "-C", src, "-czf", tgz, "."], check=True)
+    os.chmod(tgz, 0o644)
+    memo_dir = os.path.join(cluster.home, ".cache", "slurm-charlie", "digests")
+    before = set(os.listdir(memo_dir)) if os.path.isdir(memo_dir) else set()
+    jobs = []
+    for i in range(2):
+        p, jobid = cluster.sbatch(wd, ["-N3", f"--charlie-image={tgz}", "-o", f"j{i}.out",
+                                       "--wrap", "srun cat /unique"])
+        assert p.returncode == 0, p.stderr + open(os.path.join(wd, f"j{i}.out")).read()
+        jobs.append(jobid)
+    new = set(os.listdir(memo_dir)) - before
+    assert len(new) == 1, new  # one tarball version, one digest, made once
+    sha = open(os.path.join(memo_dir, new.pop())).read().strip()
+    assert sha == hashlib.sha256(open(tgz, "rb").read()).hexdigest()
+    for n in ("node1", "node2", "node3"):
+        log = _charlie_log(cluster, n)
+        for j in jobs:
+            assert f"job {j}: info: image {tgz}: digest made at submit" in log, (n, j)
+        assert f"/{sha}" in log  # the cache entry is named by it
+    # rewritten while the job waits: the nodes see a new file version
+    p = cluster.as_user(["sbatch", "--parsable", "-H", "-N3", f"--charlie-image={tgz}",
+                         "-o", "held.out", "--wrap", "srun cat /unique"], wd)
+    assert p.returncode == 0, p.stderr
+    held = p.stdout.strip()
+    with open(os.path.join(src, "unique"), "w") as f:
+        f.write("rewritten\n")
+    subprocess.run(["tar", "-C", src, "-czf", tgz, "."], check=True)
+    cluster.run(["scontrol", "release", held], check=True)
+    assert cluster.wait_done(held)["JobState"] == "COMPLETED"
+    assert open(os.path.join(wd, "held.out")).read().split() == ["rewritten"] * 3
+    for n in ("node1", "node2", "node3"):
+        assert (f"job {held}: info: image {tgz}: digest read on this node: the file "
+                "changed after submit") in _charlie_log(cluster, n), n
+
+
 def test_concurrent_jobs_share_one_unpack(cluster, archives, images):
     wd = cluster.workdir("archive-shared")
     fresh = os.path.join(wd, "fresh.tar.gz")  # new content: not in any cache yet

@@ -1,5 +1,7 @@
 """The option table: parsing, syntax checks, env variables, the hand-off."""
 
+import os
+
 import pytest
 
 from slurm_charlie import options
@@ -96,3 +98,25 @@ def test_every_option_has_env_and_help():
         assert o.env == "CHARLIE_" + o.name.upper().replace("-", "_")
         assert o.help and "\n" not in o.help
         assert (o.arginfo is None) == (o.has_arg == 0)
+
+
+def test_image_digest_travels_and_is_checked():
+    """The validator's digest of an archive image reaches the prolog; a
+    malformed one, or one without an image, fails the job (never a node)."""
+    st = os.stat(__file__)
+    digest = options.image_digest("0f" * 32, st)
+    opts = Options(image="/i.tar.gz", type="container", image_digest=digest)
+    env = {"SPANK_" + k: v for k, v in options.to_env(opts)}
+    assert env["SPANK_CHARLIE_IMAGE_DIGEST"] == digest
+    assert options.from_env(env) == opts
+    assert options.parse_image_digest(digest) == ("0f" * 32, options.file_identity(st))
+    for bad in ("sha256:" + "0f" * 32, "sha256:" + "0F" * 32 + "@1:2:3:4", "x" * 5000,
+                "sha256:" + "0f" * 32 + "@1:2:3:4\n", "sha256:" + "0f" * 32 + "@٣:2:3:4"):
+        with pytest.raises(UserError, match="CHARLIE_IMAGE_DIGEST: not an image digest"):
+            options.from_env({**env, "SPANK_CHARLIE_IMAGE_DIGEST": bad})
+    no_image = {k: v for k, v in env.items() if k != "SPANK_CHARLIE_IMAGE"}
+    with pytest.raises(UserError, match="given without an image"):
+        options.from_env(no_image)
+    # users cannot hand one in through their environment: the validator makes it
+    assert "image_digest" not in options.parse_user_env(
+        {"CHARLIE_IMAGE": "/i.tar.gz", "CHARLIE_IMAGE_DIGEST": digest})

@@ -2,6 +2,7 @@
 reuse, eviction.  Runs on the local filesystem; the cluster suite runs the
 same through real jobs."""
 
+import hashlib
 import io
 import os
 import stat
@@ -10,7 +11,7 @@ import tarfile
 
 import pytest
 
-from slurm_charlie import unpack
+from slurm_charlie import options, unpack
 from slurm_charlie.errors import UserError
 
 
@@ -184,11 +185,34 @@ def test_eviction_lru_spares_running_jobs(tmp_path):
     assert unpack.evict(cache, 3500, running_jobs={"3"}) == [shas[0]]
 
 
+def _no_hashing(*a):
+    raise AssertionError("the archive was read to hash it")
+
+
 def test_archive_hashed_once(tmp_path, monkeypatch):
     tgz = make_tar(str(tmp_path / "img.tgz"), GOOD_IMAGE)
-    first = unpack.archive_key(tgz, str(tmp_path / "idx"))
-    monkeypatch.setattr(unpack.hashlib, "sha256", lambda: (_ for _ in ()).throw(AssertionError))
-    assert unpack.archive_key(tgz, str(tmp_path / "idx")) == first
+    first, how = unpack.archive_key(tgz, str(tmp_path / "idx"))
+    assert how == "hashed" and first == hashlib.sha256(open(tgz, "rb").read()).hexdigest()
+    monkeypatch.setattr(unpack.images, "sha256_file", _no_hashing)
+    assert unpack.archive_key(tgz, str(tmp_path / "idx")) == (first, "index")
+
+
+def test_archive_digest_from_submit_is_taken_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    """The node does not read the archive when the validator's digest names
+    this very file version; it hashes what it finds once the file changed."""
+    tgz = make_tar(str(tmp_path / "img.tgz"), GOOD_IMAGE)
+    real = hashlib.sha256(open(tgz, "rb").read()).hexdigest()
+    claim = options.image_digest("ab" * 32, os.stat(tgz))  # a claim, taken as is
+    with monkeypatch.context() as m:
+        m.setattr(unpack.images, "sha256_file", _no_hashing)
+        assert unpack.archive_key(tgz, str(tmp_path / "idx"), claim) == ("ab" * 32, "submit")
+    # the same content written again: a new ctime, so the claim is stale
+    data = open(tgz, "rb").read()
+    with open(tgz, "wb") as f:
+        f.write(data)
+    assert unpack.archive_key(tgz, str(tmp_path / "idx2"), claim) == (real, "hashed")
+    with pytest.raises(UserError, match="not an image digest"):
+        unpack.archive_key(tgz, str(tmp_path / "idx3"), "sha256:00@1:2:3")
 
 
 def test_archive_key_from_several_processes_at_once(tmp_path):
@@ -202,7 +226,7 @@ def test_archive_key_from_several_processes_at_once(tmp_path):
             pid = os.fork()
             if pid == 0:
                 try:
-                    unpack.archive_key(tgz, idx)
+                    unpack.archive_key(tgz, idx)[0]
                     os._exit(0)
                 except BaseException:
                     os._exit(1)

@@ -125,3 +125,64 @@ def test_vm_image_is_checked_by_qemu_img(tree):
     # 512 bytes with the qcow2 magic and nothing else: qemu-img refuses it
     with pytest.raises(UserError, match="qemu-img cannot read it as qcow2"):
         resolve_as_nobody(Options(image="disk.qcow2"), tree)
+
+
+def test_archive_hashed_at_submit_once(tmp_path, monkeypatch):
+    """The validator hashes a tarball the nodes will unpack, keeps the answer
+    in the user's cache for the next submit, and hashes nothing the nodes
+    mount or use in place."""
+    import hashlib
+    import subprocess
+    from slurm_charlie import options
+    src = tmp_path / "src"
+    (src / "bin").mkdir(parents=True)
+    (src / "bin" / "x").write_text("x\n")
+    tgz = str(tmp_path / "img.tar.gz")
+    subprocess.run(["tar", "-C", str(src), "-czf", tgz, "."], check=True)
+    real = hashlib.sha256(open(tgz, "rb").read()).hexdigest()
+    home = str(tmp_path / "cache")
+    got = validate.submit_digest(Options(image=tgz, type="container"), CFG, home)
+    assert options.parse_image_digest(got.image_digest) == (
+        real, options.file_identity(os.stat(tgz)))
+    monkeypatch.setattr(images, "sha256_file", lambda p: pytest.fail("hashed twice"))
+    assert validate.submit_digest(Options(image=tgz, type="container"), CFG, home) == got
+    # nothing to hash: a directory, a mounted squashfs, a registry image
+    assert validate.submit_digest(Options(image=str(src), type="container"), CFG,
+                                  home).image_digest is None
+    sqfs = str(tmp_path / "img.sqfs")
+    subprocess.run(["mksquashfs", str(src), sqfs, "-quiet", "-no-progress"], check=True,
+                   stdout=subprocess.DEVNULL)
+    assert validate.submit_digest(Options(image=sqfs, type="container"), CFG,
+                                  home).image_digest is None
+    assert validate.submit_digest(Options(image="docker://r/x@sha256:" + "0" * 64,
+                                          type="container"), CFG, home).image_digest is None
+    # a squashfs copied to write into is unpacked: hashed
+    monkeypatch.undo()
+    assert validate.submit_digest(Options(image=sqfs, type="container", write=True),
+                                  CFG, None).image_digest.startswith("sha256:")
+
+
+def test_archive_changed_while_hashed_at_submit_gets_no_digest(tmp_path, monkeypatch):
+    import subprocess
+    src = tmp_path / "src"
+    src.mkdir()
+    tgz = str(tmp_path / "img.tar")
+    subprocess.run(["tar", "-C", str(src), "-cf", tgz, "."], check=True)
+    def hash_while_someone_writes(path):
+        with open(path, "ab") as f:
+            f.write(b"\0" * 512)
+        return "0" * 64
+    monkeypatch.setattr(images, "sha256_file", hash_while_someone_writes)
+    got = validate.submit_digest(Options(image=tgz, type="container"), CFG,
+                                 str(tmp_path / "cache"))
+    assert got.image_digest is None  # the nodes hash what they find
+    assert not os.path.exists(tmp_path / "cache" / "digests") or \
+        os.listdir(tmp_path / "cache" / "digests") == []
+
+
+def test_user_cache_home():
+    assert validate.user_cache_home({"HOME": "/home/u"}) == "/home/u/.cache/slurm-charlie"
+    assert validate.user_cache_home({"HOME": "/home/u", "XDG_CACHE_HOME": "/c"}) == \
+        "/c/slurm-charlie"
+    assert validate.user_cache_home({"HOME": "rel"}) is None
+    assert validate.user_cache_home({}) is None
