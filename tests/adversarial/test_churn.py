@@ -3,7 +3,6 @@ runs 200 jobs): jobs of every type with faults injected at random points,
 then nothing may be left behind."""
 
 import os
-import sys
 
 from helpers import churn
 

@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import time
 
-from helpers.cluster import USER, build_busybox_image, make_cluster
+from helpers.cluster import build_busybox_image, make_cluster
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "15"))
 #: 3 is the issue's measure; 1 shows a node's own cost without the three

@@ -142,7 +142,7 @@ BAD_SUBMIT = [
     (["--charlie-image=closed.qcow2"], {},
      "--charlie-image: cannot read: Permission denied: {wd}/closed.qcow2"),
     (["--charlie-type=docker"], {}, "--charlie-type: unknown value: 'docker'"),
-    ([f"--charlie-dir=data" for _ in range(5)][:1] +
+    (["--charlie-dir=data" for _ in range(5)][:1] +
      [f"--charlie-dir=/{d}" for d in ("tmp", "usr", "var", "etc")], {},
      "--charlie-dir: given more than 4 times"),
     (["--charlie-dir=job.sh"], {}, "--charlie-dir: not a directory: {wd}/job.sh"),

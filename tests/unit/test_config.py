@@ -2,7 +2,6 @@
 example file, and the runtime_root safety rule."""
 
 import os
-import stat
 import tempfile
 
 import pytest

@@ -4,7 +4,6 @@ hands the hooks; draining is recorded instead of calling scontrol.  The same
 paths run for real in tests/cluster."""
 
 import errno
-import json
 import os
 import shutil
 import stat
