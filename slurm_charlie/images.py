@@ -16,8 +16,15 @@ MAGIC = (
     (257, b"ustar", "container", "tar"),
 )
 RAW_SUFFIXES = (".raw", ".img")
+#: a registry image (--charlie-image=docker://...): see ``registry``, which
+#: is imported only for those (hashlib, tempfile, its regexes)
+REGISTRY_PREFIX = "docker://"
 MISSING_HINT = ("check the path; relative paths are taken from the directory "
                 "you submit from, and compute nodes must see the same path")
+
+
+def is_registry_ref(image: str | None) -> bool:
+    return bool(image) and image.startswith(REGISTRY_PREFIX)  # type: ignore[union-attr]
 
 
 def detect(path: str) -> tuple[str, str]:

@@ -7,7 +7,6 @@ site config (log_file), and out/charlie.log inside the job directory.
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 
 from . import PROG
@@ -40,9 +39,9 @@ def setup(level: str = "info", job_id: str | None = None, stderr: bool = True,
         h.setFormatter(_Format(job_id, False))
         log.addHandler(h)
     if syslog and os.path.exists("/dev/log"):
+        from logging.handlers import SysLogHandler  # not for stderr-only logs
         try:
-            h = logging.handlers.SysLogHandler(
-                "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            h = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_DAEMON)
             h.setFormatter(_Format(job_id, False))
             log.addHandler(h)
         except OSError:

@@ -13,6 +13,7 @@ import os
 import re
 from typing import Iterable, Mapping
 
+from . import images
 from .errors import UserError
 
 PREFIX = "charlie-"
@@ -384,8 +385,8 @@ def from_env(environ: Mapping[str, str], prefix: str = SPANK_ENV_PREFIX
             raise UserError(DIGEST_ENV, "given without an image",
                             hint="submit with the site's slurm-charlie")
         opts = dataclasses.replace(opts, image_digest=digest)
-    pinned = opts.image is not None and opts.image.startswith("docker://") \
-        and "@sha256:" in opts.image  # a registry image, pinned at submit
+    # a registry image, pinned at submit
+    pinned = images.is_registry_ref(opts.image) and "@sha256:" in opts.image  # type: ignore
     for path in ((opts.job, *opts.dir) if pinned else (opts.image, opts.job, *opts.dir)):
         if path is not None and not path.startswith("/"):
             raise UserError("--charlie-image/--charlie-job/--charlie-dir",

@@ -21,11 +21,11 @@ import tempfile
 import time
 
 from .errors import CharlieError, UserError
+from .images import REGISTRY_PREFIX as PREFIX
 from .layout import tree_size
 from .meta import MOUNT_POINTS
 from .proc import log, run, run_watched
 
-PREFIX = "docker://"
 _NAME = r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
 _REF = re.compile(r"^(?:(?P<registry>[a-zA-Z0-9.-]+(?::[0-9]+)?)/)?"
                   rf"(?P<name>{_NAME})"
@@ -33,10 +33,6 @@ _REF = re.compile(r"^(?:(?P<registry>[a-zA-Z0-9.-]+(?::[0-9]+)?)/)?"
                   r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
 HINT = ("write it as docker://[REGISTRY/]NAME[:TAG], e.g. "
         "docker://registry.example.org:5000/busybox:latest")
-
-
-def is_ref(image: str | None) -> bool:
-    return bool(image) and image.startswith(PREFIX)  # type: ignore[union-attr]
 
 
 def parse(ref: str) -> dict[str, str | None]:

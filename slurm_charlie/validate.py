@@ -103,8 +103,7 @@ def resolve(opts: Options, cfg: Config, cwd: str | None,
             num_nodes: int | None = None) -> Options:
     """Make paths absolute, check them as the calling user, settle the type.
     Returns the normalized Options the prolog will receive."""
-    from . import registry
-    remote = registry.is_ref(opts.image)
+    remote = images.is_registry_ref(opts.image)
     image = (opts.image if remote else _absolute("--charlie-image", opts.image, cwd)) \
         if opts.image else None
     dirs = tuple(_absolute("--charlie-dir", d, cwd) for d in opts.dir)
@@ -119,6 +118,7 @@ def resolve(opts: Options, cfg: Config, cwd: str | None,
                             f"which does not fit --charlie-type={type_}", image)
         type_ = "container"
         # pinned to its digest now: every node runs the same image
+        from . import registry
         image = registry.pin(image, cfg["container.registry_insecure"])
     elif image is not None:
         if cfg["image_roots"] and not _under_roots(image, cfg["image_roots"]):
@@ -161,7 +161,7 @@ def submit_digest(opts: Options, cfg: Config, cache_home: str | None) -> Options
     otherwise.  A digest already made for this very file version is reused
     from cache_home (the user's ~/.cache/slurm-charlie), so a resubmit pays
     nothing."""
-    if opts.image is None or opts.type != "container" or opts.image.startswith("docker://"):
+    if opts.image is None or opts.type != "container" or images.is_registry_ref(opts.image):
         return opts
     _kind, fmt = images.detect(opts.image)
     unpacked = fmt in images.ARCHIVES or (

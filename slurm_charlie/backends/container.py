@@ -23,7 +23,7 @@ from typing import Any
 from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
-from .. import config, images, layout, privileged, registry
+from .. import config, images, layout, privileged
 from ..meta import MOUNT_POINTS
 from ..proc import call_as, fd_targets, log, run, starttime
 from . import Backend, Context
@@ -66,6 +66,19 @@ def inspect_dir(image: str, ndirs: int, extra: tuple[str, ...] = ()
     return missing_mount_points(image, ndirs, extra), mpi_flavours(image)
 
 
+def first_look(source: str, ndirs: int, extra: tuple[str, ...], fifo: str
+               ) -> dict[str, Any]:
+    """As the user, in one child (each costs the prolog a fork): the
+    holder's FIFO made, the image's kind and format, and for a directory
+    inspect_dir()'s answer ("missing", "mpi")."""
+    _make_fifo(fifo)
+    kind, fmt = images.detect(source)
+    out: dict[str, Any] = {"kind": kind, "fmt": fmt}
+    if fmt == "directory":
+        out["missing"], out["mpi"] = inspect_dir(source, ndirs, extra)
+    return out
+
+
 def node_tmpdir(cfg: Config, node: str) -> str | None:
     """container.tmpdir for this node, when it is an existing directory."""
     path = config.expand_node(cfg["container.tmpdir"], node) if cfg["container.tmpdir"] else ""
@@ -93,6 +106,7 @@ OVERLAY_DIR = "overlay"  # in run/: the stock image's overlay (its namespace onl
 #: written to the image; it all goes with the namespace.
 OVERLAY_SCRIPT = """set -e
 o=$1; lower=$2; sqfs=$3; shift 3
+mkdir -p -m 0700 "$o"
 mount -t tmpfs -o mode=0700 charlie-overlay "$o"
 mkdir "$o/upper" "$o/work" "$o/merged"
 if [ -n "$sqfs" ]; then
@@ -295,16 +309,17 @@ class ContainerBackend(Backend):
         """For an archive: unpack (or reuse) it in the user's node cache; a
         squashfs file is mounted by ch-run itself where FUSE allows it."""
         source, notes = ctx.opts.image, []
-        if registry.is_ref(source):
+        if images.is_registry_ref(source):
             source, note = self._pulled(ctx)
             notes = [note] if note else []
-        kind, fmt = call_as(ctx.user, images.detect, source)
         tmp = node_tmpdir(ctx.cfg, ctx.node)
         extra = (tmp.lstrip("/"),) if tmp else ()
+        seen = call_as(ctx.user, first_look, source, len(ctx.opts.dir), extra,
+                       os.path.join(ctx.paths.meta, HOLDER_FIFO))
+        fmt = seen["fmt"]
         if fmt == "directory":
-            missing, mpi = call_as(ctx.user, inspect_dir, source, len(ctx.opts.dir), extra)
-            return {"image_dir": source, "notes": notes, "tmpdir": tmp, "missing": missing,
-                    "mpi": mpi}
+            return {"image_dir": source, "notes": notes, "tmpdir": tmp,
+                    "missing": seen["missing"], "mpi": seen["mpi"]}
         if fmt == "squashfs" and ctx.cfg["container.squashfs"] == "mount" \
                 and not ctx.opts.write:  # --charlie-write: a copy to write into
             why = fuse_unusable()
@@ -357,6 +372,7 @@ class ContainerBackend(Backend):
         """A registry image (pinned at submit): its squashfs in the user's
         registry cache, pulled by the job's first node, waited for by the
         others."""
+        from .. import registry  # registry images only
         cache = ctx.cfg["container.registry_cache"]
         if cache.startswith("~/"):
             cache = os.path.join(ctx.user.home, cache[2:])
@@ -384,17 +400,15 @@ class ContainerBackend(Backend):
                             + ", ".join("/" + m for m in missing) + " and its path has "
                             "',', ':' or '\\', which an overlay cannot take",
                             image["image_dir"], hint=_mkdir_hint(image["image_dir"]))
-        overlay = os.path.join(ctx.paths.run, OVERLAY_DIR)
-        call_as(ctx.user, os.makedirs, overlay, 0o700, True)
+        overlay = os.path.join(ctx.paths.run, OVERLAY_DIR)  # OVERLAY_SCRIPT makes it
         if not image.get("squashfs_lower"):  # that one is logged already
             log.info("image %s has no %s: they come from an overlay (the image is not "
                      "written)", image["image_dir"], ", ".join("/" + m for m in missing))
         return overlay, missing
 
     def start(self, ctx: Context) -> dict[str, Any]:
-        image = self._unpacked(ctx)
+        image = self._unpacked(ctx)  # the holder's FIFO is made there too
         self.image_mpi = image.pop("mpi")  # what MPI the image carries (task_env)
-        call_as(ctx.user, _make_fifo, os.path.join(ctx.paths.meta, HOLDER_FIFO))
         tmp = image["tmpdir"]
         overlay = self._overlay(ctx, image)
         runtime = ctx.cfg["container.runtime"]
