@@ -29,7 +29,8 @@ NAMES = sorted(options._known_names()) + ["CHARLIE_DIR5", "CHARLIE_BOGUS"]
 VALUES = st.one_of(
     st.text(max_size=30),
     st.sampled_from(["²", "٣", "1" * 5000, "9" * 13, "-1", " 1", "1 ", "0", "(null)",
-                     "/abs/path", "rel/path", "4G", "1T", "10", "", "\u00b9\u00b2"]))
+                     "/abs/path", "rel/path", "4G", "1T", "10", "", "\u00b9\u00b2",
+                     "sha256:" + "a" * 64 + "@1:2:3:4", "sha256:" + "a" * 64 + "@1:2:3:-4"]))
 
 
 @settings(max_examples=1500, deadline=None)
