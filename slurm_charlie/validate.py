@@ -8,9 +8,10 @@ import os
 import stat
 from typing import Mapping
 
-from . import backends, images
+from . import backends, images, options
 from .config import Config
 from .errors import UserError
+from .layout import read_small, write_file
 from .options import Options
 
 
@@ -168,20 +169,14 @@ def submit_digest(opts: Options, cfg: Config, cache_home: str | None) -> Options
         fmt == "squashfs" and (opts.write or cfg["container.squashfs"] != "mount"))
     if not unpacked:
         return opts
-    from . import options
     st = _stat("--charlie-image", opts.image)
     memo = None
     if cache_home:
-        memo = os.path.join(cache_home, "digests",
-                            f"{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
-                            f"-{st.st_ctime_ns}")
-        try:
-            with open(memo) as f:
-                known = f.read(100).strip()
-            if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
-                return dataclasses.replace(opts, image_digest=options.image_digest(known, st))
-        except OSError:
-            pass
+        memo = os.path.join(cache_home, "digests", "-".join(
+            str(n) for n in (st.st_dev, *options.file_identity(st))))
+        known = (read_small(memo, 128) or "").strip()
+        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+            return dataclasses.replace(opts, image_digest=options.image_digest(known, st))
     if st.st_size >= DIGEST_NOTE_BYTES:
         import sys
         print(f"slurm-charlie: hashing {opts.image} ({st.st_size >> 20} MiB) once "
@@ -195,7 +190,6 @@ def submit_digest(opts: Options, cfg: Config, cache_home: str | None) -> Options
             != options.file_identity(st):
         return opts  # changed while it was read: the nodes hash what they find
     if memo is not None:
-        from .layout import write_file
         try:
             os.makedirs(os.path.dirname(memo), mode=0o700, exist_ok=True)
             write_file(memo, sha + "\n", 0o600)

@@ -69,11 +69,11 @@ def inspect_dir(image: str, ndirs: int, extra: tuple[str, ...] = ()
 def first_look(source: str, ndirs: int, extra: tuple[str, ...], fifo: str
                ) -> dict[str, Any]:
     """As the user, in one child (each costs the prolog a fork): the
-    holder's FIFO made, the image's kind and format, and for a directory
+    holder's FIFO made, the image's format, and for a directory
     inspect_dir()'s answer ("missing", "mpi")."""
     _make_fifo(fifo)
-    kind, fmt = images.detect(source)
-    out: dict[str, Any] = {"kind": kind, "fmt": fmt}
+    fmt = images.detect(source)[1]
+    out: dict[str, Any] = {"fmt": fmt}
     if fmt == "directory":
         out["missing"], out["mpi"] = inspect_dir(source, ndirs, extra)
     return out

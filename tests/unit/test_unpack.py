@@ -315,9 +315,9 @@ def test_squashfs_listing_tells_missing_mount_points_and_mpi(tmp_path):
     fifo = tmp_path / "meta.holder"
     fifo.write_text("planted")
     seen = first_look(str(img), 2, ("tmp/node1", "scratch/node1"), str(fifo))
-    assert seen == {"kind": "container", "fmt": "directory", "missing": missing, "mpi": mpi}
+    assert seen == {"fmt": "directory", "missing": missing, "mpi": mpi}
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
-    assert first_look(str(sqfs), 2, (), str(fifo)) == {"kind": "container", "fmt": "squashfs"}
+    assert first_look(str(sqfs), 2, (), str(fifo)) == {"fmt": "squashfs"}
     assert check_squashfs(str(sqfs), 1, str(mnt)) == ([], mpi)
     (tmp_path / "bad.sqfs").write_bytes(b"hsqs" + b"\0" * 200)
     with pytest.raises(UserError, match="not a readable squashfs image"):
