@@ -13,23 +13,16 @@ import time
 
 import pytest
 
-from helpers.cluster import USER, build_busybox_image
+from helpers.cluster import PROC_CMDLINES, USER, build_busybox_image
 
 # The user's own program: SIGSTOP every squashfuse of theirs whose command
 # line names the image, the moment it appears; reports how many it stopped.
-STOPPER = r"""
-import os, signal, sys, time
+STOPPER = PROC_CMDLINES + r"""
+import signal, sys, time
 needle, want, end = sys.argv[1].encode(), int(sys.argv[2]), time.monotonic() + 120
 stopped = set()
 while time.monotonic() < end and len(stopped) < want:
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or d in stopped:
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-        except OSError:
-            continue
+    for d, cmd in cmdlines(stopped):
         if cmd and cmd[0] == b"squashfuse" and needle in cmd:
             os.kill(int(d), signal.SIGSTOP)
             stopped.add(d)

@@ -10,25 +10,18 @@ import os
 import subprocess
 import sys
 
-from helpers.cluster import USER
+from helpers.cluster import PROC_CMDLINES, USER
 from helpers.vm import assert_clean, image_copy
 
 # The user's own program: SIGSTOP their task multiplexer the moment it
 # appears (before it can bind its socket, as far as a tight /proc scan
 # gets there first); prints whether the socket was there at that moment.
-STOPPER = r"""
-import os, signal, sys, time
+STOPPER = PROC_CMDLINES + r"""
+import signal, sys, time
 needle, end = sys.argv[1].encode(), time.monotonic() + 600
-me = os.getpid()
+me = str(os.getpid())
 while time.monotonic() < end:
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == me:
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-        except OSError:
-            continue
+    for d, cmd in cmdlines((me,)):
         if b"task-mux" in cmd and any(needle in c for c in cmd):
             os.kill(int(d), signal.SIGSTOP)
             sock = [c for c in cmd if c.endswith(b"/guest-tasks")][0].decode()

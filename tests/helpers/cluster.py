@@ -15,6 +15,23 @@ from slurm_charlie import sandbox as sbmod
 
 USER = sbmod.USER
 
+#: prepended to the user's own programs (``python -c``) in the adversarial
+#: tests: cmdlines() yields (pid, argv) of the processes on the machine,
+#: from /proc, skipping the pids in ``skip`` and those gone meanwhile
+PROC_CMDLINES = r"""
+import os
+def cmdlines(skip=()):
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or d in skip:
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        yield d, cmd
+"""
+
 
 class Cluster:
     def __init__(self, sb: sbmod.Sandbox) -> None:
