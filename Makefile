@@ -9,7 +9,7 @@ SB := $(VENV)/bin/slurm-charlie
 PYTEST_ARGS ?=
 # Debian packages the sandbox, the shim and the tests need
 APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
-	iproute2 util-linux gcc make python3-venv charliecloud-runtime mpich libmpich-dev \
+	iproute2 util-linux gcc libc6-dev make python3-venv charliecloud-runtime mpich libmpich-dev \
 	busybox-static squashfs-tools qemu-system-x86 qemu-utils cpio debootstrap e2fsprogs kmod \
 	openmpi-bin libopenmpi-dev extlinux syslinux-common nftables iputils-ping \
 	docker-registry skopeo umoci squashfuse apache2-utils

@@ -351,8 +351,11 @@ def build_parser(validate_only: bool = False) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0] in HOOKS:
+        if argv[0] == "prolog":
+            from . import background
+            return background.main()
         from . import hooks
-        return (hooks.prolog_main if argv[0] == "prolog" else hooks.epilog_main)(os.environ)
+        return hooks.epilog_main(os.environ)
     parser = build_parser(validate_only=bool(argv) and argv[0] == "validate")
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -49,8 +49,32 @@ def _node_fault(at: lifecycle.Attempt, e: NodeFault) -> int:
     return 1
 
 
-def prolog_main(env: jobenv.Environ) -> int:
+def _record_for_job(at: lifecycle.Attempt, e: CharlieError, job_id: str | None) -> None:
+    """Leave e in run/error: the shim fails every task of the job with it."""
+    if at.user is not None and at.paths is not None:
+        try:
+            call_as(at.user, record_error, at.paths.error,
+                    format_message(e, job_id) + "\n", limit=30)
+        except CharlieError as e2:
+            log.error("cannot record the error for the job: %s", e2.line())
+
+
+def _drained_for_job(e: CharlieError, node: str) -> NodeFault:
+    """A node fault as the job's tasks see it when the prolog ran in the
+    background (its exit code no longer decides anything)."""
+    return NodeFault(e.subject, e.problem, e.value,
+                     hint=f"node {node} is drained for this; the job cannot run there"
+                     + (f" ({e.hint})" if e.hint else ""))
+
+
+def prolog_main(env: jobenv.Environ, background: bool = False,
+                foreground_why: str | None = None) -> int:
+    """The prolog; with background, in the process ``background`` forked
+    after the hook returned: a node fault then drains the node itself and
+    fails the job with the fault in every task's stderr.  foreground_why:
+    why it could not go to the background (logged)."""
     job_id, node = jobenv.ids(env)
+    at: lifecycle.Attempt | None = None
     try:
         try:
             raw, early = options.from_env(env), None
@@ -61,23 +85,27 @@ def prolog_main(env: jobenv.Environ) -> int:
         at = lifecycle.Attempt(job_id, node)
         try:
             lifecycle.prolog(env, raw, early, at, _setup_logging)
+            if foreground_why:
+                log.warning("prolog: the node was prepared in the prolog itself "
+                            "(Slurm waited for it): %s", foreground_why)
             return 0
         except NodeFault as e:
-            return _node_fault(at, e)
+            code = _node_fault(at, e)
+            if background:
+                _record_for_job(at, _drained_for_job(e, node), job_id)
+            return code
         except UserError as e:
             if at.cfg is None:
                 _setup_logging(None, job_id, node)
             log.error("%s (job fails, node stays in service)", e.line())
-            if at.user is not None and at.paths is not None:
-                try:  # every task prints this and fails (the shim's task_init)
-                    call_as(at.user, record_error, at.paths.error,
-                            format_message(e, job_id) + "\n", limit=30)
-                except CharlieError as e2:
-                    log.error("cannot record the error for the job: %s", e2.line())
+            _record_for_job(at, e, job_id)
             return 0
     except Exception as e:  # a bug in root's code must not look like success
         _setup_logging(None, job_id, node)
-        drain(node, _unexpected(e))
+        fault = _unexpected(e)
+        drain(node, fault)
+        if background and at is not None:
+            _record_for_job(at, _drained_for_job(fault, node), job_id)
         return 1
 
 

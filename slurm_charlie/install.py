@@ -61,6 +61,22 @@ def update_plugstack(path: str, line: str) -> None:
     _write(path, "\n".join(kept + [line]) + "\n", 0o644)
 
 
+def python_of(bin_: str) -> str:
+    """The Python that runs the slurm-charlie command (its #! line), for
+    the prolog hook to start the package directly; "" when it is not a
+    Python script (the hook then runs the command)."""
+    try:
+        with open(bin_, "rb") as f:
+            first = f.readline(4096).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    prog = first[2:].strip().split(" ")[0] if first.startswith("#!") else ""
+    if os.path.isabs(prog) and os.path.basename(prog).startswith("python") \
+            and os.access(prog, os.X_OK):
+        return prog
+    return ""
+
+
 def main(args: argparse.Namespace) -> int:
     conf = args.conf or config.config_path(os.environ)[0]
     cfg = config.load(path=conf) if os.path.exists(conf) else config.load(path=None, environ={})
@@ -83,6 +99,7 @@ def main(args: argparse.Namespace) -> int:
         _write(os.path.join(hook_dir, "charlie.env"),
                "# written by slurm-charlie install-hooks; sourced by the hooks\n"
                f"CHARLIE_BIN={shlex.quote(bin_)}\n"
+               f"CHARLIE_PYTHON={shlex.quote(python_of(bin_))}\n"
                f"SLURM_CHARLIE_CONF={shlex.quote(conf)}\n", 0o644)
         update_plugstack(args.plugstack, line)
     verb = "wrote" if args.apply else "would write"

@@ -3,11 +3,14 @@ Slurm's environment (the SPANK_CHARLIE_* options are read by ``options``)."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Mapping
+# imported by the prolog hook before it forks (background.py): nothing
+# here may cost an import (typing, dataclasses: ~12 ms)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Mapping
 
-#: the environment Slurm gives a prolog or epilog
-Environ = Mapping[str, str]
+    #: the environment Slurm gives a prolog or epilog
+    Environ = Mapping[str, str]
 
 from .errors import NodeFault
 
@@ -24,8 +27,9 @@ VARIABLES: dict[str, tuple[str, bool]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
 class JobEnv:
+    """What Slurm says about the job (read only)."""
+    __slots__ = ("job_id", "uid", "gid", "nodelist", "cpus_per_node", "node_name", "work_dir")
     job_id: str
     uid: int
     gid: int | None
@@ -33,6 +37,19 @@ class JobEnv:
     cpus_per_node: str
     node_name: str
     work_dir: str | None
+
+    def __init__(self, *, job_id: str, uid: int, gid: int | None, nodelist: str,
+                 cpus_per_node: str, node_name: str, work_dir: str | None) -> None:
+        for name, value in (("job_id", job_id), ("uid", uid), ("gid", gid),
+                            ("nodelist", nodelist), ("cpus_per_node", cpus_per_node),
+                            ("node_name", node_name), ("work_dir", work_dir)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"JobEnv is read only: {name}")
+
+    def __repr__(self) -> str:
+        return "JobEnv(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
 
 def ids(environ: Environ) -> tuple[str | None, str]:

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 # jobnet and sshkey (socket, hashlib) are VM-only: imported where used, as
 # every import here is paid by each prolog and epilog on every node
-from . import (asuser, backends, config, hostlist, jobenv, layout, options,
-               privileged, shm)
+from . import (asuser, backends, background, config, hostlist, jobenv, layout,
+               options, privileged, shm)
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError
 from .proc import User, call_as, process_age
@@ -145,6 +145,9 @@ def epilog(env: jobenv.Environ, at: Attempt,
     cfg, paths = at.cfg, at.paths
     assert cfg is not None and paths is not None
     setup_logging(cfg, job.job_id, job.node_name)
+    stuck = stop_background(cfg, job.node_name, job.job_id)
+    if stuck:
+        return stuck
     records = privileged.Records(paths.root)
     rec = records.read(job.job_id)
     if rec is None and not os.path.lexists(paths.job_dir):
@@ -166,6 +169,22 @@ def epilog(env: jobenv.Environ, at: Attempt,
         log.info("epilog done: job directory removed")
     log.info("epilog done in %.3f s (this process's life)", process_age() or 0.0)
     return faults
+
+
+def stop_background(cfg: config.Config, node: str, job_id: str) -> list[NodeFault]:
+    """End the job's background prolog on this node if it still runs (it
+    may be starting things), before root's record is read, and remove its
+    lock file: [] or the node fault of a process that does not end."""
+    try:
+        if background.stop(node, job_id, cfg["timeouts.kill"]):
+            log.info("the job's background prolog was still running; stopped it")
+        background.remove(node, job_id)
+    except OSError as e:
+        fault = NodeFault("prolog", str(e), hint="the process is stuck in the kernel "
+                          "(D state?): see /proc/PID/stack; the node needs a reboot")
+        log.error("epilog: %s", fault.line())
+        return [fault]
+    return []
 
 
 def undo(cfg: config.Config, paths: layout.JobPaths,

@@ -60,3 +60,12 @@ def add_fd(fd: int, job_id: str | None) -> None:
     h = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
     h.setFormatter(_Format(job_id, True))
     log.addHandler(h)
+
+
+def flush() -> None:
+    """Flush every sink (before os._exit, which flushes nothing)."""
+    for h in log.handlers:
+        try:
+            h.flush()
+        except (OSError, ValueError):
+            pass

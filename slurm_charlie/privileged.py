@@ -474,23 +474,29 @@ def _send(pid: int, pidfd: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def matches(rec: ProcRecord) -> bool:
-    """pid is still the process root recorded (start time, owner, program)."""
+def matches(rec: ProcRecord, same_program: bool = True) -> bool:
+    """pid is still the process root recorded (start time, owner and, with
+    same_program, program).  Without same_program: a process recorded as
+    it started, that has exec'd since (the holder: unshare, sh, ch-run, the
+    image's /bin/sh, one pid) -- pid and start time are unique per boot."""
+    if not (starttime(rec.pid) == rec.start and _is_users(rec.pid, rec.uid)):
+        return False
+    if not same_program:
+        return True
     exe = exe_of(rec.pid)
-    return (starttime(rec.pid) == rec.start and _is_users(rec.pid, rec.uid)
-            and exe is not None and exe.removesuffix(" (deleted)") == rec.exe
-            .removesuffix(" (deleted)"))
+    return exe is not None and exe.removesuffix(" (deleted)") == rec.exe \
+        .removesuffix(" (deleted)")
 
 
-def signal_process(rec: ProcRecord, sig: int) -> bool:
+def signal_process(rec: ProcRecord, sig: int, same_program: bool = True) -> bool:
     """Send sig to the recorded process if it still is that process: opened
-    by pidfd first, then checked, so the pid cannot be reused in between.
-    False when it is gone or is not the process root started."""
+    by pidfd first, then checked (see matches), so the pid cannot be reused
+    in between.  False when it is gone or is not the process root started."""
     pidfd = _pidfd(rec.pid)
     if pidfd is None:
         return False
     try:
-        if not matches(rec):
+        if not matches(rec, same_program):
             if starttime(rec.pid) is not None and not is_zombie(rec.pid):
                 log.warning("pid %d is not the %s root started (start time, owner or "
                             "program differ); not signalled", rec.pid, rec.role)

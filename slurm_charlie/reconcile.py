@@ -21,7 +21,7 @@ import shutil
 import stat
 import time
 
-from . import config, layout, privileged
+from . import background, config, layout, privileged
 from .errors import CharlieError, NodeFault
 from .proc import User, log, run
 
@@ -114,7 +114,7 @@ def _dir_owner(paths: layout.JobPaths) -> User | None:
 def reconcile(cfg: config.Config, node: str, running: set[str], *,
               min_age: float | None = None, dry_run: bool = False,
               now: float | None = None) -> Report:
-    from .lifecycle import undo
+    from .lifecycle import stop_background, undo
     now = time.time() if now is None else now
     min_age = cfg["reconcile.min_age"] if min_age is None else min_age
     report = Report()
@@ -126,6 +126,10 @@ def reconcile(cfg: config.Config, node: str, running: set[str], *,
             report.jobs.append(jid)
             continue
         paths = layout.JobPaths(root, jid)
+        stuck = stop_background(cfg, node, jid)
+        if stuck:
+            report.faults += [f"job {jid}: {f.line()}" for f in stuck]
+            continue
         rec = records.read(jid)
         user = None if rec is not None else _dir_owner(paths)
         log.info("reconcile: job %s is not running here; cleaning what it left", jid)
@@ -135,6 +139,13 @@ def reconcile(cfg: config.Config, node: str, running: set[str], *,
             continue
         records.remove(jid)
         report.jobs.append(jid)
+    # lock files of background prologs whose job left nothing else
+    for jid in background.job_ids(node):
+        age = _age(background.path(node, jid), now)
+        if jid in running or jid in report.skipped or jid in clean or dry_run \
+                or age is None or age < min_age:
+            continue
+        stop_background(cfg, node, jid)
     for uid, jid in privileged.stale_job_cgroups(node, running | set(report.skipped)):
         if dry_run:
             report.cgroups.append(jid)

@@ -23,10 +23,11 @@ def c_str(value: str | None) -> str:
 
 
 def render_header() -> str:
-    from . import layout
+    from . import background, layout
     return render("charlie_options.h.j2", options=options.OPTIONS,
                   max_dirs=options.MAX_DIRS, c_str=c_str,
                   run_dir=layout.RUN_DIR, shim_files=layout.SHIM_FILES,
+                  setup_dir=background.SETUP_DIR,
                   on_host_var=layout.ON_HOST_VAR)
 
 

@@ -464,8 +464,12 @@ class Sandbox:
         if munged:
             os.kill(munged, signal.SIGTERM)
             self._wait_gone([munged])
+        from . import background
         for n in self.nodes_on_disk():
             _run(["ip", "netns", "delete", n], check=False)
+            # the background prologs' lock files (whose epilogs did not run)
+            shutil.rmtree(os.path.join(background.SETUP_DIR, n.removeprefix("chsbx-")),
+                          ignore_errors=True)
         for link in _run(["ip", "-o", "link", "show"]).stdout.splitlines():
             name = link.split(":")[1].strip().split("@")[0]
             if name == BRIDGE or (name.startswith("chsbx") and name.endswith("h")):

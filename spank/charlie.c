@@ -7,7 +7,9 @@
  *   each NAME=VALUE line it prints to spank_job_control_setenv(), where the
  *   prolog and epilog find it as SPANK_NAME.
  * remote context (slurmstepd; as the user):
- *   task_init: when the prolog left <runtime_root>/<job>/run/error, prints it
+ *   task_init: waits while the background prolog holds its lock on
+ *              CHARLIE_SETUP_DIR/<node>/<job>; then
+ *              when the prolog left <runtime_root>/<job>/run/error, prints it
  *              to the task's stderr and fails the task; else exports the
  *              lines of <runtime_root>/<job>/run/task.env (CH_* always,
  *              others only where the task has no value) and, for container
@@ -26,6 +28,7 @@
 #include <string.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -528,6 +531,39 @@ static int guest_task(spank_t sp)
     return -1;
 }
 
+/* The prolog may leave the node's preparation to a process of its own,
+ * which holds a lock on CHARLIE_SETUP_DIR/<node>/<job> until it has ended,
+ * having written run/task.env or run/error: wait while it runs.  Returns at
+ * once when there is no such file (a plain job, or a prolog that prepared
+ * the node itself). */
+static void wait_for_setup(spank_t sp)
+{
+    char path[PATH_MAX], env[PATH_MAX], err[PATH_MAX], node[256] = "";
+    useconds_t nap = 1000;
+    uint32_t job = 0;
+    int fd, n;
+
+    if (spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS ||
+        spank_getenv(sp, "SLURMD_NODENAME", node, sizeof(node)) != ESPANK_SUCCESS ||
+        strchr(node, '/') != NULL)
+        return;
+    n = snprintf(path, sizeof(path), CHARLIE_SETUP_DIR "/%s/%u", node, job);
+    if (n < 0 || (size_t)n >= sizeof(path) ||
+        job_file(sp, CHARLIE_RUN_TASK_ENV, env, sizeof(env)) < 0 ||
+        job_file(sp, CHARLIE_RUN_ERROR, err, sizeof(err)) < 0)
+        return;
+    if ((fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)) < 0)
+        return;
+    /* the lock is free once that process has ended, however it ended */
+    while (access(env, F_OK) < 0 && access(err, F_OK) < 0 &&
+           flock(fd, LOCK_SH | LOCK_NB) < 0 && errno == EWOULDBLOCK) {
+        usleep(nap);
+        if (nap < 20000)
+            nap *= 2;
+    }
+    close(fd);
+}
+
 /* Runs in every task (the batch script too), as the user, after slurmstepd
  * has set the task's environment (so SLURMD_NODENAME is this node's). */
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
@@ -540,6 +576,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     (void)av;
     if (spank_remote(sp) != 1)
         return 0;
+    wait_for_setup(sp);
     /* the prolog found a problem with the job: tell the user and fail */
     if (show_job_file(sp, CHARLIE_RUN_ERROR))
         return -1;

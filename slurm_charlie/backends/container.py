@@ -532,9 +532,14 @@ class ContainerBackend(Backend):
         fifo = layout.lstat_in_job(ctx.paths, "meta", HOLDER_FIFO)
         fifo_id = (fifo.st_dev, fifo.st_ino) if fifo and stat.S_ISFIFO(fifo.st_mode) \
             else None
+        if holder is not None and not mntns and privileged.matches(holder, False):
+            # recorded as it started, before its namespace was known (the
+            # prolog was stopped half way): its namespace now, if its own
+            ns = _ns_inode(holder.pid, "mnt") or 0
+            mntns = ns if ns != _ns_inode("self", "mnt") else 0
         for proc in (holder, fuse):
-            if proc is not None:
-                privileged.signal_process(proc, signal.SIGKILL)
+            if proc is not None:  # one pid from unshare to the image's /bin/sh
+                privileged.signal_process(proc, signal.SIGKILL, same_program=False)
         n = privileged.kill_user_processes(
             ctx.user.uid, lambda pid: bool(mntns and _ns_inode(pid, "mnt") == mntns)
             or bool(fuse_ns and _ns_inode(pid, "mnt") == fuse_ns)

@@ -226,6 +226,8 @@ def test_node_fault_drains_with_reason(cluster):
         assert not os.path.exists(out) or "ran-on-node3" not in open(out).read()
         reasons = cluster.run(["sinfo", "-h", "-R", "-o", "%N|%E"]).stdout
         assert f"node3|slurm-charlie: runtime_root: not a directory: {blocker}" in reasons
+        # the background prolog's lock file goes with the epilog, fault or not
+        assert not os.path.exists(f"/run/slurm-charlie/node3/{p.stdout.strip()}")
         for i in (1, 2):  # the other nodes stay in service
             assert f"node{i}|" not in reasons
     finally:

@@ -79,6 +79,18 @@ def test_submit_side_imports_no_back_end():
     assert out == "[]", out
 
 
+def test_the_prolog_hook_imports_nothing_before_it_forks():
+    """The prolog hook's process must end within srun's first poll (0.1 s,
+    docs/admin.rst): up to the fork it loads only background and jobenv,
+    none of the standard library's costly modules."""
+    out = _loaded("slurm_charlie.background, slurm_charlie.jobenv",
+                  "sorted(m for m in sys.modules if m.startswith('slurm_charlie.') or m in "
+                  "('dataclasses', 'typing', 'tomllib', 're', 'subprocess', 'logging', "
+                  "'inspect', 'json'))")
+    assert out == "['slurm_charlie.background', 'slurm_charlie.errors', " \
+        "'slurm_charlie.jobenv']", out
+
+
 def test_jobenv_is_the_only_reader_of_slurms_variables():
     """Slurm's job variables (SLURM_JOB_ID, SLURMD_NODENAME, ...) are named in
     jobenv's table and nowhere else in the package."""

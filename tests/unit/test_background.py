@@ -1,0 +1,177 @@
+"""slurm_charlie.background on this machine's processes: the lock file, the
+fork, and stop() -- which root runs on what the file names, so it must
+kill nothing but the background prolog it recorded.  Needs root (as the
+hooks run); fakes nothing."""
+
+import fcntl
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+from slurm_charlie import background
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the hooks run as root")
+
+
+@pytest.fixture
+def base(tmp_path):
+    d = tmp_path / "setup"
+    return str(d)
+
+
+def _held(path):
+    """Someone holds an exclusive lock on path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _start(pid):
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19])
+
+
+def _alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _detached(base, seconds):
+    """detach() whose child sleeps `seconds` and ends; returns its pid."""
+    pid = background.detach("nodeA", "42", base)
+    if pid == 0:
+        time.sleep(seconds)
+        os._exit(0)
+    assert isinstance(pid, int) and pid > 0, pid
+    return pid
+
+
+def test_detach_records_the_child_which_holds_the_lock_until_it_ends(base):
+    pid = _detached(base, 0.5)
+    path = background.path("nodeA", "42", base)
+    assert open(path).read() == f"{pid} {_start(pid)}\n"
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o644 and st.st_uid == 0
+    assert stat.S_IMODE(os.stat(os.path.join(base, "nodeA")).st_mode) == 0o755
+    assert _held(path)
+    os.waitpid(pid, 0)
+    assert not _held(path)  # however it ended, the lock went with it
+    assert background.stop("nodeA", "42", 5, base) is False
+
+
+def test_stop_kills_a_running_child_and_waits_for_it(base):
+    pid = _detached(base, 60)
+    t0 = time.monotonic()
+    assert background.stop("nodeA", "42", 5, base) is True
+    assert time.monotonic() - t0 < 5
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+    background.remove("nodeA", "42", base)
+    assert background.job_ids("nodeA", base) == []
+
+
+def test_a_second_detach_of_the_same_job_stops_the_first(base):
+    first = _detached(base, 60)
+    second = _detached(base, 0.2)
+    assert os.waitpid(first, 0)[1] == signal.SIGKILL
+    path = background.path("nodeA", "42", base)
+    assert open(path).read().split()[0] == str(second)
+    os.waitpid(second, 0)
+
+
+@pytest.fixture
+def lock_naming(base):
+    """Write the job's file as if it named (pid, start) and hold its lock
+    like a live background prolog; yields the writer."""
+    os.makedirs(os.path.join(base, "nodeA"), mode=0o755)
+    path = background.path("nodeA", "42", base)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def name(pid, start):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{pid} {start}\n".encode(), 0)
+    yield name
+    os.close(fd)
+
+
+@pytest.fixture
+def other_users_process():
+    p = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          "sleep", "60"])
+    time.sleep(0.2)
+    yield p.pid
+    p.kill()
+    p.wait()
+
+
+def test_stop_never_kills_a_process_that_is_not_roots(lock_naming, other_users_process, base):
+    pid = other_users_process
+    lock_naming(pid, _start(pid))
+    assert background.stop("nodeA", "42", 1, base) is False
+    assert _alive(pid)
+
+
+def test_stop_never_kills_a_process_whose_start_time_differs(lock_naming, base):
+    p = subprocess.Popen(["sleep", "60"])  # root's, as a reused pid would be
+    try:
+        time.sleep(0.1)
+        lock_naming(p.pid, _start(p.pid) + 1)
+        assert background.stop("nodeA", "42", 1, base) is False
+        assert _alive(p.pid)
+        lock_naming(os.getpid(), _start(os.getpid()))  # nor itself
+        assert background.stop("nodeA", "42", 1, base) is False
+        lock_naming("x", "y")  # nor on a record that does not parse
+        assert background.stop("nodeA", "42", 1, base) is False
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_stop_without_a_lock_holder_kills_nothing(base):
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        time.sleep(0.1)
+        os.makedirs(os.path.join(base, "nodeA"), mode=0o755)
+        with open(background.path("nodeA", "42", base), "w") as f:
+            f.write(f"{p.pid} {_start(p.pid)}\n")
+        assert background.stop("nodeA", "42", 1, base) is False
+        assert _alive(p.pid)
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("make", ["symlink", "writable", "file"])
+def test_detach_refuses_a_lock_directory_that_is_not_roots_alone(base, tmp_path, make):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    os.makedirs(base, mode=0o755)
+    node_dir = os.path.join(base, "nodeA")
+    if make == "symlink":
+        os.symlink(target, node_dir)
+    elif make == "writable":
+        os.mkdir(node_dir)
+        os.chmod(node_dir, 0o777)
+    else:
+        open(node_dir, "w").close()
+    why = background.detach("nodeA", "42", base)
+    assert isinstance(why, str) and "nodeA" in why, why
+    assert os.listdir(target) == []
+
+
+@pytest.mark.parametrize("node,job", [("", "1"), ("..", "1"), ("a/b", "1"), ("n", "1x"),
+                                      ("n", "")])
+def test_detach_and_stop_refuse_odd_names(base, node, job):
+    assert isinstance(background.detach(node, job, base), str)
+    assert background.stop(node, job, 1, base) is False
+    assert not os.path.exists(base) or os.listdir(base) == []
