@@ -57,10 +57,34 @@ def _root_dir(p: str) -> None:
         os.chmod(p, 0o755)  # whatever slurmd's umask: the shim reads in it
     except FileExistsError:
         pass
-    st = os.lstat(p)
+    why = _not_roots(p)
+    if why:
+        raise OSError(why)
+
+
+def _not_roots(p: str) -> str | None:
+    """What is wrong with p as a lock directory; None when it is fine."""
     import stat
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-        raise OSError(f"{p} is not root's directory (mode 0755)")
+    st = os.lstat(p)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022 \
+            or st.st_mode & 0o555 != 0o555:
+        return f"{p} is not root's directory (mode 0755)"
+    return None
+
+
+def unusable(node: str, base: str = SETUP_DIR) -> str | None:
+    """Why the prolog could not go to the background on this node (doctor);
+    None when it can, or will make the directories itself."""
+    for p in (base, os.path.join(base, node)):
+        try:
+            why = _not_roots(p)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return f"{p}: {e.strerror}"
+        if why:
+            return why
+    return None
 
 
 def _proc_start(pid: int) -> tuple[str, int] | None:

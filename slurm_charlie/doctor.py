@@ -47,6 +47,17 @@ def _records(cfg: config.Config, node: str) -> Result:
     return "ok", f"{path}: root's records, mode 0700", None
 
 
+def _background(node: str) -> Result:
+    from . import background
+    where = os.path.join(background.SETUP_DIR, node)
+    why = background.unusable(node)
+    if why:
+        return "warn", f"{why}: prologs prepare this node in the foreground", \
+            f"rm -rf {where} (the next prolog makes it, root's, mode 0755); meanwhile " \
+            "every charlie job's srun waits 0.2 s more (docs: 'The prolog returns at once')"
+    return "ok", f"{where}: the background prologs' lock files (root's, mode 0755)", None
+
+
 def _pidfd() -> Result:
     try:
         fd = os.pidfd_open(os.getpid())
@@ -236,6 +247,7 @@ def checks(cfg: config.Config, node: str) -> list[tuple[str, Callable[[], Result
     return [
         ("runtime_root", lambda: _runtime_root(cfg, node)),
         ("root's records", lambda: _records(cfg, node)),
+        ("background prolog", lambda: _background(node)),
         ("pidfd", _pidfd),
         ("cgroups", _cgroups),
         ("ch-run", lambda: _program(cfg, "container.runtime", "charliecloud-runtime")),

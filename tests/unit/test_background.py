@@ -175,3 +175,19 @@ def test_detach_and_stop_refuse_odd_names(base, node, job):
     assert isinstance(background.detach(node, job, base), str)
     assert background.stop(node, job, 1, base) is False
     assert not os.path.exists(base) or os.listdir(base) == []
+
+
+def test_unusable_says_why_the_prolog_would_stay_in_the_foreground(base, tmp_path):
+    assert background.unusable("nodeA", base) is None  # made by the first prolog
+    os.makedirs(os.path.join(base, "nodeA"), mode=0o755)
+    os.chmod(base, 0o755)
+    assert background.unusable("nodeA", base) is None
+    os.chmod(os.path.join(base, "nodeA"), 0o777)
+    assert background.unusable("nodeA", base) == \
+        f"{base}/nodeA is not root's directory (mode 0755)"
+    os.chmod(os.path.join(base, "nodeA"), 0o700)  # the job user's shim could not read
+    assert "is not root's directory" in background.unusable("nodeA", base)
+    pid = background.detach("nodeA", "7", base)
+    if pid == 0:
+        os._exit(0)
+    assert isinstance(pid, str) and "is not root's directory" in pid
