@@ -144,22 +144,50 @@ def _stop(fd: int, timeout: float) -> bool:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return False
+    except OSError:  # no pidfds (Linux < 5.3): checked kill() and /proc polls
+        pidfd = -1
     try:
-        now = _proc_start(pid)
-        if now is None or now[1] != start or now[0] == "Z" or os.stat(f"/proc/{pid}").st_uid != 0:
-            return False
+        if not _is_it(pid, start):
+            return False  # ended (the pid may be another process's now)
         import signal
         try:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            if pidfd >= 0:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return False
         import select
-        if select.select([pidfd], [], [], timeout)[0]:
-            return True  # ended (a zombie no one reaps counts)
+        import time
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pidfd >= 0:
+                if select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    return True  # ended (a zombie no one reaps counts)
+            elif not _is_it(pid, start):
+                return True
+            else:
+                time.sleep(0.01)
         raise OSError(f"the background prolog (pid {pid}) does not end after "
                       f"SIGKILL within {timeout:g} s")
     finally:
-        os.close(pidfd)
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _is_it(pid: int, start: int) -> bool:
+    """pid is alive, started at start and is root's in every uid."""
+    now = _proc_start(pid)
+    if now is None or now[1] != start or now[0] == "Z":
+        return False
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return line.split()[1:] == [b"0"] * 4
+    except OSError:
+        pass
+    return False
 
 
 def remove(node: str, job_id: str, base: str = SETUP_DIR) -> None:
