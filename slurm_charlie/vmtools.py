@@ -61,21 +61,32 @@ def _this_program() -> str:
     return sys.argv[0] if os.path.isabs(sys.argv[0]) else (shutil.which(PROG) or PROG)
 
 
-def release_guests() -> bool:
-    """The batch step starts once every node's prolog has seen its guest
-    ready: that is the barrier.  Tell every guest with one srun over the
-    job's nodes (Slurm fans it out), each task leaving meta/sync/go in its
-    node's job directory.  False (and a message) if srun failed: the guests
-    then start on their own after a while."""
+def release_guests() -> bool | str:
+    """Start every guest's job script together.  The barrier: a first srun
+    over the job's nodes, whose tasks start only once their node has been
+    prepared (the shim's task_init waits for the background prolog, which
+    ends with its guest ready); then a second leaves meta/sync/go in every
+    node's job directory (Slurm fans both out: O(N) in total).  True when
+    the guests were told; False (and a warning) if the second srun failed:
+    the guests then start on their own after a while; the first srun's
+    error text when a node could not be prepared (the job cannot run)."""
     job, nodes = jobenv.allocation(os.environ)
     count = len(hostlist.expand(nodes)) if nodes else 0
     if not job or not count:
         return False
-    argv = [shutil.which("srun") or "srun", "--overlap", f"-N{count}", f"-n{count}",
-            "--ntasks-per-node=1", "--quiet", "--mpi=none", f"--export=ALL,{ON_HOST}=1",
-            _this_program(), "guest-go"]
+    srun = [shutil.which("srun") or "srun", "--overlap", f"-N{count}", f"-n{count}",
+            "--ntasks-per-node=1", "--quiet", "--mpi=none", f"--export=ALL,{ON_HOST}=1"]
     try:
-        p = run(argv, timeout=120, check=False)
+        ready = run(srun + ["true"], timeout=None, check=False)
+    except CharlieError as e:
+        ready = None
+        print(f"{PROG}: warning: cannot wait for the job's nodes: {e.line()}",
+              file=sys.stderr)
+    if ready is not None and ready.returncode != 0:
+        return ready.stderr.decode(errors="replace").strip()[-2000:] or \
+            f"srun exited with {ready.returncode}"
+    try:
+        p = run(srun + [_this_program(), "guest-go"], timeout=120, check=False)
     except CharlieError as e:
         print(f"{PROG}: warning: cannot start the guests' jobs together: {e.line()}",
               file=sys.stderr)
@@ -99,7 +110,12 @@ def guest_go(job_dir: str | None) -> int:
 
 
 def guest_wait(job_dir: str, guest: int = 0) -> int:
-    release_guests()
+    released = release_guests()
+    if isinstance(released, str):
+        print(released, file=sys.stderr)
+        print(f"{PROG}: error: a node of the job could not be prepared (above); "
+              "the guests' job does not start", file=sys.stderr)
+        return 1
     out = os.path.join(job_dir, "out")
     done = os.path.join(job_dir, "meta", "sync", f"{guest}.jobdone")
     record = os.path.join(job_dir, "run", f"{guest}.qemu")

@@ -214,9 +214,9 @@ echo "$NOW" > $SYNC/$GUEST.ready
 log "guest $GUEST ready (${NOW}s after kernel start)"
 
 run_job() {
-    # the barrier: Slurm starts the batch step once every node's prolog saw
-    # its guest ready; the batch step then leaves sync/go in every node's job
-    # directory (one srun over the job's nodes: O(N) in total)
+    # the barrier: the batch step waits (one srun over the job's nodes) until
+    # every node's preparation saw its guest ready, then leaves sync/go in
+    # every node's job directory (a second srun: O(N) in total)
     n=0
     until [ -e $SYNC/go ]; do
         n=$((n + 1))

@@ -101,6 +101,37 @@ def test_exit_code_is_guest_zeros(cluster, guest):
     assert_clean(cluster, job)
 
 
+def test_batch_job_fails_when_another_node_cannot_be_prepared(cluster, guest):
+    """The prologs return before the guests are up, so the batch step's
+    start barrier is its own: an srun over the job's nodes, whose task on a
+    node that could not be prepared (here a node fault: node3's
+    runtime_root is a file) fails with that node's message.  The job fails
+    at once instead of running guest 0 without its peers; node3 is drained
+    for the fault, the other nodes are cleaned up."""
+    wd = cluster.workdir("vm-barrier")
+    img = image_copy(cluster, guest, wd)
+    cluster.write(os.path.join(wd, "job.sh"), "#!/bin/sh\necho GUEST-JOB-RAN\n")
+    blocker = os.path.join(cluster.sb.state, "runtime", "node3")
+    shutil.rmtree(blocker, ignore_errors=True)
+    open(blocker, "w").close()
+    try:
+        p, job = cluster.sbatch(wd, ["-N3", "-w", "node[1-3]", "-o", "out", "-e", "err",
+                                     f"--charlie-image={img}", "--charlie-job=job.sh",
+                                     "--wrap", "true"], timeout=600)
+        assert job, p.stderr
+        out, err = open(os.path.join(wd, "out")).read(), open(os.path.join(wd, "err")).read()
+        assert p.returncode != 0 and "GUEST-JOB-RAN" not in out, (out, err)
+        assert "error: a node of the job could not be prepared (above); the guests' " \
+               "job does not start" in err, err
+        assert "this node was not prepared for the job" in err, err
+        reasons = cluster.run(["sinfo", "-h", "-R", "-o", "%N|%E"]).stdout
+        assert f"node3|slurm-charlie: runtime_root: not a directory: {blocker}" in reasons
+    finally:
+        os.unlink(blocker)
+        cluster.resume_until_stable("node3")
+    assert_clean(cluster, job)
+
+
 def test_interactive_salloc_and_console(cluster, guest):
     wd = cluster.workdir("vm-interactive")
     img = image_copy(cluster, guest, wd)
