@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from . import config, jobenv, lifecycle, options, privileged
 from . import log as logmod
-from .asuser import record_error
 from .errors import CharlieError, NodeFault, UserError, format_message
 from .proc import call_as
 
@@ -52,6 +51,7 @@ def _node_fault(at: lifecycle.Attempt, e: NodeFault) -> int:
 def _record_for_job(at: lifecycle.Attempt, e: CharlieError, job_id: str | None) -> None:
     """Leave e in run/error: the shim fails every task of the job with it."""
     if at.user is not None and at.paths is not None:
+        from .asuser import record_error  # the user's side: not for every epilog
         try:
             call_as(at.user, record_error, at.paths.error,
                     format_message(e, job_id) + "\n", limit=30)

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 # jobnet and sshkey (socket, hashlib) are VM-only: imported where used, as
 # every import here is paid by each prolog and epilog on every node
-from . import (asuser, backends, background, config, hostlist, jobenv, layout,
-               options, privileged, shm)
+from . import (backends, background, config, hostlist, jobenv, layout, options,
+               privileged, shm)
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError
 from .proc import User, call_as, process_age
@@ -101,6 +101,7 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
                            work_dir=job.work_dir or None, on_spawn=book.add_proc)
     if early is not None:
         raise early
+    from . import asuser  # the user's side of the prolog (meta, validate): not the epilog's
     vm_user, ssh = (), None
     if raw is not None and raw.type in ("vm", "auto"):
         from . import sshkey
