@@ -66,6 +66,19 @@ def _background_waiting(cluster, job, timeout=60):
     raise AssertionError(f"job {job}: no background prolog waiting for its container")
 
 
+def _job_being_prepared(cluster, name):
+    """A one-node batch job of the hanging image, its background prolog
+    waiting for the container: (work dir, job id, node, that process's pid)."""
+    wd = cluster.workdir(name)
+    img = _hanging_image(cluster, wd)
+    p = cluster.as_user(["sbatch", "--parsable", "-N1", f"--charlie-image={img}",
+                         "-o", "out", "--wrap", "echo RAN"], wd)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip()
+    node, pid = _background_waiting(cluster, job)
+    return wd, job, node, pid
+
+
 def _settled(cluster):
     states = cluster.wait_nodes_idle(60)
     assert all(s == "idle" for s in states.values()), states
@@ -81,13 +94,7 @@ def test_scancel_while_the_node_is_prepared_stops_the_background_prolog(cluster)
     """The job ends while its container starts: the epilog kills the
     background prolog first (it could start or record more), then undoes
     what it recorded: the container that was starting goes too."""
-    wd = cluster.workdir("adv-bg-cancel")
-    img = _hanging_image(cluster, wd)
-    p = cluster.as_user(["sbatch", "--parsable", "-N1", f"--charlie-image={img}",
-                         "-o", "out", "--wrap", "echo RAN"], wd)
-    assert p.returncode == 0, p.stderr
-    job = p.stdout.strip()
-    node, pid = _background_waiting(cluster, job)
+    wd, job, node, pid = _job_being_prepared(cluster, "adv-bg-cancel")
     assert cluster.job(job)["JobState"] == "RUNNING"  # the hook has returned
     cluster.run(["scancel", job], check=True)
     cluster.wait_done(job)
@@ -106,13 +113,7 @@ def test_a_killed_background_prolog_fails_the_job_at_once(cluster):
     """Root's background prolog dies (the OOM killer, an admin): the job's
     tasks stop waiting when its lock goes and fail with a clear message;
     the node stays in service and the epilog cleans up after it."""
-    wd = cluster.workdir("adv-bg-killed")
-    img = _hanging_image(cluster, wd)
-    p = cluster.as_user(["sbatch", "--parsable", "-N1", f"--charlie-image={img}",
-                         "-o", "out", "--wrap", "echo RAN"], wd)
-    assert p.returncode == 0, p.stderr
-    job = p.stdout.strip()
-    node, pid = _background_waiting(cluster, job)
+    wd, job, node, pid = _job_being_prepared(cluster, "adv-bg-killed")
     os.kill(pid, signal.SIGKILL)
     info = cluster.wait_done(job, timeout=60)
     assert info["JobState"] == "FAILED", info
