@@ -420,41 +420,91 @@ def _is_users(pid: int, uid: int) -> bool:
     return bool(uids) and all(u == uid for u in uids)
 
 
-def spawn(user: User, argv: list[str], log_fd: int, role: str, cwd: str = "/",
+#: the first program of every process root starts for a job, as the job
+#: user: it waits until root has recorded it (a line on its standard input,
+#: a pipe from root) and ends without running the program when root died
+#: first -- so nothing root starts runs unrecorded, whenever root's process
+#: is killed.  The program's standard input is /dev/null.
+_GATE = 'read -r _ || exit 125; exec "$@" </dev/null'
+
+
+def _gated(argv: list[str]) -> list[str]:
+    return ["/bin/sh", "-c", _GATE, "sh", *argv]
+
+
+def _release(proc: subprocess.Popen, rec: ProcRecord, record: Callable[[ProcRecord], None],
+             gate: int) -> None:
+    """Record rec, then open the gate; without a record the process ends."""
+    try:
+        record(rec)
+        os.write(gate, b"go\n")
+    except BaseException:
+        os.close(gate)
+        proc.wait()
+        raise
+    os.close(gate)
+
+
+def spawn(user: User, argv: list[str], log_fd: int, role: str,
+          record: Callable[[ProcRecord], None], cwd: str = "/",
           env: dict[str, str] | None = None, pass_fds: Iterable[int] = ()
           ) -> tuple[subprocess.Popen, ProcRecord]:
     """Start argv as the user (its groups, no way back to root), stdout and
-    stderr to log_fd, in a session of its own; returns it and its record."""
+    stderr to log_fd, in a session of its own; record(its record) runs
+    before argv does (see _GATE).  Returns it and its record: pid, start
+    time, and as program argv[0]'s (the process is /bin/sh until the gate
+    opens)."""
+    env = env if env is not None else user.env()
+    prog = argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0], path=env.get("PATH"))
+    if prog is None or not os.access(prog, os.X_OK):
+        raise NodeFault(argv[0], "program not found",
+                        hint="install it or fix its path in the site config")
+    gate_r, gate_w = os.pipe()
     try:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, cwd=cwd,
-            env=env if env is not None else user.env(), user=user.uid, group=user.gid,
+            _gated(argv), stdin=gate_r, stdout=log_fd, stderr=log_fd,
+            cwd=cwd, env=env, user=user.uid, group=user.gid,
             extra_groups=list(user.groups), start_new_session=True,
             pass_fds=tuple(pass_fds))
-    except FileNotFoundError:
-        raise NodeFault(argv[0], "program not found",
-                        hint="install it or fix its path in the site config") from None
+    except BaseException:
+        os.close(gate_w)
+        raise
+    finally:
+        os.close(gate_r)
     rec = ProcRecord(role=role, pid=proc.pid, start=starttime(proc.pid) or 0,
-                     uid=user.uid, exe=exe_of(proc.pid) or argv[0])
+                     uid=user.uid, exe=os.path.realpath(prog))
+    _release(proc, rec, record, gate_w)
     return proc, rec
 
 
-def spawn_in_netns(user: User, netns: str, argv: list[str], log_fd: int
-                   ) -> subprocess.Popen:
+def spawn_in_netns(user: User, netns: str, argv: list[str], log_fd: int, role: str,
+                   record: Callable[[ProcRecord], None]) -> subprocess.Popen:
     """Start argv as the user inside a network namespace root made: root
     enters it (ip netns exec) and setpriv drops to the user for good (uid,
-    gid, the user's groups, no new privileges) before argv runs.  The pid is
-    argv's once both have exec'd: record it only then (see exe_of)."""
+    gid, the user's groups, no new privileges) before argv runs.  One pid
+    throughout (ip, setpriv, the gate, argv[0]); record(its record) runs
+    before argv does.  argv[0] must be an absolute path."""
     ip, setpriv = system_tool("ip"), system_tool("setpriv")
     if ip is None or setpriv is None:
         raise NodeFault("ip/setpriv", "program not found",
                         hint="install iproute2 and util-linux")
     groups = ["--groups=" + ",".join(str(g) for g in user.groups)] if user.groups \
         else ["--clear-groups"]
+    gate_r, gate_w = os.pipe()
     full = [ip, "netns", "exec", netns, setpriv, f"--reuid={user.uid}",
-            f"--regid={user.gid}", *groups, "--no-new-privs", "--", *argv]
-    return subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                            cwd="/", env=user.env(), start_new_session=True)
+            f"--regid={user.gid}", *groups, "--no-new-privs", "--", *_gated(argv)]
+    try:
+        proc = subprocess.Popen(full, stdin=gate_r, stdout=log_fd, stderr=log_fd,
+                                cwd="/", env=user.env(), start_new_session=True)
+    except BaseException:
+        os.close(gate_w)
+        raise
+    finally:
+        os.close(gate_r)
+    rec = ProcRecord(role=role, pid=proc.pid, start=starttime(proc.pid) or 0,
+                     uid=user.uid, exe=os.path.realpath(argv[0]))
+    _release(proc, rec, record, gate_w)
+    return proc
 
 
 def _pidfd(pid: int) -> int | None:
@@ -672,7 +722,8 @@ def join_job_cgroup(node: str, rec: ProcRecord, job_id: str, index: int,
                 with open(os.path.join(job_cg, "memory.limit_in_bytes"), "w") as f:
                     f.write(str(memory_limit_mib << 20))
             pidfd = _pidfd(rec.pid)
-            if pidfd is None or not matches(rec):
+            # just spawned, it may still be the gate (/bin/sh): pid, start, owner
+            if pidfd is None or not matches(rec, same_program=False):
                 raise UserError(rec.role, "ended before it could join the job's "
                                 "cgroup", rec.pid)
             try:

@@ -449,14 +449,13 @@ class ContainerBackend(Backend):
                             hint="was out/ changed while the job started?")
         host_mnt = _ns_inode("self", "mnt")
         try:
-            proc, rec = privileged.spawn(ctx.user, argv, fd, "holder")
+            proc, rec = privileged.spawn(ctx.user, argv, fd, "holder", ctx.spawned)
         except NodeFault:
             raise NodeFault("container.runtime", "not found", runtime,
                             hint="install charliecloud-runtime or fix "
                             "container.runtime in the site config") from None
         finally:
             os.close(fd)
-        ctx.spawned(rec)
         limit = ctx.cfg["timeouts.boot"]
         deadline = time.monotonic() + limit
         watch = privileged.StopWatch(proc.pid)

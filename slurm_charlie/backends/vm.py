@@ -627,11 +627,11 @@ class VMBackend(Backend):
             if fd is None:
                 raise UserError("job directory", "cannot open", p["qemu_log"],
                                 hint="was out/ changed while the job started?")
-            proc, rec = privileged.spawn(ctx.user, argv, fd, "qemu", pass_fds=net_fds)
+            proc, rec = privileged.spawn(ctx.user, argv, fd, "qemu", ctx.spawned,
+                                         pass_fds=net_fds)
         finally:
             for f in ([fd] if fd is not None else []) + net_fds:
                 os.close(f)  # QEMU holds the TAP now: it goes away with QEMU
-        ctx.spawned(rec)
         joined = privileged.join_job_cgroup(ctx.node, rec, ctx.job_id, ctx.guest_id, job_mib)
         if joined:
             log.info("guest %d: QEMU in the job's cgroups %s", n, " ".join(joined))
@@ -693,17 +693,13 @@ class VMBackend(Backend):
             log.warning("guest %d: no ssh relay (cannot open its log)", n)
             return
         try:
-            proc = privileged.spawn_in_netns(ctx.user, netns, argv, fd)
+            proc = privileged.spawn_in_netns(ctx.user, netns, argv, fd, "relay",
+                                             ctx.spawned)
         finally:
             os.close(fd)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and proc.poll() is None:
-            exe = privileged.exe_of(proc.pid) or ""
-            if (layout.lstat_in_job(ctx.paths, "run", name) is not None
-                    and os.path.basename(exe).startswith("python")):
-                ctx.spawned(privileged.ProcRecord("relay", proc.pid,
-                                                  starttime(proc.pid) or 0,
-                                                  ctx.user.uid, exe))
+            if layout.lstat_in_job(ctx.paths, "run", name) is not None:
                 log.info("guest %d: ssh through %s/%s (relay in %s)", n,
                          ctx.paths.run, name, netns)
                 return
@@ -726,10 +722,9 @@ class VMBackend(Backend):
             raise UserError("job directory", "cannot open", f"{ctx.paths.out}/{n}_mux.log",
                             hint="was out/ changed while the job started?")
         try:
-            proc, rec = privileged.spawn(ctx.user, argv, fd, "mux")
+            proc, rec = privileged.spawn(ctx.user, argv, fd, "mux", ctx.spawned)
         finally:
             os.close(fd)
-        ctx.spawned(rec)
         deadline = time.monotonic() + 20
         watch = privileged.StopWatch(proc.pid)
         stopped = False

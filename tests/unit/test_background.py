@@ -191,3 +191,58 @@ def test_unusable_says_why_the_prolog_would_stay_in_the_foreground(base, tmp_pat
     if pid == 0:
         os._exit(0)
     assert isinstance(pid, str) and "is not root's directory" in pid
+
+
+# --- what the background prolog starts runs only once it is recorded --------
+
+def _nobody():
+    from slurm_charlie.proc import User
+    return User.lookup(65534)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory nobody can write in (pytest's tmp_path is root's, 0700)."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="charlie-spawn-")
+    os.chmod(d, 0o777)
+    yield d
+    shutil.rmtree(d)
+
+
+def test_spawn_records_before_the_program_runs(shared_dir):
+    from slurm_charlie import privileged
+    mark = os.path.join(shared_dir, "ran")
+    seen = []
+
+    def record(rec):
+        time.sleep(0.2)  # the program would have run by now, were it not gated
+        seen.append((rec.pid, rec.exe, os.path.exists(mark)))
+    proc, rec = privileged.spawn(_nobody(), ["/bin/sh", "-c", f"touch {mark}"],
+                                 os.open(os.devnull, os.O_WRONLY), "test", record)
+    assert proc.wait(timeout=10) == 0
+    assert seen == [(proc.pid, os.path.realpath("/bin/sh"), False)]
+    assert os.path.exists(mark)
+
+
+def test_spawn_whose_record_fails_never_runs_the_program(shared_dir):
+    """The background prolog killed (or its record not written) between
+    the start and the record: the process ends without running argv."""
+    from slurm_charlie import privileged
+    mark = os.path.join(shared_dir, "ran")
+
+    def record(rec):
+        raise OSError("record not written")
+    with pytest.raises(OSError):
+        privileged.spawn(_nobody(), ["/bin/sh", "-c", f"touch {mark}"],
+                         os.open(os.devnull, os.O_WRONLY), "test", record)
+    time.sleep(0.2)
+    assert not os.path.exists(mark)
+
+
+def test_spawn_of_a_missing_program_is_a_node_fault():
+    from slurm_charlie import privileged
+    from slurm_charlie.errors import NodeFault
+    with pytest.raises(NodeFault, match="program not found"):
+        privileged.spawn(_nobody(), ["no-such-program-here"], 2, "test", lambda rec: None)
