@@ -5,8 +5,12 @@ Prolog (root, every allocated node, PrologFlags=Alloc):
             message is in run/error and the shim fails every task with it, so
             the job fails and the node stays in service
     exit 1  node fault: the node is drained with a reason that says what to fix
-Epilog (root, every node): undoes the prolog by root's own record; safe to run
-twice, after a half-done prolog and with the record missing.
+    Normally this runs in the process ``background`` forks once the hook has
+    returned: there the exit code is no one's, so a node fault drains the
+    node here and is also left in run/error for the job's tasks.
+Epilog (root, every node): stops a background prolog still running, then
+undoes the prolog by root's own record; safe to run twice, after a half-done
+prolog and with the record missing.
 
 What the hooks do, step by step, is in ``lifecycle``; this module only turns
 its outcome (or a bug in it) into an exit code, a drain or a job error.
