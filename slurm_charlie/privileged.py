@@ -432,17 +432,31 @@ def _gated(argv: list[str]) -> list[str]:
     return ["/bin/sh", "-c", _GATE, "sh", *argv]
 
 
-def _release(proc: subprocess.Popen, rec: ProcRecord, record: Callable[[ProcRecord], None],
-             gate: int) -> None:
-    """Record rec, then open the gate; without a record the process ends."""
+def _start_gated(full: list[str], exe: str, role: str, owner: User,
+                 record: Callable[[ProcRecord], None], **popen: Any
+                 ) -> tuple[subprocess.Popen, ProcRecord]:
+    """Popen(full, **popen) with the gate's pipe as standard input; record
+    its record (pid, start time, owner, exe), then open the gate.  When
+    recording fails the gate closes and the process ends unrun."""
+    gate_r, gate_w = os.pipe()
+    try:
+        proc = subprocess.Popen(full, stdin=gate_r, start_new_session=True, **popen)
+    except BaseException:
+        os.close(gate_w)
+        raise
+    finally:
+        os.close(gate_r)
+    rec = ProcRecord(role=role, pid=proc.pid, start=starttime(proc.pid) or 0,
+                     uid=owner.uid, exe=exe)
     try:
         record(rec)
-        os.write(gate, b"go\n")
+        os.write(gate_w, b"go\n")
     except BaseException:
-        os.close(gate)
+        os.close(gate_w)
         proc.wait()
         raise
-    os.close(gate)
+    os.close(gate_w)
+    return proc, rec
 
 
 def spawn(user: User, argv: list[str], log_fd: int, role: str,
@@ -459,22 +473,10 @@ def spawn(user: User, argv: list[str], log_fd: int, role: str,
     if prog is None or not os.access(prog, os.X_OK):
         raise NodeFault(argv[0], "program not found",
                         hint="install it or fix its path in the site config")
-    gate_r, gate_w = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            _gated(argv), stdin=gate_r, stdout=log_fd, stderr=log_fd,
-            cwd=cwd, env=env, user=user.uid, group=user.gid,
-            extra_groups=list(user.groups), start_new_session=True,
-            pass_fds=tuple(pass_fds))
-    except BaseException:
-        os.close(gate_w)
-        raise
-    finally:
-        os.close(gate_r)
-    rec = ProcRecord(role=role, pid=proc.pid, start=starttime(proc.pid) or 0,
-                     uid=user.uid, exe=os.path.realpath(prog))
-    _release(proc, rec, record, gate_w)
-    return proc, rec
+    return _start_gated(_gated(argv), os.path.realpath(prog), role, user, record,
+                        stdout=log_fd, stderr=log_fd, cwd=cwd, env=env, user=user.uid,
+                        group=user.gid, extra_groups=list(user.groups),
+                        pass_fds=tuple(pass_fds))
 
 
 def spawn_in_netns(user: User, netns: str, argv: list[str], log_fd: int, role: str,
@@ -490,21 +492,10 @@ def spawn_in_netns(user: User, netns: str, argv: list[str], log_fd: int, role: s
                         hint="install iproute2 and util-linux")
     groups = ["--groups=" + ",".join(str(g) for g in user.groups)] if user.groups \
         else ["--clear-groups"]
-    gate_r, gate_w = os.pipe()
     full = [ip, "netns", "exec", netns, setpriv, f"--reuid={user.uid}",
             f"--regid={user.gid}", *groups, "--no-new-privs", "--", *_gated(argv)]
-    try:
-        proc = subprocess.Popen(full, stdin=gate_r, stdout=log_fd, stderr=log_fd,
-                                cwd="/", env=user.env(), start_new_session=True)
-    except BaseException:
-        os.close(gate_w)
-        raise
-    finally:
-        os.close(gate_r)
-    rec = ProcRecord(role=role, pid=proc.pid, start=starttime(proc.pid) or 0,
-                     uid=user.uid, exe=os.path.realpath(argv[0]))
-    _release(proc, rec, record, gate_w)
-    return proc
+    return _start_gated(full, os.path.realpath(argv[0]), role, user, record,
+                        stdout=log_fd, stderr=log_fd, cwd="/", env=user.env())[0]
 
 
 def _pidfd(pid: int) -> int | None:
