@@ -87,6 +87,12 @@ def unusable(node: str, base: str = SETUP_DIR) -> str | None:
     return None
 
 
+# _not_roots, _proc_start and _is_it are small twins of config.check_root_safe,
+# proc.proc_stat and privileged._is_users on purpose: those modules import
+# dataclasses, subprocess and json (~25 ms), which the hook must not pay
+# before it forks (tests/unit/test_house.py checks what it loads).
+
+
 def _proc_start(pid: int) -> tuple[str, int] | None:
     """(state, start time) of pid from /proc, None when it is gone."""
     try:
@@ -262,7 +268,7 @@ def detach(node: str, job_id: str, base: str = SETUP_DIR) -> int | str:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # an earlier prolog of this job id still runs
-            _stop(fd, 10.0)
+            _stop(fd, 10.0)  # timeouts.kill's default: no config is read here
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         wfd = os.open(where, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW
                       | os.O_CLOEXEC | os.O_NONBLOCK)

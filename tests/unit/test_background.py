@@ -246,3 +246,44 @@ def test_spawn_of_a_missing_program_is_a_node_fault():
     from slurm_charlie.errors import NodeFault
     with pytest.raises(NodeFault, match="program not found"):
         privileged.spawn(_nobody(), ["no-such-program-here"], 2, "test", lambda rec: None)
+
+
+def test_a_users_shared_lock_only_sends_the_prolog_to_the_foreground(shared_dir):
+    """Any user can open a job's lock file (the job user's shim must) and
+    hold a shared lock on it: the prolog then cannot take its own, kills
+    nothing (no exclusive holder) and prepares the node itself."""
+    base = os.path.join(shared_dir, "setup")  # pytest's tmp_path: root's only
+    os.makedirs(os.path.join(base, "nodeA"), mode=0o755)
+    os.chmod(base, 0o755)
+    path = background.path("nodeA", "42", base)
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()} {_start(os.getpid())}\n")
+    os.chmod(path, 0o644)
+    holder = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "flock", "-s", path, "sleep", "30"])
+    try:
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not _shared_held(path):
+            time.sleep(0.05)
+        assert _shared_held(path)
+        why = background.detach("nodeA", "42", base)
+        if why == 0:
+            os._exit(0)
+        assert isinstance(why, str) and why.startswith(f"cannot lock {path}"), why
+        assert holder.poll() is None  # the user's process is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _shared_held(path):
+    """Someone holds a lock on path that excludes an exclusive one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
