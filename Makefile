@@ -116,6 +116,7 @@ docs-gen: venv
 	$(SB) gen options-rst > docs/options.rst
 	$(SB) gen config-example > docs/charlie.toml.example
 	$(SB) gen config-rst > docs/config.rst
+	$(SB) gen root-ops-rst > docs/root-operations.rst
 	$(SB) gen header > spank/charlie_options.h
 
 docs: venv

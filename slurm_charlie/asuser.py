@@ -8,8 +8,7 @@ import os
 import shutil
 from typing import Any
 
-from . import backends, layout, meta, options, state, validate
-from .proc import User
+from . import backends, files, meta, options, state, validate
 
 
 def link_jobscript(src: str, dst: str) -> str | None:
@@ -29,20 +28,6 @@ def link_jobscript(src: str, dst: str) -> str | None:
                 f"instead: {src}; later edits of the script will not be seen "
                 "by the job (put it on the same filesystem as the runtime root "
                 "to get a link)")
-
-
-def _group_name(gid: int) -> str:
-    import grp
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return f"g{gid}"
-
-
-def guest_user(user: User) -> tuple:
-    """The job user as VM guests recreate it (meta/user)."""
-    return (user.name, user.uid, user.gid, _group_name(user.gid),
-            *((g, _group_name(g)) for g in user.groups if g != user.gid))
 
 
 def prepare_as_user(ctx: backends.Context, raw: options.Options,
@@ -68,17 +53,17 @@ def prepare_as_user(ctx: backends.Context, raw: options.Options,
                          user=vm_user if opts.type == "vm" else (),
                          pmi_fence_release=(ctx.cfg["vm.pmi_fence_release"]
                                             if opts.type == "vm" else None))
-    files = meta.render(inp)
+    rendered = meta.render(inp)
     if opts.type == "vm" and ssh:
-        files.update(meta.ssh_files(ssh["public"].encode(), ssh["private"].encode(),
+        rendered.update(meta.ssh_files(ssh["public"].encode(), ssh["private"].encode(),
                                     ctx.cfg["vm.subnet"]))
-    for name, data in files.items():
+    for name, data in rendered.items():
         path = os.path.join(p.meta, name)
         if data is None:
             os.makedirs(path, mode=0o755, exist_ok=True)
         else:
             # 0644 whatever the user's umask: guests read meta as others
-            layout.write_file(path, data, 0o600 if name == "ssh/id_ed25519" else 0o644)
+            files.write_file(path, data, 0o600 if name == "ssh/id_ed25519" else 0o644)
     warnings = []
     if opts.job:
         w = link_jobscript(opts.job, os.path.join(p.meta, "jobscript"))
@@ -94,7 +79,7 @@ def record_error(path: str, text: str) -> None:
     """As the user: run/error, for the shim to show in every task (run/ may
     not exist yet when the options themselves were refused)."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    layout.write_file(path, text, 0o600)
+    files.write_file(path, text, 0o600)
 
 
 def _task_env_lines(pairs: list[tuple[str, str]]) -> bytes:
@@ -105,11 +90,11 @@ def _task_env_lines(pairs: list[tuple[str, str]]) -> bytes:
 def finish_as_user(ctx: backends.Context, task_env: list[tuple[str, str]],
                    started: dict[str, Any], notices: list[str]) -> None:
     if notices:  # the shim copies these to the batch script's stderr
-        layout.write_file(ctx.paths.notice, "".join(n + "\n" for n in notices).encode(), 0o600)
+        files.write_file(ctx.paths.notice, "".join(n + "\n" for n in notices).encode(), 0o600)
     else:
         try:  # left by an earlier run of this prolog
             os.unlink(ctx.paths.notice)
         except FileNotFoundError:
             pass
-    layout.write_file(ctx.paths.task_env, _task_env_lines(task_env), 0o600)
+    files.write_file(ctx.paths.task_env, _task_env_lines(task_env), 0o600)
     state.update(ctx.paths.state, phase="started", backend=started)

@@ -69,10 +69,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
-    from .render import render_config_rst, render_header, render_options_rst
+    from .render import (render_config_rst, render_header, render_options_rst,
+                         render_root_ops_rst)
     out = {"header": render_header, "options-rst": render_options_rst,
            "config-example": config.render_example,
-           "config-rst": render_config_rst}[args.what]()
+           "config-rst": render_config_rst, "root-ops-rst": render_root_ops_rst}[args.what]()
     sys.stdout.write(out)
     return 0
 
@@ -88,13 +89,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import layout, privileged, state
+    from . import asroot, layout, state
     cfg = config.load()
     node = args.node or os.uname().nodename.split(".")[0]
     root = cfg.runtime_root(node)
     jobs = layout.list_job_dirs(root)
     print(f"# {root}: {len(jobs)} job director{'y' if len(jobs) == 1 else 'ies'}")
-    records = privileged.Records(root) if os.geteuid() == 0 else None
+    records = asroot.Records(root) if os.geteuid() == 0 else None
     for job in jobs:
         if records is not None:  # root: its own record, not the user's file
             rec = records.read(job)
@@ -244,7 +245,7 @@ def build_parser(validate_only: bool = False) -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config)
 
     g = sub.add_parser("gen", help="generated files (C header, docs)")
-    g.add_argument("what", choices=("header", "options-rst", "config-example",
+    g.add_argument("what", choices=("header", "options-rst", "config-example", "root-ops-rst",
                                     "config-rst"))
     g.set_defaults(func=cmd_gen)
 
@@ -352,8 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0] in HOOKS:
         if argv[0] == "prolog":
-            from . import background
-            return background.main()
+            from . import prolog_hook
+            return prolog_hook.main()
         from . import hooks
         return hooks.epilog_main(os.environ)
     parser = build_parser(validate_only=bool(argv) and argv[0] == "validate")

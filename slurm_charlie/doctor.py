@@ -10,9 +10,10 @@ import stat
 import time
 from typing import Callable
 
-from . import config, layout, privileged, reconcile
+from . import asroot, config, layout, reconcile
 from .errors import CharlieError
-from .proc import User, fd_targets, run
+from .proc import User, run, slurm_tool
+from .procfs import fd_targets
 
 Result = tuple[str, str, str | None]   # status (ok|warn|FAIL), seen, fix
 
@@ -21,7 +22,7 @@ def _runtime_root(cfg: config.Config, node: str) -> Result:
     root = cfg.runtime_root(node)
     try:
         config.check_root_safe(root)
-        fd = layout._open_root(root)
+        fd = asroot.open_root(root)
     except CharlieError as e:
         return "FAIL", e.line(), e.hint
     try:
@@ -36,7 +37,7 @@ def _runtime_root(cfg: config.Config, node: str) -> Result:
 
 
 def _records(cfg: config.Config, node: str) -> Result:
-    path = os.path.join(cfg.runtime_root(node), privileged.RECORD_DIR)
+    path = os.path.join(cfg.runtime_root(node), layout.RECORD_DIR)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -48,9 +49,8 @@ def _records(cfg: config.Config, node: str) -> Result:
 
 
 def _background(node: str) -> Result:
-    from . import background
-    where = os.path.join(background.SETUP_DIR, node)
-    why = background.unusable(node)
+    where = os.path.join(asroot.SETUP_DIR, node)
+    why = asroot.prolog_lock_unusable(node)
     if why:
         return "warn", f"{why}: prologs prepare this node in the foreground", \
             f"rm -rf {where} (the next prolog makes it, root's, mode 0755); meanwhile " \
@@ -86,7 +86,7 @@ def _cgroups() -> Result:
 
 
 def _slurm_config() -> dict[str, str]:
-    scontrol = shutil.which("scontrol") or "/usr/bin/scontrol"
+    scontrol = slurm_tool("scontrol")
     try:
         p = run([scontrol, "show", "config"], timeout=30, check=False)
     except CharlieError:
@@ -228,16 +228,14 @@ def _job_network(cfg: config.Config, node: str) -> Result:
         return "warn", "vm.network = multicast: VM job networks are not isolated", \
             "set vm.network = \"vxlan\" (root-built, filtered) unless the nodes' " \
             "network is trusted (docs/vm.rst)"
-    from . import jobnet
-    from .proc import system_tool
-    missing = [p for p in ("ip", "bridge", "nft") if system_tool(p) is None]
+    missing = asroot.job_network_tools_missing()
     if missing:
         return "FAIL", "missing: " + " ".join(missing), \
             "apt-get install iproute2 nftables"
     if not os.path.exists("/dev/net/tun"):
         return "FAIL", "no /dev/net/tun", "modprobe tun"
     try:
-        addr = jobnet.node_addresses((node,), cfg["vm.node_addresses"])[0]
+        addr = asroot.node_addresses((node,), cfg["vm.node_addresses"])[0]
     except CharlieError as e:
         return "FAIL", e.line(), e.hint
     return "ok", f"VXLAN job networks from {addr}, UDP {cfg['vm.vxlan_port']}", None

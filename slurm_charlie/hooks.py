@@ -18,13 +18,13 @@ its outcome (or a bug in it) into an exit code, a drain or a job error.
 
 from __future__ import annotations
 
-from . import config, jobenv, lifecycle, options, privileged
+from . import asroot, config, jobenv, lifecycle, options
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError, format_message
 from .proc import call_as
 
 log = logmod.log
-drain = privileged.drain
+drain = asroot.drain
 
 
 def _setup_logging(cfg: config.Config | None, job_id: str | None, node: str) -> None:

@@ -47,7 +47,7 @@ def render_dispatch(kind: str) -> str:
 
 
 def _write(path: str, text: str, mode: int) -> None:
-    from .layout import write_file
+    from .files import write_file
     write_file(path, text, mode)
 
 
@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         for sub in ("", "prolog.d", "epilog.d"):
             os.makedirs(os.path.join(hook_dir, sub), mode=0o755, exist_ok=True)
         with open(so_src, "rb") as f:
-            from .layout import write_file
+            from .files import write_file
             write_file(so, f.read(), 0o755)
         for kind in ("prolog", "epilog"):
             src = _find(f"{kind}.d/50-charlie", f"{kind} hook")

@@ -16,11 +16,11 @@ from typing import Any, Callable
 
 # jobnet and sshkey (socket, hashlib) are VM-only: imported where used, as
 # every import here is paid by each prolog and epilog on every node
-from . import (backends, background, config, hostlist, jobenv, layout, options,
-               privileged, shm)
+from . import asroot, backends, cleanup, config, hostlist, jobenv, layout, options
 from . import log as logmod
-from .errors import CharlieError, NodeFault, UserError
-from .proc import User, call_as, process_age
+from .errors import NodeFault, UserError
+from .proc import User, call_as
+from .procfs import process_age
 
 log = logmod.log
 
@@ -40,7 +40,7 @@ class Book:
     that an epilog (or reconcile) after a prolog that died half way knows
     what was started."""
 
-    def __init__(self, records: privileged.Records, rec: privileged.JobRecord) -> None:
+    def __init__(self, records: asroot.Records, rec: asroot.JobRecord) -> None:
         self.records, self.rec = records, rec
         records.write(rec)
 
@@ -48,7 +48,7 @@ class Book:
         self.rec = dataclasses.replace(self.rec, **changes)
         self.records.write(self.rec)
 
-    def add_proc(self, proc: privileged.ProcRecord) -> None:
+    def add_proc(self, proc: asroot.ProcRecord) -> None:
         """Record (or, for a role already recorded, re-record) a process."""
         self.update(procs=tuple(p for p in self.rec.procs if p.role != proc.role)
                     + (proc,))
@@ -84,17 +84,17 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
         at.user = None
         raise UserError("job user", "charlie jobs do not run as root", user,
                         hint="submit as an ordinary user")
-    records = privileged.Records(paths.root)
+    records = asroot.Records(paths.root)
     old = records.read(job.job_id)
     if old is not None:  # an earlier prolog of this id: undo it first
         log.warning("prolog: root's record of an earlier run of job %s found; "
                     "cleaning it up first", job.job_id)
-        undo(cfg, paths, old, job.node_name)
+        cleanup.undo(cfg, paths, old, job.node_name)
     guest_id = nodes.index(job.node_name)
-    book = Book(records, privileged.JobRecord(job_id=job.job_id, uid=user.uid,
+    book = Book(records, asroot.JobRecord(job_id=job.job_id, uid=user.uid,
                                                gid=user.gid, guest_id=guest_id))
-    privileged.create_job_dir(paths, user)
-    fd = layout.open_log_as_root(paths, user.uid)
+    asroot.create_job_dir(paths, user)
+    fd = asroot.open_log_as_root(paths, user.uid)
     ctx = backends.Context(opts=raw or options.Options(), cfg=cfg, paths=paths,
                            user=user, job_id=job.job_id, node=job.node_name,
                            guest_id=guest_id, nodes=nodes, cpus=cpus[guest_id],
@@ -105,11 +105,11 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
     vm_user, ssh = (), None
     if raw is not None and raw.type in ("vm", "auto"):
         from . import sshkey
-        vm_user = asuser.guest_user(user)
+        vm_user = user.for_guest()
         ssh = sshkey.job_keys(cfg["vm.ssh_secret"], job.job_id, user.uid)
     prepared = call_as(user, asuser.prepare_as_user, ctx, raw, cpus, vm_user, ssh)
     if fd is None:
-        fd = layout.open_log_as_root(paths, user.uid)
+        fd = asroot.open_log_as_root(paths, user.uid)
     if fd is not None:
         logmod.add_fd(fd, job.job_id)
     warnings = list(prepared["warnings"])
@@ -146,10 +146,10 @@ def epilog(env: jobenv.Environ, at: Attempt,
     cfg, paths = at.cfg, at.paths
     assert cfg is not None and paths is not None
     setup_logging(cfg, job.job_id, job.node_name)
-    stuck = stop_background(cfg, job.node_name, job.job_id)
+    stuck = cleanup.stop_background(cfg, job.node_name, job.job_id)
     if stuck:
         return stuck
-    records = privileged.Records(paths.root)
+    records = asroot.Records(paths.root)
     rec = records.read(job.job_id)
     if rec is None and not os.path.lexists(paths.job_dir):
         log.debug("epilog: nothing to clean")
@@ -164,88 +164,9 @@ def epilog(env: jobenv.Environ, at: Attempt,
         user = None
     if rec is not None and user is not None and rec.uid != user.uid:
         user = None  # an earlier job of this id: its own user is used
-    faults = undo(cfg, paths, rec, job.node_name, user)
+    faults = cleanup.undo(cfg, paths, rec, job.node_name, user)
     if not faults:
         records.remove(job.job_id)
         log.info("epilog done: job directory removed")
     log.info("epilog done in %.3f s (this process's life)", process_age() or 0.0)
-    return faults
-
-
-def stop_background(cfg: config.Config, node: str, job_id: str) -> list[NodeFault]:
-    """End the job's background prolog on this node if it still runs (it
-    may be starting things), before root's record is read, and remove its
-    lock file: [] or the node fault of a process that does not end."""
-    try:
-        if background.stop(node, job_id, cfg["timeouts.kill"]):
-            log.info("the job's background prolog was still running; stopped it")
-        background.remove(node, job_id)
-    except OSError as e:
-        fault = NodeFault("prolog", str(e), hint="the process is stuck in the kernel "
-                          "(D state?): see /proc/PID/stack; the node needs a reboot")
-        log.error("epilog: %s", fault.line())
-        return [fault]
-    return []
-
-
-def undo(cfg: config.Config, paths: layout.JobPaths,
-         rec: privileged.JobRecord | None, node: str,
-         user: User | None = None) -> list[NodeFault]:
-    """Stop what root started for the job (by root's record; without one,
-    the job user's processes that carry the job's marks), clean the user's
-    leftovers, remove the job directory.  Every step runs whatever the
-    others did; returns the node faults met (facts root checked itself)."""
-    faults: list[NodeFault] = []
-
-    def step(what: str, fn: Callable[[], Any]) -> None:
-        try:
-            fn()
-        except NodeFault as e:
-            log.error("epilog: %s: %s", what, e.line())
-            faults.append(e)
-        except CharlieError as e:
-            log.warning("epilog: %s: %s", what, e.line())
-        except Exception:  # a bug: logged loudly, the next step still runs
-            import traceback
-            log.error("epilog: %s: internal error:\n%s", what, traceback.format_exc())
-
-    if user is None and rec is not None:
-        try:
-            user = User.lookup(rec.uid, rec.gid)
-        except NodeFault as e:
-            log.warning("epilog: %s", e.line())
-    if user is not None and user.uid != 0:
-        ctx = backends.Context(opts=options.Options(), cfg=cfg, paths=paths, user=user,
-                               job_id=paths.job_id, node=node,
-                               guest_id=rec.guest_id if rec else 0, nodes=())
-        if rec is not None:
-            step(f"stop {rec.type}", lambda: backends.get(rec.type).stop(ctx, rec))
-        if rec is None or rec.phase != "started":
-            # the prolog died (or could not write its record) half way:
-            # also look for the job user's processes that carry this job's marks
-            for name in backends.NAMES:
-                step(f"sweep {name}", lambda name=name: backends.get(name).stop(ctx, None))
-        if rec is not None:
-            used = privileged.cgroup_usage(ctx.node, user.uid, paths.job_id)
-            if used:
-                log.info("in the job's cgroup, %s used %.1f s CPU, peak memory %d MiB",
-                         "QEMU" if rec.type == "vm" else "the container",
-                         used.get("cpu_ns", 0) / 1e9, used.get("memory_peak", 0) >> 20)
-        busy = shm.user_busy_elsewhere(paths.root, paths.job_id, user.uid, ctx.node)
-        if busy:
-            log.info("/dev/shm left alone: %s", busy)
-        else:
-            def sweep_shm() -> None:
-                removed = call_as(user, shm.clean_as_user, limit=60)
-                if removed:
-                    log.info("removed %d leftover /dev/shm entries of %s",
-                             len(removed), user.name)
-            step("/dev/shm", sweep_shm)
-        step("job cgroup", lambda: privileged.leave_job_cgroup(
-            ctx.node, user.uid, paths.job_id))
-    if rec is None or rec.type == "vm":
-        # devices and filters by the job's name, whatever of them was made
-        from . import jobnet
-        step("job network", lambda: jobnet.remove(paths.job_id, node))
-    step("job directory", lambda: privileged.remove_job_dir(paths))
     return faults

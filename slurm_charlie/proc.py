@@ -1,5 +1,5 @@
 """The one gate for running things: external commands and Python functions,
-as root or as the job user.
+as root or as the job user.  (Reading /proc is procfs's.)
 
 * run(argv, as_user=…)   logs argv and identity, empty stdin, stderr kept and
                          shown on failure, NodeFault when the program is missing.
@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .errors import CharlieError, NodeFault, UserError
 from .log import log
+from .procfs import is_stopped, proc_stat
 
 
 #: where root looks for the system tools it runs itself (ip, bridge, nft,
@@ -33,6 +34,13 @@ SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 def system_tool(name: str) -> str | None:
     """Absolute path of a system tool root runs, None if not installed."""
     return shutil.which(name, path=SYSTEM_PATH)
+
+
+def slurm_tool(name: str) -> str:
+    """Slurm's command `name` (srun, scontrol, squeue, sinfo): found on the
+    PATH slurmd (or the user) passes on, where a site installs Slurm, else
+    Debian's place.  The one lookup of Slurm's commands."""
+    return shutil.which(name) or f"/usr/bin/{name}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,75 +73,19 @@ class User:
     def __str__(self) -> str:
         return f"{self.name}({self.uid}:{self.gid})"
 
+    def for_guest(self) -> tuple:
+        """The user as VM guests recreate it (meta/user): name, uid, gid,
+        the group's name, then (gid, name) of every other group."""
+        return (self.name, self.uid, self.gid, _group_name(self.gid),
+                *((g, _group_name(g)) for g in self.groups if g != self.gid))
 
-def proc_stat(pid: int | str) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name: [0] is the state
-    (field 3), [6] the kernel's flags (field 9), [19] the start time (field 22).  None if the process is gone."""
+
+def _group_name(gid: int) -> str:
+    import grp
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def starttime(pid: int | str) -> int | None:
-    """Start time of pid (field 22 of /proc/PID/stat), None when gone."""
-    fields = proc_stat(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
-
-
-def process_age(pid: int | str = "self") -> float | None:
-    """Seconds since pid started (Python's own start included), from its
-    start time in clock ticks and the system's uptime."""
-    fields = proc_stat(pid)
-    try:
-        with open("/proc/uptime") as f:
-            up = float(f.read().split()[0])
-        return up - int(fields[19]) / os.sysconf("SC_CLK_TCK") if fields else None
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def is_zombie(pid: int | str) -> bool:
-    """Gone, or a zombie nobody has reaped yet."""
-    fields = proc_stat(pid)
-    return fields is None or fields[0] == "Z"
-
-
-PF_EXITING = 0x4  # include/linux/sched.h: the process is in do_exit()
-
-
-def is_exiting(pid: int | str) -> bool:
-    """Gone, a zombie, or already on its way out (killed, its memory and
-    files being released): it will not start using anything again.  Its
-    cgroup may already read as the root one, so it cannot be placed."""
-    fields = proc_stat(pid)
-    return fields is None or fields[0] in ("Z", "X") or int(fields[6]) & PF_EXITING != 0
-
-
-def is_stopped(fields: list[str] | None) -> bool:
-    """The proc_stat() fields are of a stopped process (SIGSTOP, traced)."""
-    return bool(fields) and fields[0] in ("T", "t")
-
-
-def pids_of(uid: int) -> list[int]:
-    """Live processes owned by uid."""
-    out = []
-    for d in os.listdir("/proc"):
-        try:
-            if d.isdigit() and os.stat(f"/proc/{d}").st_uid == uid:
-                out.append(int(d))
-        except OSError:
-            pass
-    return out
-
-
-def fd_targets(pid: int | str) -> list[str]:
-    """Where pid's open file descriptors point ([] when unreadable)."""
-    try:
-        return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-    except OSError:
-        return []
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"g{gid}"
 
 
 def _drop(user: User) -> None:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import stat
 import time
 
-from . import background, config, layout, privileged
+from . import asroot, config, files, layout
 from .errors import CharlieError, NodeFault
-from .proc import User, log, run
+from .proc import User, log, run, slurm_tool
 
 STAMP = ".reconciled"
 
@@ -56,7 +55,7 @@ def jobs_on_node(node: str) -> set[str] | None:
     """Ids of the jobs Slurm has on this node and has not finished with
     (running, completing: an epilog may still be due, suspended, …).  None
     when Slurm cannot be asked."""
-    squeue = shutil.which("squeue") or "/usr/bin/squeue"
+    squeue = slurm_tool("squeue")
     try:
         p = run([squeue, "-h", "-w", node, "-t", "all", "-o", "%A %T"], timeout=30,
                 check=False)
@@ -87,12 +86,12 @@ def candidates(cfg: config.Config, node: str, running: set[str], min_age: float,
                now: float) -> tuple[list[str], list[str]]:
     """(job ids to clean, job ids left alone) under this node's runtime root."""
     root = cfg.runtime_root(node)
-    records = privileged.Records(root)
+    records = asroot.Records(root)
     ids = set(records.job_ids()) | set(layout.list_job_dirs(root))
     clean, skip = [], []
     for jid in sorted(ids, key=int):
         ages = [a for a in (_age(os.path.join(root, jid), now),
-                            _age(os.path.join(root, privileged.RECORD_DIR, f"{jid}.json"), now))
+                            _age(os.path.join(root, layout.RECORD_DIR, f"{jid}.json"), now))
                 if a is not None]
         if jid in running or not ages or min(ages) < min_age:
             skip.append(jid)
@@ -102,7 +101,7 @@ def candidates(cfg: config.Config, node: str, running: set[str], min_age: float,
 
 
 def _dir_owner(paths: layout.JobPaths) -> User | None:
-    st = layout.lstat_in_job(paths, ".")
+    st = files.lstat_in_job(paths, ".")
     if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid == 0:
         return None
     try:
@@ -114,12 +113,12 @@ def _dir_owner(paths: layout.JobPaths) -> User | None:
 def reconcile(cfg: config.Config, node: str, running: set[str], *,
               min_age: float | None = None, dry_run: bool = False,
               now: float | None = None) -> Report:
-    from .lifecycle import stop_background, undo
+    from .cleanup import stop_background, undo
     now = time.time() if now is None else now
     min_age = cfg["reconcile.min_age"] if min_age is None else min_age
     report = Report()
     root = cfg.runtime_root(node)
-    records = privileged.Records(root)
+    records = asroot.Records(root)
     clean, report.skipped = candidates(cfg, node, running, min_age, now)
     for jid in clean:
         if dry_run:
@@ -140,28 +139,27 @@ def reconcile(cfg: config.Config, node: str, running: set[str], *,
         records.remove(jid)
         report.jobs.append(jid)
     # lock files of background prologs whose job left nothing else
-    for jid in background.job_ids(node):
-        age = _age(background.path(node, jid), now)
+    for jid in asroot.prolog_locks(node):
+        age = _age(asroot.prolog_lock_path(node, jid), now)
         if jid in running or jid in report.skipped or jid in clean or dry_run \
                 or age is None or age < min_age:
             continue
         stop_background(cfg, node, jid)
-    for uid, jid in privileged.stale_job_cgroups(node, running | set(report.skipped)):
+    for uid, jid in asroot.stale_job_cgroups(node, running | set(report.skipped)):
         if dry_run:
             report.cgroups.append(jid)
             continue
         try:
-            privileged.leave_job_cgroup(node, uid, jid)
+            asroot.leave_job_cgroup(node, uid, jid)
             report.cgroups.append(jid)
         except CharlieError as e:
             report.faults.append(f"job {jid}: {e.line()}")
-    from . import jobnet  # socket & co.: not for the prolog that only checks due()
-    for jid in sorted(jobnet.jobs_with_devices(node) - running - set(report.skipped)):
+    for jid in sorted(asroot.jobs_with_network(node) - running - set(report.skipped)):
         if dry_run:
             report.networks.append(jid)
             continue
         try:
-            jobnet.remove(jid, node)
+            asroot.remove_job_network(jid, node)
             report.networks.append(jid)
         except CharlieError as e:
             report.faults.append(f"job {jid}: {e.line()}")
@@ -171,33 +169,9 @@ def reconcile(cfg: config.Config, node: str, running: set[str], *,
 
 def _old_kept(cfg: config.Config, node: str, now: float, dry_run: bool) -> list[str]:
     days = cfg["reconcile.kept_max_days"]
-    kept = cfg.kept_dir(node)
     if days <= 0:
         return []
-    removed = []
-    try:
-        kfd = os.open(kept, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        return []
-    try:
-        for uid in os.listdir(kfd):
-            try:
-                ufd = os.open(uid, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=kfd)
-            except OSError:
-                continue
-            try:
-                for name in os.listdir(ufd):
-                    st = os.lstat(name, dir_fd=ufd)
-                    if (stat.S_ISREG(st.st_mode) and name.endswith(".overlay.qcow2")
-                            and now - st.st_mtime > days * 86400):
-                        if not dry_run:
-                            os.unlink(name, dir_fd=ufd)
-                        removed.append(os.path.join(kept, uid, name))
-            finally:
-                os.close(ufd)
-    finally:
-        os.close(kfd)
-    return removed
+    return asroot.remove_old_kept(cfg.kept_dir(node), days * 86400, now, dry_run)
 
 
 def due(cfg: config.Config, node: str, now: float | None = None) -> bool:
@@ -211,7 +185,7 @@ def due(cfg: config.Config, node: str, now: float | None = None) -> bool:
 
 
 def mark(cfg: config.Config, node: str) -> None:
-    layout.write_file(os.path.join(cfg.runtime_root(node), STAMP),
+    files.write_file(os.path.join(cfg.runtime_root(node), STAMP),
                       f"{int(time.time())}\n", 0o644)
 
 

@@ -22,7 +22,7 @@ import time
 
 from .errors import CharlieError, UserError
 from .images import REGISTRY_PREFIX as PREFIX
-from .layout import tree_size
+from .files import tree_size
 from .meta import MOUNT_POINTS
 from .proc import log, run, run_watched
 

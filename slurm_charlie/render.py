@@ -23,12 +23,25 @@ def c_str(value: str | None) -> str:
 
 
 def render_header() -> str:
-    from . import background, layout
+    from . import asroot, layout
     return render("charlie_options.h.j2", options=options.OPTIONS,
                   max_dirs=options.MAX_DIRS, c_str=c_str,
                   run_dir=layout.RUN_DIR, shim_files=layout.SHIM_FILES,
-                  setup_dir=background.SETUP_DIR,
+                  setup_dir=asroot.SETUP_DIR,
                   on_host_var=layout.ON_HOST_VAR)
+
+
+def render_root_ops_rst() -> str:
+    """The security model's table of root's operations, from the closed list
+    (slurm_charlie/asroot/__init__.py: OPERATIONS)."""
+    from . import asroot
+    rows = [f"   * - ``{name}``\n     - ``asroot/{room}.py``\n     - {what}"
+            for name, (room, _, what) in asroot.OPERATIONS.items()]
+    return ("..\n   Generated from slurm_charlie/asroot/__init__.py by "
+            "`slurm-charlie gen root-ops-rst`; do not edit.\n\n"
+            ".. list-table:: Root's operations for a job (the closed list)\n"
+            "   :header-rows: 1\n   :widths: 25 20 55\n\n"
+            "   * - Name\n     - Room\n     - What root does\n" + "\n".join(rows) + "\n")
 
 
 def render_options_rst() -> str:

@@ -27,7 +27,7 @@ import time
 
 from . import PROG
 from .errors import NodeFault
-from .proc import is_zombie
+from .procfs import is_zombie
 
 DEFAULT_DIR = "/run/slurm-charlie-sandbox"
 BRIDGE = "chsbx0"
@@ -259,7 +259,7 @@ class Sandbox:
 
     @staticmethod
     def _write(path: str, text: str) -> None:
-        from .layout import write_file
+        from .files import write_file
         write_file(path, text, 0o644)
 
     def start_munge(self) -> None:
@@ -464,11 +464,11 @@ class Sandbox:
         if munged:
             os.kill(munged, signal.SIGTERM)
             self._wait_gone([munged])
-        from . import background
+        from . import asroot
         for n in self.nodes_on_disk():
             _run(["ip", "netns", "delete", n], check=False)
             # the background prologs' lock files (whose epilogs did not run)
-            shutil.rmtree(os.path.join(background.SETUP_DIR, n.removeprefix("chsbx-")),
+            shutil.rmtree(os.path.join(asroot.SETUP_DIR, n.removeprefix("chsbx-")),
                           ignore_errors=True)
         for link in _run(["ip", "-o", "link", "show"]).stdout.splitlines():
             name = link.split(":")[1].strip().split("@")[0]

@@ -8,8 +8,8 @@ import shutil
 import stat
 import time
 
-from . import layout, privileged
-from .proc import fd_targets, is_exiting, pids_of, proc_stat
+from . import asroot, layout
+from .procfs import fd_targets, is_exiting, pids_of, proc_stat
 
 
 SHM_DIR = "/dev/shm"
@@ -41,7 +41,7 @@ def user_busy_elsewhere(root: str, job_id: str, uid: int, node: str) -> str | No
     other = user_has_other_jobs(root, job_id, uid)
     if other:
         return f"job {other} of the user runs here too"
-    if not privileged.job_cgroups(node, uid, job_id):
+    if not asroot.job_cgroups(node, uid, job_id):
         return None
     mark, own, foreign = f"/job_{job_id}/", f"/slurm_{node}/", "/slurm_"
     ours = _slurmd_of(os.getpid())

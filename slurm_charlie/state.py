@@ -14,14 +14,14 @@ import os
 import stat
 from typing import Any
 
-from . import layout
+from . import files
 
 VERSION = 1
 
 
 def write(path: str, data: dict[str, Any]) -> None:
     body = json.dumps({"version": VERSION, **data}, indent=1, sort_keys=True)
-    layout.write_file(path, body + "\n", 0o600, sync=True)
+    files.write_file(path, body + "\n", 0o600, sync=True)
 
 
 def read(path: str) -> dict[str, Any] | None:

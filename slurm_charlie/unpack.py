@@ -31,7 +31,7 @@ import filelock
 
 from . import images, options
 from .errors import UserError
-from .layout import read_small, tree_size, write_file
+from .files import read_small, tree_size, write_file
 from .meta import MOUNT_POINTS
 from .proc import run
 

@@ -11,7 +11,7 @@ from typing import Mapping
 from . import backends, images, options
 from .config import Config
 from .errors import UserError
-from .layout import read_small, write_file
+from .files import read_small, write_file
 from .options import Options
 
 

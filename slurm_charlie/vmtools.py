@@ -17,8 +17,9 @@ import time
 
 from . import PROG, config, hostlist, jobenv, layout
 from .errors import CharlieError, UserError
-from .layout import read_tail, write_file
-from .proc import is_zombie, run, run_attached, starttime
+from .files import read_tail, write_file
+from .proc import run, run_attached, slurm_tool
+from .procfs import is_zombie, starttime
 
 POLL = 0.2
 
@@ -74,7 +75,7 @@ def release_guests() -> bool | str:
     count = len(hostlist.expand(nodes)) if nodes else 0
     if not job or not count:
         return False
-    srun = [shutil.which("srun") or "srun", "--overlap", f"-N{count}", f"-n{count}",
+    srun = [slurm_tool("srun"), "--overlap", f"-N{count}", f"-n{count}",
             "--ntasks-per-node=1", "--quiet", "--mpi=none", f"--export=ALL,{ON_HOST}=1"]
     try:
         ready = run(srun + ["true"], timeout=None, check=False)
@@ -206,7 +207,6 @@ def _drain(s: socket.socket, quiet: float = 3.0) -> None:
         os.write(1, data)
 
 
-SSH_SOCKET = "{guest}.sshd"   # in run/: the relay's unix socket (job network)
 
 
 def ssh(guest: int, command: list[str], job_dir: str | None) -> int:
@@ -221,7 +221,7 @@ def ssh(guest: int, command: list[str], job_dir: str | None) -> int:
     argv = ["ssh", "-q", "-i", key, "-o", f"UserKnownHostsFile={known}",
             "-o", f"HostKeyAlias=chgu{guest}", "-o", "StrictHostKeyChecking=yes",
             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]
-    sock = os.path.join(job_dir, "run", SSH_SOCKET.format(guest=guest))
+    sock = os.path.join(job_dir, "run", layout.SSH_SOCKET.format(guest=guest))
     if os.path.exists(sock):
         argv += ["-o", f"ProxyCommand={_this_program()} ssh-proxy {sock}"]
         host = f"chgu{guest}"
@@ -352,7 +352,7 @@ def _console_via_srun(guest: int, what: str = "console",
         raise UserError("console", f"no guest {guest} in this job",
                         hint=f"guests are 0 .. {len(names) - 1}")
     node = names[guest]
-    argv = [shutil.which("srun") or "srun", "--overlap", "-N1", "-n1", "-w", node,
+    argv = [slurm_tool("srun"), "--overlap", "-N1", "-n1", "-w", node,
             "--quiet", f"--export=ALL,{ON_HOST}=1"]
     if os.isatty(0):
         argv.append("--pty")
@@ -363,7 +363,7 @@ def _console_via_srun(guest: int, what: str = "console",
 # --- commit a kept overlay ------------------------------------------------------
 
 def commit_kept(overlay: str, cfg: config.Config) -> int:
-    from .backends.vm import _commit, check_image, image_info
+    from .backends.vm.disks import check_image, commit, image_info
     qemu_img = shutil.which(cfg["vm.qemu_img"]) or cfg["vm.qemu_img"]
     try:
         info = image_info(qemu_img, overlay, "qcow2")
@@ -374,7 +374,7 @@ def commit_kept(overlay: str, cfg: config.Config) -> int:
     if not base or fmt not in ("qcow2", "raw"):
         raise UserError("commit", "the overlay has no usable backing image", overlay)
     check_image(qemu_img, base, fmt, commit=True)
-    ok, why = _commit(qemu_img, overlay, cfg["timeouts.commit"])
+    ok, why = commit(qemu_img, overlay, cfg["timeouts.commit"])
     if not ok:
         raise UserError("commit", why, overlay,
                         hint="another job may be using the image; try again later")

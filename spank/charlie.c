@@ -416,7 +416,7 @@ static int join_holder(spank_t sp)
     /* the batch script stays on the host, so that it can call srun */
     if (is_batch_step(sp))
         return 0;
-    if (job_file(sp, "holder", path, sizeof(path)) < 0 ||
+    if (job_file(sp, CHARLIE_RUN_HOLDER, path, sizeof(path)) < 0 ||
         (f = fopen(path, "re")) == NULL)
         return 0;
     if (fscanf(f, "%ld %llu %llu", &pid, &start, &mntns) != 3 || pid <= 1) {

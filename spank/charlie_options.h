@@ -13,6 +13,7 @@
 #define CHARLIE_RUN_NOTICE "notice"
 #define CHARLIE_RUN_GUEST_WAIT "guest-wait"
 #define CHARLIE_RUN_GUEST_TASKS "guest-tasks"
+#define CHARLIE_RUN_HOLDER "holder"
 /* <dir>/<node>/<job>: locked (flock) while the background prolog prepares
  * the node (slurm_charlie/background.py); task_init waits for it */
 #define CHARLIE_SETUP_DIR "/run/slurm-charlie"

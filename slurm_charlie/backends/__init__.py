@@ -4,7 +4,7 @@ A backend has four steps, each safe to repeat and to run after a crash:
 
     check(opts, cfg)            submit time and prolog, as the job user
     start(ctx) -> dict          prolog (root), after meta is rendered; starts
-                                processes through privileged.spawn and hands
+                                processes through asroot.spawn and hands
                                 each record to ctx.on_spawn at once; returns
                                 the facts root keeps in its job record
     task_env(ctx) -> pairs      CH_* variables for every task on this node
@@ -16,51 +16,12 @@ A backend has four steps, each safe to repeat and to run after a crash:
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
-from ..config import Config
 from ..errors import UserError
-from ..layout import JobPaths
-from ..options import Options
-from ..proc import User
+from .base import Backend, Context
 
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-    opts: Options
-    cfg: Config
-    paths: JobPaths
-    user: User
-    job_id: str
-    node: str
-    guest_id: int
-    nodes: tuple[str, ...]
-    cpus: int = 1                  # CPUs of the job on this node
-    work_dir: str | None = None    # the job's working directory (user path)
-    mem_mib: int | None = None     # VM: guest memory chosen by the prolog
-    #: root's bookkeeping: called with each ProcRecord as soon as it exists
-    on_spawn: Callable[[Any], None] | None = None
-
-    def spawned(self, rec: Any) -> None:
-        if self.on_spawn is not None:
-            self.on_spawn(rec)
-
-
-class Backend:
-    name = "?"
-
-    def check(self, opts: Options, cfg: Config) -> None:
-        pass
-
-    def start(self, ctx: Context) -> dict[str, Any]:
-        return {}
-
-    def task_env(self, ctx: Context) -> list[tuple[str, str]]:
-        return []
-
-    def stop(self, ctx: Context, record: Any) -> None:
-        pass
+__all__ = ["Backend", "Context", "NAMES", "get"]
 
 
 class NoneBackend(Backend):

@@ -23,20 +23,14 @@ from typing import Any
 from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
-from .. import config, images, layout, privileged
+from .. import asroot, config, files, images, layout, procfs
 from ..meta import MOUNT_POINTS
-from ..proc import call_as, fd_targets, log, run, starttime
-from . import Backend, Context
+from ..proc import call_as, log, run, slurm_tool
+from ..procfs import fd_targets, ns_inode, starttime
+from .base import Backend, Context
 
 HOLDER_FIFO = ".holder"
 HOLDER_SCRIPT = 'exec 3<>/ch/meta/.holder; read -r _ <&3'
-
-
-def _ns_inode(pid: int | str, ns: str) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/{ns}").st_ino
-    except OSError:
-        return None
 
 
 def check_image_dir(image: str, write: bool, ndirs: int) -> None:
@@ -195,7 +189,7 @@ def mpi_plugins() -> list[str] | None:
     """The MPI plugins this node's Slurm offers (`srun --mpi=list`), None
     when srun cannot say."""
     try:
-        p = run([shutil.which("srun") or "/usr/bin/srun", "--mpi=list"],
+        p = run([slurm_tool("srun"), "--mpi=list"],
                 timeout=30, check=False)
     except NodeFault as e:
         log.warning("srun --mpi=list: %s", e.line())
@@ -210,7 +204,7 @@ MPI_LIST_TTL = 600  # seconds: a plugin installed meanwhile shows up after this
 
 
 def _srun_key() -> str:
-    srun = shutil.which("srun") or "/usr/bin/srun"
+    srun = slurm_tool("srun")
     try:
         st = os.stat(srun)
         return f"{srun}:{st.st_size}:{st.st_mtime_ns}"
@@ -235,7 +229,7 @@ def mpi_plugins_cached(root: str, now: float | None = None) -> list[str] | None:
     plugins = mpi_plugins()
     if plugins is not None and " " not in key:
         try:
-            layout.write_file(path, " ".join([f"{now:.0f}", key, *plugins]) + "\n", 0o644)
+            files.write_file(path, " ".join([f"{now:.0f}", key, *plugins]) + "\n", 0o644)
         except OSError as e:
             log.debug("cannot keep %s: %s", path, e)
     return plugins
@@ -343,7 +337,7 @@ class ContainerBackend(Backend):
                        + " and squashfuse (for an overlay) is not installed")
             log.warning("image %s: unpacked, not mounted: %s", source, why)
         cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
-        user_cache = layout.create_user_dir(cache, ctx.user.uid, ctx.user.gid)
+        user_cache = asroot.create_user_dir(cache, ctx.user)
         from .. import unpack  # archives only: tarfile, filelock
         got = call_as(ctx.user, unpack.unpack, source, fmt, user_cache,
                       ctx.job_id, ctx.cfg["timeouts.unpack"], ctx.opts.image_digest,
@@ -443,13 +437,13 @@ class ContainerBackend(Backend):
             argv += [image["image_dir"], "--", "/bin/sh", "-c", HOLDER_SCRIPT]
         log.info("starting holder as %s: %s", ctx.user, " ".join(argv))
         holder_log = os.path.join(ctx.paths.out, "holder.log")
-        fd = layout.open_out_as_root(ctx.paths, ctx.user.uid, "holder.log")
+        fd = asroot.open_out_as_root(ctx.paths, ctx.user.uid, "holder.log")
         if fd is None:
             raise UserError("job directory", "cannot open", holder_log,
                             hint="was out/ changed while the job started?")
-        host_mnt = _ns_inode("self", "mnt")
+        host_mnt = ns_inode("self", "mnt")
         try:
-            proc, rec = privileged.spawn(ctx.user, argv, fd, "holder", ctx.spawned)
+            proc, rec = asroot.spawn(ctx.user, argv, fd, "holder", ctx.spawned)
         except NodeFault:
             raise NodeFault("container.runtime", "not found", runtime,
                             hint="install charliecloud-runtime or fix "
@@ -457,42 +451,39 @@ class ContainerBackend(Backend):
         finally:
             os.close(fd)
         limit = ctx.cfg["timeouts.boot"]
-        deadline = time.monotonic() + limit
-        watch = privileged.StopWatch(proc.pid)
-        fuse_watch = None  # the overlay's squashfuse: stopped, ch-run would wait on it
-        while time.monotonic() < deadline:
-            if image.get("squashfs_lower") and fuse_watch is None:
-                server = _squashfuse_of(proc.pid)
-                fuse_watch = privileged.StopWatch(server) if server else None
-            if watch.expired() or (fuse_watch is not None and fuse_watch.expired()):
-                proc.kill()  # our own child, not yet reaped: the pid is still it
-                proc.wait()
-                raise UserError("container", "the container was stopped (SIGSTOP) "
-                                "while it started", hint="the job fails, the node "
-                                "stays in service")
-            if proc.poll() is not None:
-                text = call_as(ctx.user, layout.read_tail, holder_log, 1, limit=30)
-                hint = f"{holder_log} has ch-run's output"
-                if overlay:
-                    hint += ("; the image lacks mount points and the node could not "
-                             "overlay them (unprivileged overlayfs needs Linux 5.11 or "
-                             "later and user namespaces): " + _mkdir_hint(image["image_dir"]))
-                raise UserError("container", f"ch-run exited with {proc.returncode}",
-                                text.splitlines()[-1] if text else None, hint=hint)
+        found: dict[str, Any] = {}
+
+        def ready() -> bool:
             # a squashfs image: ch-run stays as the FUSE server and the
             # holder's sh is its child, in namespaces of its own
             holder = _only_child(proc.pid) if image.get("squashfs_mount") else proc.pid
-            mnt = _ns_inode(holder, "mnt") if holder else None
-            if holder and mnt and mnt != host_mnt and _in_read(holder):
-                break
-            time.sleep(0.005)
-        else:
-            proc.kill()  # our own child, not yet reaped: the pid is still it
-            proc.wait()
+            mnt = ns_inode(holder, "mnt") if holder else None
+            found.update(holder=holder, mnt=mnt)
+            return bool(holder and mnt and mnt != host_mnt and _in_read(holder))
+
+        # the overlay's squashfuse: stopped, ch-run would wait on it
+        outcome = asroot.wait_until_ready(
+            proc, ready, limit, poll=0.005,
+            also=(lambda: _squashfuse_of(proc.pid)) if image.get("squashfs_lower") else None)
+        if outcome == asroot.STOPPED:
+            raise UserError("container", "the container was stopped (SIGSTOP) "
+                            "while it started", hint="the job fails, the node "
+                            "stays in service")
+        if outcome == asroot.EXITED:
+            text = call_as(ctx.user, files.read_tail, holder_log, 1, limit=30)
+            hint = f"{holder_log} has ch-run's output"
+            if overlay:
+                hint += ("; the image lacks mount points and the node could not "
+                         "overlay them (unprivileged overlayfs needs Linux 5.11 or "
+                         "later and user namespaces): " + _mkdir_hint(image["image_dir"]))
+            raise UserError("container", f"ch-run exited with {proc.returncode}",
+                            text.splitlines()[-1] if text else None, hint=hint)
+        if outcome == asroot.TIMED_OUT:
             raise UserError("container", f"the container did not start within {limit} s "
                             "(its /bin/sh never opened the holder FIFO)", ctx.opts.image,
                             hint="the image's /bin/sh must be a POSIX shell that "
                             "runs `exec 3<>FILE; read -r _ <&3`")
+        holder, mnt = found["holder"], found["mnt"]
         # ch-run has exec'd the image's /bin/sh by now: record that program
         # and the FUSE server (ch-run itself, or the overlay's squashfuse)
         server = proc.pid if holder != proc.pid else \
@@ -500,19 +491,19 @@ class ContainerBackend(Backend):
         if server:
             fuse = dataclasses.replace(rec, role="fuse", pid=server,
                                        start=starttime(server) or 0,
-                                       exe=privileged.exe_of(server) or rec.exe,
-                                       mntns=_ns_inode(server, "mnt") or 0)
+                                       exe=procfs.exe_of(server) or rec.exe,
+                                       mntns=ns_inode(server, "mnt") or 0)
             ctx.spawned(fuse)
-            privileged.join_job_cgroup(ctx.node, fuse, ctx.job_id, ctx.guest_id)
+            asroot.join_job_cgroup(ctx.node, fuse, ctx.job_id, ctx.guest_id)
         rec = dataclasses.replace(rec, pid=holder, start=starttime(holder) or 0, mntns=mnt or 0,
-                                  exe=privileged.exe_of(holder) or rec.exe)
+                                  exe=procfs.exe_of(holder) or rec.exe)
         ctx.spawned(rec)
-        joined = privileged.join_job_cgroup(ctx.node, rec, ctx.job_id, ctx.guest_id)
+        joined = asroot.join_job_cgroup(ctx.node, rec, ctx.job_id, ctx.guest_id)
         if joined:
             log.info("holder in the job's cgroups %s", " ".join(joined))
-        info = {"holder_mntns": mnt, "holder_userns": _ns_inode(holder, "user"),
+        info = {"holder_mntns": mnt, "holder_userns": ns_inode(holder, "user"),
                 **image}  # "warnings" is taken out by the prolog
-        call_as(ctx.user, layout.write_file, os.path.join(ctx.paths.run, "holder"),
+        call_as(ctx.user, files.write_file, ctx.paths.holder,
                 f"{holder} {rec.start} {mnt}\n", 0o600)
         return info
 
@@ -528,20 +519,20 @@ class ContainerBackend(Backend):
         # FUSE servers of this job's image: ch-run's mount point, squashfuse's
         fuse_dirs = (f"{ctx.paths.run}/{SQUASHFS_MOUNT}".encode(),
                      f"{ctx.paths.run}/{OVERLAY_DIR}/lower".encode())
-        fifo = layout.lstat_in_job(ctx.paths, "meta", HOLDER_FIFO)
+        fifo = files.lstat_in_job(ctx.paths, "meta", HOLDER_FIFO)
         fifo_id = (fifo.st_dev, fifo.st_ino) if fifo and stat.S_ISFIFO(fifo.st_mode) \
             else None
-        if holder is not None and not mntns and privileged.matches(holder, False):
+        if holder is not None and not mntns and asroot.matches(holder, False):
             # recorded as it started, before its namespace was known (the
             # prolog was stopped half way): its namespace now, if its own
-            ns = _ns_inode(holder.pid, "mnt") or 0
-            mntns = ns if ns != _ns_inode("self", "mnt") else 0
+            ns = ns_inode(holder.pid, "mnt") or 0
+            mntns = ns if ns != ns_inode("self", "mnt") else 0
         for proc in (holder, fuse):
             if proc is not None:  # one pid from unshare to the image's /bin/sh
-                privileged.signal_process(proc, signal.SIGKILL, same_program=False)
-        n = privileged.kill_user_processes(
-            ctx.user.uid, lambda pid: bool(mntns and _ns_inode(pid, "mnt") == mntns)
-            or bool(fuse_ns and _ns_inode(pid, "mnt") == fuse_ns)
+                asroot.signal_process(proc, signal.SIGKILL, same_program=False)
+        n = asroot.kill_user_processes(
+            ctx.user.uid, lambda pid: bool(mntns and ns_inode(pid, "mnt") == mntns)
+            or bool(fuse_ns and ns_inode(pid, "mnt") == fuse_ns)
             or _holds_fifo(pid, fifo_id) or _mounts_for(pid, fuse_dirs),
             ctx.cfg["timeouts.kill"], "container")
         if n:

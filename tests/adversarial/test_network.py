@@ -83,7 +83,7 @@ def vm_job(cluster, guest):
 
 def test_only_the_jobs_nodes_from_privileged_ports_reach_the_segment(cluster, vm_job):
     job = vm_job
-    from slurm_charlie.jobnet import vni
+    from slurm_charlie.asroot.jobnet import vni
     from slurm_charlie.meta import guest_mac
     dst = _ns(cluster, "node2").addr
     args = [str(PORT), None, str(vni(job)), guest_mac(job, 1), str(COUNT)]

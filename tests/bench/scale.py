@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 
-from slurm_charlie import jobnet, meta
+from slurm_charlie import meta
+
+from slurm_charlie.asroot import jobnet
 
 
 def per_guest(n: int, rounds: int = 5) -> float:

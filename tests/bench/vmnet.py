@@ -21,7 +21,7 @@ import time
 
 from helpers.cluster import USER, make_cluster
 
-from slurm_charlie.layout import write_file
+from slurm_charlie.files import write_file
 
 PINGS = int(os.environ.get("BENCH_PINGS", "20"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))

@@ -25,7 +25,7 @@ import subprocess
 
 from helpers.cluster import USER, build_busybox_image, make_cluster
 
-from slurm_charlie.layout import write_file
+from slurm_charlie.files import write_file
 
 STEPS = int(os.environ.get("BENCH_STEPS", "12"))
 PINGPONGS = int(os.environ.get("BENCH_PINGPONGS", "3"))

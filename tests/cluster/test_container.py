@@ -509,7 +509,7 @@ def test_default_mpi_only_when_srun_offers_it(cluster, images):
     wd = cluster.workdir("container-mpitype")
     conf = cluster.sb.charlie_conf
     saved = open(conf).read()
-    from slurm_charlie.layout import write_file
+    from slurm_charlie.files import write_file
     try:  # atomic rewrites: a prolog may read the config at any moment
         write_file(conf, saved + 'default_mpi = "pmi9"\n', 0o644)  # in [container]
         p, jobid = cluster.sbatch(wd, ["-N1", f"--charlie-image={images['bb']}", "-o",

@@ -6,7 +6,8 @@ import os
 import subprocess
 import time
 
-from slurm_charlie import privileged
+from slurm_charlie import asroot, layout, procfs
+
 from slurm_charlie.proc import User
 
 from helpers.cluster import USER
@@ -31,12 +32,12 @@ def test_reconcile_after_a_crash(cluster):
     try:
         time.sleep(0.1)
         for jid, proc in (("990001", ghost), ("990002", None)):
-            paths = privileged.layout.JobPaths(root, jid)
-            privileged.create_job_dir(paths, user)
+            paths = layout.JobPaths(root, jid)
+            asroot.create_job_dir(paths, user)
             if proc is not None:
-                rec = privileged.ProcRecord("holder", proc.pid, privileged.starttime(proc.pid),
-                                            user.uid, privileged.exe_of(proc.pid))
-                privileged.Records(root).write(privileged.JobRecord(
+                rec = asroot.ProcRecord("holder", proc.pid, procfs.starttime(proc.pid),
+                                            user.uid, procfs.exe_of(proc.pid))
+                asroot.Records(root).write(asroot.JobRecord(
                     jid, user.uid, user.gid, "container", 1, "started", (rec,), {}))
         out = cluster.run([cluster.sb.charlie_bin(), "reconcile", "--node", node,
                            "--min-age", "0"])
@@ -47,7 +48,7 @@ def test_reconcile_after_a_crash(cluster):
         assert sorted(os.listdir(root)) == sorted(
             n for n in os.listdir(root) if not n.startswith("99000"))
         assert os.path.isdir(os.path.join(root, live))
-        assert privileged.Records(root).job_ids() == [live]
+        assert asroot.Records(root).job_ids() == [live]
     finally:
         ghost.kill()
         ghost.wait()

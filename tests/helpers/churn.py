@@ -30,7 +30,8 @@ import time
 from helpers.cluster import USER, build_busybox_image, make_cluster  # noqa: E402
 
 from slurm_charlie.doctor import deleted_open  # noqa: E402
-from slurm_charlie.proc import pids_of, proc_stat  # noqa: E402
+from slurm_charlie.procfs import proc_stat  # noqa: E402
+from slurm_charlie.procfs import pids_of
 
 FAULTS = ("none", "scancel", "kill-holder", "stop-holder", "kill-user-step",
           "stop-user-step", "epilog-twice")

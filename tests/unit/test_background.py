@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from slurm_charlie import background
+from slurm_charlie.asroot import background
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the hooks run as root")
 
@@ -212,14 +212,14 @@ def shared_dir():
 
 
 def test_spawn_records_before_the_program_runs(shared_dir):
-    from slurm_charlie import privileged
+    from slurm_charlie import asroot
     mark = os.path.join(shared_dir, "ran")
     seen = []
 
     def record(rec):
         time.sleep(0.2)  # the program would have run by now, were it not gated
         seen.append((rec.pid, rec.exe, os.path.exists(mark)))
-    proc, rec = privileged.spawn(_nobody(), ["/bin/sh", "-c", f"touch {mark}"],
+    proc, rec = asroot.spawn(_nobody(), ["/bin/sh", "-c", f"touch {mark}"],
                                  os.open(os.devnull, os.O_WRONLY), "test", record)
     assert proc.wait(timeout=10) == 0
     assert seen == [(proc.pid, os.path.realpath("/bin/sh"), False)]
@@ -229,23 +229,23 @@ def test_spawn_records_before_the_program_runs(shared_dir):
 def test_spawn_whose_record_fails_never_runs_the_program(shared_dir):
     """The background prolog killed (or its record not written) between
     the start and the record: the process ends without running argv."""
-    from slurm_charlie import privileged
+    from slurm_charlie import asroot
     mark = os.path.join(shared_dir, "ran")
 
     def record(rec):
         raise OSError("record not written")
     with pytest.raises(OSError):
-        privileged.spawn(_nobody(), ["/bin/sh", "-c", f"touch {mark}"],
+        asroot.spawn(_nobody(), ["/bin/sh", "-c", f"touch {mark}"],
                          os.open(os.devnull, os.O_WRONLY), "test", record)
     time.sleep(0.2)
     assert not os.path.exists(mark)
 
 
 def test_spawn_of_a_missing_program_is_a_node_fault():
-    from slurm_charlie import privileged
+    from slurm_charlie import asroot
     from slurm_charlie.errors import NodeFault
     with pytest.raises(NodeFault, match="program not found"):
-        privileged.spawn(_nobody(), ["no-such-program-here"], 2, "test", lambda rec: None)
+        asroot.spawn(_nobody(), ["no-such-program-here"], 2, "test", lambda rec: None)
 
 
 def test_a_users_shared_lock_only_sends_the_prolog_to_the_foreground(shared_dir):

@@ -13,6 +13,7 @@ GENERATED = {
     "spank/charlie_options.h": render.render_header,
     "docs/options.rst": render.render_options_rst,
     "docs/config.rst": render.render_config_rst,
+    "docs/root-operations.rst": render.render_root_ops_rst,
     "docs/charlie.toml.example": config.render_example,
 }
 

@@ -259,7 +259,7 @@ def test_a_process_on_its_way_out_counts_as_gone(monkeypatch):
     for a session of the user's.  A real zombie and a reaped child count as
     gone; this process does not; the exit path itself is the /proc line the
     sandbox showed (no way to hold a process there on purpose)."""
-    from slurm_charlie import proc
+    from slurm_charlie import procfs as proc
     pid = os.fork()
     if pid == 0:
         os._exit(0)

@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from slurm_charlie import jobnet
+from slurm_charlie.asroot import jobnet
 from slurm_charlie.errors import NodeFault
 
 

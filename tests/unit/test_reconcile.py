@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from slurm_charlie import config, privileged, reconcile
+from slurm_charlie import config, asroot, layout, procfs, reconcile
+
 from slurm_charlie.proc import User
 
 pytestmark = pytest.mark.root  # records and job dirs owned by root and nobody
@@ -39,15 +40,15 @@ def _age(path, seconds):
 
 
 def _leftover(cfg, root, jid, user, proc=None, record=True, age=3600):
-    paths = privileged.layout.JobPaths(root, jid)
-    privileged.create_job_dir(paths, user)
+    paths = layout.JobPaths(root, jid)
+    asroot.create_job_dir(paths, user)
     os.makedirs(os.path.join(paths.job_dir, "run", "deep", "er"))
     if record:
         procs = ()
         if proc is not None:
-            procs = (privileged.ProcRecord("qemu", proc.pid, privileged.starttime(proc.pid),
-                                           user.uid, privileged.exe_of(proc.pid)),)
-        privileged.Records(root).write(privileged.JobRecord(jid, user.uid, user.gid,
+            procs = (asroot.ProcRecord("qemu", proc.pid, procfs.starttime(proc.pid),
+                                           user.uid, procfs.exe_of(proc.pid)),)
+        asroot.Records(root).write(asroot.JobRecord(jid, user.uid, user.gid,
                                                             "vm", 0, "started", procs, {}))
         _age(os.path.join(root, ".root", f"{jid}.json"), age)
     _age(paths.job_dir, age)
@@ -73,7 +74,7 @@ def test_reconcile_cleans_only_dead_old_jobs(site):
         for p in (dead, bare):
             assert not os.path.lexists(p.job_dir)
         assert os.path.isdir(young.job_dir) and os.path.isdir(running.job_dir)
-        assert privileged.Records(root).job_ids() == ["13", "14"]
+        assert asroot.Records(root).job_ids() == ["13", "14"]
         assert reconcile.reconcile(cfg, "n1", {"14"}).jobs == []  # twice is fine
     finally:
         qemu.kill()

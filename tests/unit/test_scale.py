@@ -4,7 +4,9 @@ its square: meta tables, the guests' neighbour entries, the VXLAN
 forwarding entries.  (The time per guest, side by side for 1,000 and 10,000
 guests, is printed by tests/bench/scale.py.)"""
 
-from slurm_charlie import jobnet, meta
+from slurm_charlie import meta
+
+from slurm_charlie.asroot import jobnet
 
 N = 10_000
 

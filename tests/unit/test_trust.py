@@ -16,7 +16,9 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from slurm_charlie import options, privileged
+from slurm_charlie import options, asroot, layout, procfs
+
+from slurm_charlie.asroot import jobdir as asroot_jobdir
 from slurm_charlie.errors import NodeFault, UserError
 from slurm_charlie.proc import User, call_as
 
@@ -184,13 +186,13 @@ def test_fifo_cannot_hang_a_user_step(nobody, run_dir):
 
 
 def test_readers_do_not_block_on_fifos(tmp_path):
-    from slurm_charlie import layout
+    from slurm_charlie import files
     fifo = tmp_path / "f"
     os.mkfifo(fifo)
-    assert layout.read_small(str(fifo)) is None
-    assert layout.read_tail(str(fifo), 3) == ""
+    assert files.read_small(str(fifo)) is None
+    assert files.read_tail(str(fifo), 3) == ""
     os.symlink("/etc/passwd", tmp_path / "l")
-    assert layout.read_small(str(tmp_path / "l")) is None
+    assert files.read_small(str(tmp_path / "l")) is None
 
 
 # --- removal of a hostile tree --------------------------------------------------
@@ -213,10 +215,10 @@ def test_remove_tree_deep_and_hostile(tmp_path, depth):
         cur = nxt
     os.close(cur)
     try:
-        assert privileged.remove_tree(fd, "job") is True
+        assert asroot_jobdir.remove_tree(fd, "job") is True
         assert not os.path.lexists(victim)
         assert (outside / "keep").read_text() == "precious"
-        assert privileged.remove_tree(fd, "job") is False  # twice is fine
+        assert asroot_jobdir.remove_tree(fd, "job") is False  # twice is fine
     finally:
         os.close(fd)
 
@@ -230,7 +232,7 @@ def test_remove_tree_wide(tmp_path):
             (d / f"f{j}").write_text("x")
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert privileged.remove_tree(fd, "job")
+        assert asroot_jobdir.remove_tree(fd, "job")
     finally:
         os.close(fd)
     assert not root.exists()
@@ -241,18 +243,18 @@ def test_remove_tree_wide(tmp_path):
 @needs_root
 def test_record_round_trip_and_bad_records(run_dir):
     tmp_path = run_dir
-    recs = privileged.Records(str(tmp_path / "rt"))
+    recs = asroot.Records(str(tmp_path / "rt"))
     assert recs.read("5") is None
-    p = privileged.ProcRecord("qemu", 1234, 99, 1000, "/usr/bin/qemu", 0)
-    rec = privileged.JobRecord("5", 1000, 1000, "vm", 2, "started", (p,), {"guest": 2})
+    p = asroot.ProcRecord("qemu", 1234, 99, 1000, "/usr/bin/qemu", 0)
+    rec = asroot.JobRecord("5", 1000, 1000, "vm", 2, "started", (p,), {"guest": 2})
     recs.write(rec)
     assert recs.read("5") == rec and recs.job_ids() == ["5"]
-    st = os.stat(tmp_path / "rt" / privileged.RECORD_DIR)
+    st = os.stat(tmp_path / "rt" / layout.RECORD_DIR)
     assert st.st_mode & 0o777 == 0o700
     for bad in (b"[]", b"{}", b'{"version": 1, "job_id": "5", "uid": "0", "gid": 0}',
                 b'{"version": 1, "job_id": "5", "uid": 1, "gid": 1, "procs": [{"pid": 1}]}',
                 b"\xff" * 10):
-        with open(tmp_path / "rt" / privileged.RECORD_DIR / "5.json", "wb") as f:
+        with open(tmp_path / "rt" / layout.RECORD_DIR / "5.json", "wb") as f:
             f.write(bad)
         assert recs.read("5") is None
     recs.remove("5")
@@ -271,20 +273,20 @@ def test_signal_only_what_matches(nobody):
     try:
         time.sleep(0.1)
         exe = os.readlink(f"/proc/{mine.pid}/exe")
-        start = privileged.starttime(mine.pid)
+        start = procfs.starttime(mine.pid)
         # a record that names a root process as the user's: refused
-        forged = privileged.ProcRecord("qemu", root_proc.pid,
-                                       privileged.starttime(root_proc.pid), nobody.uid, exe)
-        assert privileged.signal_process(forged, signal.SIGKILL) is False
+        forged = asroot.ProcRecord("qemu", root_proc.pid,
+                                       procfs.starttime(root_proc.pid), nobody.uid, exe)
+        assert asroot.signal_process(forged, signal.SIGKILL) is False
         # the right pid with a wrong start time (reused pid): refused
-        stale = privileged.ProcRecord("qemu", mine.pid, start + 1, nobody.uid, exe)
-        assert privileged.signal_process(stale, signal.SIGKILL) is False
+        stale = asroot.ProcRecord("qemu", mine.pid, start + 1, nobody.uid, exe)
+        assert asroot.signal_process(stale, signal.SIGKILL) is False
         # another program under the recorded pid: refused
-        other = privileged.ProcRecord("qemu", mine.pid, start, nobody.uid, "/usr/bin/qemu")
-        assert privileged.signal_process(other, signal.SIGKILL) is False
+        other = asroot.ProcRecord("qemu", mine.pid, start, nobody.uid, "/usr/bin/qemu")
+        assert asroot.signal_process(other, signal.SIGKILL) is False
         assert root_proc.poll() is None and mine.poll() is None
-        good = privileged.ProcRecord("qemu", mine.pid, start, nobody.uid, exe)
-        assert privileged.signal_process(good, signal.SIGKILL) is True
+        good = asroot.ProcRecord("qemu", mine.pid, start, nobody.uid, exe)
+        assert asroot.signal_process(good, signal.SIGKILL) is True
         assert mine.wait(5) == -signal.SIGKILL
     finally:
         for p in (root_proc, mine):
@@ -298,11 +300,11 @@ def test_kill_user_processes_spares_others(nobody):
     mine = _spawn_sleep(nobody)
     try:
         pids = {root_proc.pid, mine.pid}
-        n = privileged.kill_user_processes(nobody.uid, lambda pid: pid in pids, 5, "t")
+        n = asroot.kill_user_processes(nobody.uid, lambda pid: pid in pids, 5, "t")
         assert n == 1 and mine.wait(5) == -signal.SIGKILL
         assert root_proc.poll() is None
         with pytest.raises(NodeFault):
-            privileged.kill_user_processes(0, lambda pid: True, 1, "t")
+            asroot.kill_user_processes(0, lambda pid: True, 1, "t")
     finally:
         for p in (root_proc, mine):
             p.kill()

@@ -8,7 +8,8 @@ import pytest
 
 from slurm_charlie import config, layout, meta, sshkey, vmbuild
 from slurm_charlie.backends import Context
-from slurm_charlie.backends.vm import VMBackend, _mcast
+from slurm_charlie.backends.vm import disks, qemu
+from slurm_charlie.backends.vm.qemu import mcast
 from slurm_charlie.errors import UserError
 from slurm_charlie.options import Options
 from slurm_charlie.proc import User
@@ -52,8 +53,8 @@ def test_module_load_order_puts_dependencies_first(tmp_path):
 
 def test_guest_network_numbers():
     cfg = config.parse('[vm]\nmcast_group = "239.77.0.0/16"\nmcast_port = 20000\n')
-    assert _mcast(cfg, "5") == ("239.77.0.5", 20005)
-    assert _mcast(cfg, "65541") == ("239.77.0.5", 25541)   # same group, other port
+    assert mcast(cfg, "5") == ("239.77.0.5", 20005)
+    assert mcast(cfg, "65541") == ("239.77.0.5", 25541)   # same group, other port
     assert meta.guest_mac("258", 3) == "52:54:01:02:00:03"
     assert meta.guest_mac("258", 3) != meta.guest_mac("259", 3)
 
@@ -66,7 +67,7 @@ def test_qemu_command_line():
     ctx = Context(opts=Options(image="/img.qcow2", dir=("/d1", "/d2"), cpus=3, mem=700),
                   cfg=cfg, paths=paths, user=user, job_id="17", node="n2",
                   guest_id=1, nodes=("n1", "n2"), cpus=8)
-    argv = VMBackend().argv(ctx, "none", "qcow2")
+    argv = qemu.argv(ctx, "none", "qcow2")
     line = " ".join(argv)
     assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max"
     assert argv[argv.index("-smp") + 1] == "3" and argv[argv.index("-m") + 1] == "700M"
@@ -80,18 +81,18 @@ def test_qemu_command_line():
     assert "logfile=/rt/17/out/1_console.out" in line
     assert argv[argv.index("-kernel") + 1] == "/k" and argv[argv.index("-initrd") + 1] == "/i"
     # no site kernel: the image's boot loader
-    own = VMBackend().argv(Context(**{**ctx.__dict__, "cfg": config.parse("")}),
+    own = qemu.argv(Context(**{**ctx.__dict__, "cfg": config.parse("")}),
                            "none", "qcow2")
     assert "-kernel" not in own and own[own.index("-boot") + 1] == "order=c"
     # multicast network: ssh from the node only, restricted user-mode NIC,
     # loopback forward
     assert "user,id=net1,restrict=on,hostfwd=tcp:127.0.0.1:40017-:22" in line
     off = config.parse('[vm]\nkernel = "/k"\nnetwork = "multicast"\nssh_port_base = 0\n')
-    assert "user,id=net1" not in " ".join(VMBackend().argv(
+    assert "user,id=net1" not in " ".join(qemu.argv(
         Context(**{**ctx.__dict__, "cfg": off}), "none", "qcow2"))
     # the job network: the TAP root opened (fd, vhost), the segment's MTU,
     # and no port on the node at all (ssh goes through the relay's socket)
-    vx = VMBackend().argv(Context(**{**ctx.__dict__, "cfg": config.parse('[vm]\nkernel = "/k"\n')}),
+    vx = qemu.argv(Context(**{**ctx.__dict__, "cfg": config.parse('[vm]\nkernel = "/k"\n')}),
                           "none", "qcow2", net=(5, 6, 1450))
     vline = " ".join(vx)
     assert "tap,id=net0,fd=5,vhost=on,vhostfd=6" in vline
@@ -100,7 +101,7 @@ def test_qemu_command_line():
 
 
 def test_job_memory_from_scontrol():
-    from slurm_charlie.backends.vm import parse_job_memory
+    from slurm_charlie.backends.vm.sizing import parse_job_memory
     line = "JobId=5 MinCPUsNode=1 MinMemoryNode=700M MinTmpDiskNode=0"
     assert parse_job_memory(line, 2) == 700
     assert parse_job_memory("JobId=5 MinMemoryCPU=2G", 3) == 6144
@@ -111,13 +112,12 @@ def test_job_memory_from_scontrol():
 def test_kept_overlay_never_overwrites_an_earlier_one(tmp_path):
     """A job id Slurm hands out again must not replace what an earlier job
     of that id kept."""
-    from slurm_charlie.backends import vm
     kept = tmp_path / "kept"
     kept.mkdir()
     for i in range(3):
         ov = tmp_path / f"run{i}.qcow2"
         ov.write_text(f"changes {i}")
-        dst = vm._keep(str(ov), str(kept), "job7-chgu0.overlay.qcow2")
+        dst = disks.keep(str(ov), str(kept), "job7-chgu0.overlay.qcow2")
         assert not ov.exists()
     assert sorted(os.listdir(kept)) == ["job7-chgu0.1.overlay.qcow2",
                                         "job7-chgu0.2.overlay.qcow2",

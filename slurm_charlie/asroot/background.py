@@ -9,7 +9,7 @@ launches the step.
 
 How, in order:
 
-1. The prolog hook (root) runs ``main`` with nothing imported but ``os``:
+1. The prolog hook (root, ``prolog_hook.main``) imports nothing but ``os``:
    it makes ``SETUP_DIR/<node>/<job>`` (root's directory, 0755; the file
    0644) and takes an exclusive ``flock`` on it.
 2. It forks.  The child starts a session of its own (Slurm kills the
@@ -88,7 +88,7 @@ def unusable(node: str, base: str = SETUP_DIR) -> str | None:
 
 
 # _not_roots, _proc_start and _is_it are small twins of config.check_root_safe,
-# proc.proc_stat and privileged._is_users on purpose: those modules import
+# procfs.proc_stat and procfs.is_users on purpose: those modules import
 # dataclasses, subprocess and json (~25 ms), which the hook must not pay
 # before it forks (tests/unit/test_house.py checks what it loads).
 
@@ -300,27 +300,3 @@ def detach(node: str, job_id: str, base: str = SETUP_DIR) -> int | str:
         os.close(wfd)
         os.close(fd)
     return pid
-
-
-def main() -> int:
-    """The prolog hook: leave the prolog to a child when the lock file can
-    be made; else run it here."""
-    from .jobenv import ids
-    env = os.environ
-    job_id, node = ids(env)
-    pid = detach(node, job_id or "")
-    if pid == 0:  # the child: the whole prolog, then it ends here
-        code = 1
-        try:
-            from . import hooks
-            code = hooks.prolog_main(env, background=True)
-        finally:
-            try:
-                from . import log
-                log.flush()
-            finally:
-                os._exit(code)
-    if isinstance(pid, int):
-        return 0
-    from . import hooks
-    return hooks.prolog_main(env, foreground_why=pid)

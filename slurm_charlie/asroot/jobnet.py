@@ -35,11 +35,11 @@ import re
 import socket
 import struct
 
-from . import layout
-from .errors import NodeFault
-from .log import log
-from .meta import guest_mac
-from .proc import SYSTEM_PATH, run, system_tool
+from .. import files, layout
+from ..errors import NodeFault
+from ..log import log
+from ..meta import guest_mac
+from ..proc import SYSTEM_PATH, run, system_tool
 
 #: the VXLAN source-port range of job devices: privileged ports only
 SRC_PORTS = (1000, 1023)
@@ -49,6 +49,15 @@ _NAME = re.compile(r"^ch[vbtr]([0-9]{1,12})$")
 _NODE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 NETNS_DIR = "/run/netns"
 GLOBAL_TABLE = "slurm_charlie"
+#: the system tools the job network runs
+TOOLS = ("ip", "bridge", "nft")
+
+
+def missing_tools() -> list[str]:
+    """The job network's tools that are not installed here."""
+    return [t for t in TOOLS if system_tool(t) is None]
+
+
 def _need(name: str) -> str:
     path = system_tool(name)
     if path is None:
@@ -56,6 +65,7 @@ def _need(name: str) -> str:
                         hint="apt-get install iproute2 nftables (vm.network = "
                         "\"vxlan\" needs ip, bridge and nft)")
     return path
+
 
 _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
@@ -99,7 +109,7 @@ def node_addresses(nodes: tuple[str, ...], table_path: str) -> list[str]:
     service.  A node that has none is the site's problem (NodeFault)."""
     table: dict[str, str] = {}
     if table_path:
-        text = layout.read_small(table_path, 16 << 20)
+        text = files.read_small(table_path, 16 << 20)
         if text is None:
             raise NodeFault("vm.node_addresses", "cannot read", table_path)
         for line in text.splitlines():
