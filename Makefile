@@ -93,7 +93,7 @@ demo: sandbox-up
 # the result (CI must stop what it started).
 test: all shim-other-slurm guest
 	@rc=0; $(SB) sandbox up --nodes 3 --guest-dir $(VMC) && $(SEED) || rc=$$?; \
-	if [ $$rc -eq 0 ]; then $(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit tests/cluster tests/adversarial tests/vm || rc=$$?; fi; \
+	if [ $$rc -eq 0 ]; then $(VENV)/bin/python -m pytest -ra --durations=25 $(PYTEST_ARGS) tests/unit tests/cluster tests/adversarial tests/vm || rc=$$?; fi; \
 	$(SB) sandbox down || true; exit $$rc
 
 unit: venv

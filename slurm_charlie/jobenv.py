@@ -3,7 +3,7 @@ Slurm's environment (the SPANK_CHARLIE_* options are read by ``options``)."""
 
 from __future__ import annotations
 
-# imported by the prolog hook before it forks (background.py): nothing
+# imported by the prolog hook before it forks (prolog_hook.py): nothing
 # here may cost an import (typing, dataclasses: ~12 ms)
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """What the prolog and epilog do, in order: the orchestration between the
 edge (``hooks``: exit codes, draining), the user's work (``asuser``), root's
-operations (``privileged``) and the back ends.
+operations (``asroot``) and the back ends.
 
 Every step is recorded in root's own record before the next one starts
 (``Book``), so that ``undo`` -- run by the epilog, by a prolog that finds an

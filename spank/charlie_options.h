@@ -15,7 +15,7 @@
 #define CHARLIE_RUN_GUEST_TASKS "guest-tasks"
 #define CHARLIE_RUN_HOLDER "holder"
 /* <dir>/<node>/<job>: locked (flock) while the background prolog prepares
- * the node (slurm_charlie/background.py); task_init waits for it */
+ * the node (slurm_charlie/asroot/background.py); task_init waits for it */
 #define CHARLIE_SETUP_DIR "/run/slurm-charlie"
 /* in a task's environment, =1: a VM job's task stays on the host */
 #define CHARLIE_ON_HOST_VAR "CHARLIE_ON_HOST"

@@ -23,6 +23,19 @@ def guest(cluster):
     return os.path.join(gdir, "guest.qcow2")
 
 
+#: the part of the suite each directory is, as markers (`pytest -m vm`,
+#: `make test PYTEST_ARGS="-m 'not vm'"`): vm needs the sandbox too
+PARTS = {"unit": (), "cluster": ("cluster",), "adversarial": ("cluster", "adversarial"),
+         "vm": ("cluster", "vm")}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        part = os.path.basename(os.path.dirname(str(item.fspath)))
+        for mark in PARTS.get(part, ()):
+            item.add_marker(mark)
+
+
 def pytest_runtest_setup(item):
     """A test marked ``root`` is skipped for a developer who is not root,
     and fails in CI (a test that cannot run there is a failure)."""
