@@ -14,7 +14,7 @@ import subprocess
 import time
 from typing import Any, Callable, Iterable
 
-from ..errors import NodeFault
+from ..errors import NodeFault, UserError
 from ..log import log
 from ..proc import User, system_tool
 from ..procfs import exe_of, is_stopped, is_users, is_zombie, pids_of, proc_stat, starttime
@@ -51,6 +51,13 @@ def _start_gated(full: list[str], exe: str, role: str, owner: User,
     try:
         record(rec)
         os.write(gate_w, b"go\n")
+    except BrokenPipeError:
+        # the gate runs as the job user, who killed it before root's line:
+        # the job's doing, not the node's; the program never ran
+        os.close(gate_w)
+        proc.wait()
+        raise UserError(role, "ended before it could start (killed by its user?)",
+                        proc.pid, hint="the job fails, the node stays in service") from None
     except BaseException:
         os.close(gate_w)
         proc.wait()

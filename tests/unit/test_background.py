@@ -241,6 +241,26 @@ def test_spawn_whose_record_fails_never_runs_the_program(shared_dir):
     assert not os.path.exists(mark)
 
 
+def test_the_user_killing_the_gate_before_it_opens_fails_only_the_job(shared_dir):
+    """The gate runs as the job user, who can kill it (the churn's kill -9
+    of the user's processes did) before root writes its line: root's write
+    then meets a closed pipe.  That is the job's failure (UserError), never
+    an internal error that drains the node; the program never runs."""
+    import signal
+    from slurm_charlie import asroot
+    from slurm_charlie.errors import UserError
+    mark = os.path.join(shared_dir, "ran")
+
+    def record(rec):  # the user's kill -9, between the start and root's line
+        os.kill(rec.pid, signal.SIGKILL)
+        while open(f"/proc/{rec.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+    with pytest.raises(UserError, match="ended before it could start"):
+        asroot.spawn(_nobody(), ["/bin/sh", "-c", f"touch {mark}"],
+                     os.open(os.devnull, os.O_WRONLY), "test", record)
+    assert not os.path.exists(mark)
+
+
 def test_spawn_of_a_missing_program_is_a_node_fault():
     from slurm_charlie import asroot
     from slurm_charlie.errors import NodeFault
