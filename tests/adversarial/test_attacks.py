@@ -130,15 +130,13 @@ def test_own_validator_cannot_drain(cluster, lines, message):
     """Class 2: nothing the submit side checked is trusted by the prolog."""
     wd = cluster.workdir("adv-validator")
     conf = _private_conf(cluster, wd, lines)
-    p = cluster.as_user(["sbatch", "--wait", "--no-requeue", "-N1", "-o", "out",
-                         "--charlie-type=none", "--wrap", "echo ran"], wd,
-                        env={"SLURM_CONF": conf})
-    m = re.search(r"Submitted batch job (\d+)", p.stdout)
-    assert m, p.stdout + p.stderr
+    p, job = cluster.sbatch(wd, ["-N1", "-o", "out", "--charlie-type=none", "--wrap",
+                                 "echo ran"], env={"SLURM_CONF": conf})
+    assert job, p.stdout + p.stderr
     out = open(os.path.join(wd, "out")).read()
     assert p.returncode != 0 and "ran" not in out, out
     assert message in out, out
-    cluster.wait_done(m.group(1))
+    cluster.wait_done(job)
     settled(cluster)
 
 

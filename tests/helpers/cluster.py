@@ -69,10 +69,20 @@ class Cluster:
         return path
 
     def sbatch(self, cwd, args, env=None, timeout=120):
-        """sbatch --wait as the user; returns (proc, jobid or None)."""
-        p = self.as_user(["sbatch", "--wait", "--no-requeue", *args], cwd, env, timeout)
+        """Submit as the user and wait until the job has ended, its epilogs
+        too; returns (proc, jobid or None), proc.returncode being what
+        `sbatch --wait` gives: the job's exit status, 1 when a signal ended
+        it (sbatch.c, _job_wait).  Not `sbatch --wait` itself: it looks after
+        2, 10, 42, 74 s (its sleep grows 4x while under MinJobAge/2), so a
+        VM job of 12 s cost a test 42 s; this looks every 0.2 s."""
+        p = self.as_user(["sbatch", "--no-requeue", *args], cwd, env, 60)
         m = re.search(r"Submitted batch job (\d+)", p.stdout)
-        return p, (m.group(1) if m else None)
+        if p.returncode != 0 or not m:
+            return p, (m.group(1) if m else None)
+        info = self.wait_done(m.group(1), timeout)
+        status, signal = (int(x) for x in info["ExitCode"].split(":"))
+        p.returncode = 1 if signal else status
+        return p, m.group(1)
 
     def job(self, jobid: str) -> dict:
         out = self.run(["scontrol", "-o", "show", "job", jobid]).stdout

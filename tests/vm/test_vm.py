@@ -86,18 +86,28 @@ def test_batch_job_three_guests(cluster, guest):
 
 
 def test_exit_code_is_guest_zeros(cluster, guest):
+    """Guest 0's exit code is the job's.  The job asks --mem=700M: the guest
+    gets 700 MiB less vm.memory_overhead_mib (256) for QEMU (the
+    --charlie-mem case is in test_vm_steps.py)."""
     wd = cluster.workdir("vm-exit")
     img = image_copy(cluster, guest, wd)
     cluster.write(os.path.join(wd, "job.sh"),
-                  "#!/bin/sh\necho about to fail\necho bad >&2\nexit 7\n")
-    p, job = cluster.sbatch(wd, ["-N1", "-o", "out", "-e", "err",
+                  "#!/bin/sh\necho about to fail\necho bad >&2\n"
+                  "awk '/MemTotal/ {print \"MEM\", $2}' /proc/meminfo >&2\nexit 7\n")
+    p, job = cluster.sbatch(wd, ["-N1", "-w", "node2", "-o", "out", "-e", "err", "--mem=700M",
                                  f"--charlie-image={img}", "--charlie-job=job.sh",
                                  "--wrap", "true"])
     assert job, p.stderr
     assert p.returncode == 7, p.stderr
     assert open(os.path.join(wd, "out")).read().strip() == "about to fail"
-    assert "bad" in open(os.path.join(wd, "err")).read()
+    err = open(os.path.join(wd, "err")).read()
+    assert "bad" in err
     assert cluster.job(job)["ExitCode"] == "7:0"
+    log = open(os.path.join(cluster.sb.state, "log", "charlie-node2.log")).read()
+    seen = re.findall(rf"job {job}: info: guest 0 memory: (\d+) MiB \(([^)]*)\)", log)
+    assert seen == [("444", "the job's 700 MiB minus vm.memory_overhead_mib")]
+    kib = int(re.search(r"MEM (\d+)", err).group(1))
+    assert kib * 1024 <= 444 << 20, (kib, seen)
     assert_clean(cluster, job)
 
 
@@ -158,24 +168,30 @@ def test_interactive_salloc_and_console(cluster, guest):
 def test_commit_waits_for_other_users_of_the_image(cluster, guest):
     wd = cluster.workdir("vm-commit")
     img = image_copy(cluster, guest, wd)
-    # job B uses the image (no commit) and holds it for a while
+    # job B uses the image (no commit) and holds it until the test lets go
     b = cluster.as_user(["sbatch", "--no-requeue", "-N1", "-w", "node2", "-o", "b.out",
-                         f"--charlie-image={img}", "--charlie-interactive",
-                         "--wrap", "sleep 45"], wd)
+                         f"--charlie-image={img}", "--charlie-interactive", "--wrap",
+                         "while [ ! -e release-b ]; do sleep 0.2; done"], wd)
     job_b = re.search(r"Submitted batch job (\d+)", b.stdout).group(1)
     wait_for(lambda: any(os.path.exists(f"{d}/meta/sync/0.ready")
                          for d in cluster.job_dirs() if d.endswith(f"/{job_b}")),
              "job B's guest")
     cluster.write(os.path.join(wd, "job.sh"),
                   "#!/bin/sh\necho kept-by-commit > $HOME/marker\nsync\n")
-    try:
-        p, job_a = cluster.sbatch(wd, ["-N1", "-w", "node1", "-o", "a.out",
-                                       f"--charlie-image={img}", "--charlie-job=job.sh",
-                                       "--charlie-commit", "--wrap", "true"])
+    log1 = os.path.join(cluster.sb.state, "log", "charlie-node1.log")
+    a = cluster.as_user(["sbatch", "--parsable", "--no-requeue", "-N1", "-w", "node1",
+                         "-o", "a.out", f"--charlie-image={img}", "--charlie-job=job.sh",
+                         "--charlie-commit", "--wrap", "true"], wd)
+    assert a.returncode == 0, a.stderr
+    job_a = a.stdout.strip()
+    try:  # A's epilog tries to commit, and tries again, while B holds the image
+        wait_for(lambda: len(re.findall(rf"job {job_a}: .*qemu-img commit",
+                                        open(log1).read())) >= 2,
+                 "job A's commit to wait for job B")
     finally:
-        if not os.path.exists(os.path.join(wd, "a.out")):
-            cluster.run(["scancel", job_b])
-    assert p.returncode == 0, (p.stderr, open(os.path.join(wd, "a.out")).read())
+        cluster.write(os.path.join(wd, "release-b"), "")
+    a_end = cluster.wait_done(job_a, timeout=300)
+    assert a_end["ExitCode"] == "0:0", (a_end, open(os.path.join(wd, "a.out")).read())
     note = saved(wd, job_a, "0_commit.txt", timeout=180)
     assert note.startswith(f"guest 0: changes committed into {img}"), note
     b_end = cluster.wait_done(job_b, timeout=120)
@@ -395,197 +411,3 @@ def test_image_boot_loader_when_the_site_sets_no_kernel(cluster, guest):
     guest1 = saved(wd, job, "1_job.out")
     assert re.search(r"^BOOTED chgu1 1 ", guest1, re.M), guest1
     assert_clean(cluster, job)
-
-
-def test_guest_memory_follows_the_job_request(cluster, guest):
-    """sbatch --mem=700M: the guest gets 700 MiB less vm.memory_overhead_mib
-    (256) for QEMU; --charlie-mem overrides it (within the job's memory)."""
-    wd = cluster.workdir("vm-mem")
-    img = image_copy(cluster, guest, wd)
-    cluster.write(os.path.join(wd, "job.sh"),
-                  "#!/bin/sh\nawk '/MemTotal/ {print \"MEM\", $2}' /proc/meminfo\n")
-    seen = {}
-    for name, args in (("asked", ["--mem=700M"]), ("given", ["--mem=900M", "--charlie-mem=600M"])):
-        p, job = cluster.sbatch(wd, ["-N1", "-w", "node2", "-o", f"{name}.out", *args,
-                                     f"--charlie-image={img}", "--charlie-job=job.sh",
-                                     "--wrap", "true"])
-        assert p.returncode == 0, p.stderr
-        log = open(os.path.join(cluster.sb.state, "log", "charlie-node2.log")).read()
-        seen[name] = re.findall(rf"job {job}: info: guest 0 memory: (\d+) MiB \(([^)]*)\)", log)
-        kib = int(re.search(r"MEM (\d+)", open(os.path.join(wd, f"{name}.out")).read()).group(1))
-        assert kib * 1024 <= int(seen[name][0][0]) << 20, (kib, seen[name])
-        assert_clean(cluster, job)
-    assert seen["asked"] == [("444", "the job's 700 MiB minus vm.memory_overhead_mib")]
-    assert seen["given"] == [("600", "--charlie-mem")]
-
-
-def _cgroup_of(pid, controller):
-    for line in open(f"/proc/{pid}/cgroup"):
-        _, ctrls, path = line.rstrip("\n").split(":", 2)
-        if controller in ctrls.split(","):
-            return path
-    return None
-
-
-def _hms(text):
-    """Seconds of a Slurm time: [D-]HH:MM:SS[.mmm] or MM:SS.mmm."""
-    days, _, rest = text.rpartition("-")
-    parts = [float(x) for x in rest.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0.0)
-    return (int(days or 0) * 24 + parts[0]) * 3600 + parts[1] * 60 + parts[2]
-
-
-def _kib(text):
-    units = {"": 1 / 1024, "K": 1, "M": 1024, "G": 1 << 20}
-    m = re.fullmatch(r"([\d.]+)([KMG]?)", text)
-    return float(m.group(1)) * units[m.group(2)]
-
-
-def test_qemu_runs_inside_the_jobs_cgroup(cluster, guest):
-    """QEMU joins the job's memory and cpuacct cgroups (Slurm's own tree for
-    the job, as the extern step's task): the job's memory limit covers it,
-    and Slurm's own accounting (sstat of J.extern) reports the guest's CPU
-    time and memory."""
-    wd = cluster.workdir("vm-cgroup")
-    img = image_copy(cluster, guest, wd)
-    b = cluster.as_user(["sbatch", "--no-requeue", "-N1", "-w", "node3", "--mem=900M",
-                         "-o", "out", f"--charlie-image={img}", "--charlie-interactive",
-                         "--wrap", "sleep 60"], wd)
-    job = re.search(r"Submitted batch job (\d+)", b.stdout).group(1)
-    try:
-        wait_for(lambda: any(os.path.exists(f"{d}/meta/sync/0.ready")
-                             for d in cluster.job_dirs() if d.endswith(f"/{job}")),
-                 "the guest")
-        [pid] = qemu_pids(job)
-        uid = int(cluster.run(["id", "-u", USER]).stdout)
-        want = f"/slurm_node3/uid_{uid}/job_{job}/step_extern/task_0"
-        assert _cgroup_of(pid, "memory") == want
-        assert _cgroup_of(pid, "cpuacct") == want
-        job_cg = f"/sys/fs/cgroup/memory/slurm_node3/uid_{uid}/job_{job}"
-        assert int(open(f"{job_cg}/memory.limit_in_bytes").read()) == 900 << 20
-        rss = int(re.search(r"VmRSS:\s+(\d+) kB", open(f"/proc/{pid}/status").read())
-                  .group(1)) << 10
-        assert int(open(f"{job_cg}/step_extern/memory.usage_in_bytes").read()) >= rss // 2
-        assert int(open(f"{job_cg}/memory.usage_in_bytes").read()) >= rss // 2
-        cpu = int(open(f"/sys/fs/cgroup/cpuacct/slurm_node3/uid_{uid}/job_{job}"
-                       "/step_extern/cpuacct.usage").read())
-        assert cpu > 10**9  # a tcg boot costs seconds of CPU, all of it the job's
-        # Slurm's accounting: the extern step (PrologFlags=Contain) adopted
-        # the task cgroup QEMU sits in; jobacct_gather/cgroup reads its totals
-        assert "Contain" in cluster.sb.prolog_flags
-        def extern_line():  # the extern step starts once every prolog is done
-            return cluster.run(["sstat", "-a", "-n", "-P", "-j", f"{job}.extern",
-                                "-o", "JobID,AveCPU,MaxRSS"]).stdout.strip()
-        wait_for(lambda: extern_line().count("|") == 2, "the extern step in sstat")
-        line = extern_line()
-        jid, ave_cpu, max_rss = line.split("|")
-        assert jid == f"{job}.extern", line
-        assert _hms(ave_cpu) >= 1.0, line  # seconds of the boot, not the sleep's 0
-        assert _kib(max_rss) * 1024 >= rss // 2, (line, rss)  # not the sleep's ~1 MiB
-    finally:
-        cluster.run(["scancel", job])
-    assert_clean(cluster, job)
-    assert not os.path.exists(f"/sys/fs/cgroup/memory/slurm_node3/uid_{uid}/job_{job}")
-    log = open(os.path.join(cluster.sb.state, "log", "charlie-node3.log")).read()
-    assert re.search(rf"job {job}: info: in the job's cgroup, QEMU used [\d.]+ s CPU", log)
-
-
-SRUN_JOB = r"""#!/bin/sh
-echo "BATCH $(hostname)"
-cd "$1"
-srun -N3 -n6 sh -c 'echo "TASK $SLURM_PROCID $(hostname) $(uname -r) $(id -un) $(pwd) $CH_GUEST_ID"'
-echo "STEP-RC $?"
-srun -N1 -n1 sh -c 'echo "to stderr" >&2; exit 5'
-echo "FAIL-RC $?"
-echo "via stdin" | srun -N1 -n1 cat
-CHARLIE_ON_HOST=1 srun -N1 -n1 hostname | sed s/^/ONHOST-/
-srun -N1 -n1 /no/such/program
-echo "MISSING-RC $?"
-srun -N1 -n1 sh -c 'trap "echo GOT-USR1; exit 3" USR1; touch waiting; while :; do sleep 0.2; done' &
-pid=$!
-while [ ! -e waiting ]; do sleep 0.2; done
-kill -USR1 $pid
-wait $pid
-echo "SIGNAL-RC $?"
-"""
-
-
-def test_srun_tasks_run_in_the_guests(cluster, guest):
-    """The batch script stays on the host; every srun task runs in its
-    node's guest, as the user, in the share where the host had its working
-    directory; exit codes, stderr and stdin come back."""
-    wd = cluster.workdir("vm-srun")
-    img = image_copy(cluster, guest, wd)
-    share = os.path.join(wd, "data")
-    os.mkdir(share)
-    shutil.chown(share, USER, USER)
-    cluster.write(os.path.join(wd, "job.sh"), SRUN_JOB)
-    p, job = cluster.sbatch(wd, ["-N3", "--ntasks-per-node=2", "-o", "out", "-e", "err",
-                                 f"--charlie-image={img}", "--charlie-dir=data",
-                                 "job.sh", share])
-    assert job, p.stderr
-    out, err = open(os.path.join(wd, "out")).read(), open(os.path.join(wd, "err")).read()
-    assert p.returncode == 0, (out, err)
-    assert "BATCH node1" in out, out
-    host_kernel = os.uname().release
-    tasks = sorted(re.findall(r"^TASK (\d) (\S+) (\S+) (\S+) (\S+) (\d)$", out, re.M))
-    assert [(t[0], t[1], t[3], t[4], t[5]) for t in tasks] == [
-        (str(i), f"chgu{i // 2}", USER, "/ch/data1", str(i // 2)) for i in range(6)], out
-    assert all(t[2] != host_kernel for t in tasks), (host_kernel, out)
-    assert "STEP-RC 0" in out and "FAIL-RC 5" in out, out
-    assert "to stderr" in err
-    assert "via stdin" in out
-    assert "ONHOST-node1" in out, out
-    assert "MISSING-RC 127" in out and "cannot run /no/such/program in guest chgu0" in err
-    assert "GOT-USR1" in out and "SIGNAL-RC 3" in out, out  # srun's signal, in the guest
-    assert_clean(cluster, job)
-
-
-MPICH_RUNS = 20
-MPICH_JOB = r"""#!/bin/sh
-ok=0
-for i in $(seq 1 %d); do
-    if timeout 120 srun --mpi=pmi2 -N3 -n6 /usr/local/bin/mpi_allreduce.mpich > run.$i 2>&1 \
-        && [ "$(grep -c ' of 6 on chgu. sum 6$' run.$i)" = 6 ]; then
-        ok=$((ok + 1))
-    else
-        echo "RUN $i FAILED"; cat run.$i
-    fi
-done
-echo "MPICH-OK $ok"
-""" % MPICH_RUNS
-
-
-def test_srun_mpich_over_pmi2_in_guests(cluster, guest):
-    """MPICH ranks in the guests wire up through Slurm's own PMI2 server
-    (the relay carries PMI_FD): 3 guests x 2 ranks, every run correct."""
-    wd = cluster.workdir("vm-mpich")
-    img = image_copy(cluster, guest, wd)
-    cluster.write(os.path.join(wd, "job.sh"), MPICH_JOB)
-    p, job = cluster.sbatch(wd, ["-N3", "--ntasks-per-node=2", "-o", "out", "-e", "err",
-                                 f"--charlie-image={img}", "job.sh"], timeout=MPICH_RUNS * 150)
-    assert job, p.stderr
-    out, err = open(os.path.join(wd, "out")).read(), open(os.path.join(wd, "err")).read()
-    assert f"MPICH-OK {MPICH_RUNS}" in out, (out, err)
-    assert p.returncode == 0, (out, err)
-    assert_clean(cluster, job)
-
-
-def test_scancel_while_a_step_runs_in_the_guests(cluster, guest):
-    wd = cluster.workdir("vm-srun-cancel")
-    img = image_copy(cluster, guest, wd)
-    share = os.path.join(wd, "data")
-    os.mkdir(share)
-    shutil.chown(share, USER, USER)
-    b = cluster.as_user(["sbatch", "--no-requeue", "-N3", "--ntasks-per-node=2", "-o", "out",
-                         f"--charlie-image={img}", "--charlie-dir=data", "--wrap",
-                         "cd data && srun -N3 -n6 sh -c 'touch started.$SLURM_PROCID; "
-                         "exec sleep 300'"], wd)
-    job = re.search(r"Submitted batch job (\d+)", b.stdout).group(1)
-    wait_for(lambda: len([f for f in os.listdir(share) if f.startswith("started.")]) == 6,
-             "six tasks running in the guests", BOOT_TIMEOUT)
-    cluster.run(["scancel", job], check=True)
-    assert_clean(cluster, job)
-    for node in ("node1", "node2", "node3"):
-        assert "drain" not in cluster.sb.node_states()[node]
