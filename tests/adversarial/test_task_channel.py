@@ -77,8 +77,19 @@ HOSTILE = {
 
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_frames_harm_nothing(name):
+    """The hostile connection stays open (nothing waits for a reply that
+    never comes) while an honest task runs, and after it is closed."""
     with agent_harness() as g:
-        _send_raw(g["tasks"], HOSTILE[name])
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(g["tasks"])
+        try:
+            s.sendall(HOSTILE[name])
+            time.sleep(0.3)
+            assert g["agent"].poll() is None, g["agent"].stderr.read()
+            assert g["mux"].poll() is None
+            _honest_task_runs(g)
+        finally:
+            s.close()
         time.sleep(0.3)
         assert g["agent"].poll() is None, g["agent"].stderr.read()
         assert g["mux"].poll() is None

@@ -173,9 +173,8 @@ def test_commit_waits_for_other_users_of_the_image(cluster, guest):
                          f"--charlie-image={img}", "--charlie-interactive", "--wrap",
                          "while [ ! -e release-b ]; do sleep 0.2; done"], wd)
     job_b = re.search(r"Submitted batch job (\d+)", b.stdout).group(1)
-    wait_for(lambda: any(os.path.exists(f"{d}/meta/sync/0.ready")
-                         for d in cluster.job_dirs() if d.endswith(f"/{job_b}")),
-             "job B's guest")
+    # B's QEMU holds the image from its start: A boots meanwhile
+    wait_for(lambda: qemu_pids(job_b), "job B's QEMU")
     cluster.write(os.path.join(wd, "job.sh"),
                   "#!/bin/sh\necho kept-by-commit > $HOME/marker\nsync\n")
     log1 = os.path.join(cluster.sb.state, "log", "charlie-node1.log")
