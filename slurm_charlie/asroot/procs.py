@@ -51,16 +51,17 @@ def _start_gated(full: list[str], exe: str, role: str, owner: User,
     try:
         record(rec)
         os.write(gate_w, b"go\n")
-    except BrokenPipeError:
-        # the gate runs as the job user, who killed it before root's line:
-        # the job's doing, not the node's; the program never ran
+    except BaseException as e:
+        # the program never ran.  The gate is root's own child, not yet
+        # reaped (the pid is still it): killed, as the user may have
+        # stopped it, and waiting for a stopped gate would hang the hook
         os.close(gate_w)
+        proc.kill()
         proc.wait()
-        raise UserError(role, "ended before it could start (killed by its user?)",
-                        proc.pid, hint="the job fails, the node stays in service") from None
-    except BaseException:
-        os.close(gate_w)
-        proc.wait()
+        if isinstance(e, BrokenPipeError):  # the user killed their gate first
+            raise UserError(role, "ended before it could start (killed by its user?)",
+                            proc.pid, hint="the job fails, the node stays in "
+                            "service") from None
         raise
     os.close(gate_w)
     return proc, rec

@@ -261,6 +261,22 @@ def test_the_user_killing_the_gate_before_it_opens_fails_only_the_job(shared_dir
     assert not os.path.exists(mark)
 
 
+def test_a_stopped_gate_does_not_hang_a_failed_record(shared_dir):
+    """The user stops their gate, then root's record fails: root kills its
+    own child instead of waiting for a process that never ends."""
+    import signal
+    from slurm_charlie import asroot
+
+    def record(rec):
+        os.kill(rec.pid, signal.SIGSTOP)
+        raise OSError("record not written")
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="record not written"):
+        asroot.spawn(_nobody(), ["/bin/sleep", "60"], os.open(os.devnull, os.O_WRONLY),
+                     "test", record)
+    assert time.monotonic() - t0 < 30
+
+
 def test_spawn_of_a_missing_program_is_a_node_fault():
     from slurm_charlie import asroot
     from slurm_charlie.errors import NodeFault
