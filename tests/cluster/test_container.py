@@ -94,7 +94,8 @@ def test_another_jobs_end_leaves_my_container_alone(cluster, images):
     wd = cluster.workdir("container-two-jobs")
     p = cluster.as_user(["sbatch", "--parsable", "--no-requeue", "-N1", "-n1",
                          "-w", "node1", f"--charlie-image={images['bb']}", "-o", "a.out",
-                         "--wrap", "sleep 12; srun cat /MARKER"], wd)
+                         "--wrap", "while [ ! -e b-done ]; do sleep 0.1; done; "
+                         "srun cat /MARKER"], wd)
     assert p.returncode == 0, p.stderr
     job_a = p.stdout.strip()
     end = time.monotonic() + 30
@@ -106,7 +107,8 @@ def test_another_jobs_end_leaves_my_container_alone(cluster, images):
                                    f"--charlie-image={images['bb']}", "-o", "b.out",
                                    "--wrap", "srun cat /MARKER"])
     assert p.returncode == 0, p.stderr
-    cluster.wait_done(job_b)
+    cluster.wait_done(job_b)  # B has ended (epilog included) while A ran
+    cluster.write(os.path.join(wd, "b-done"), "")
     info = cluster.wait_done(job_a, timeout=60)
     out = open(os.path.join(wd, "a.out")).read()
     assert info["JobState"] == "COMPLETED" and "inside-the-image" in out, (info, out)
