@@ -3,8 +3,10 @@ job's cgroup and memory, and scancel while a step runs.  The checks that
 only look share one -N3 job's guests (booting three tcg guests costs tens
 of seconds each time); the last test ends the job with scancel.
 
-The job: -N3, 2 tasks per node, --mem=2048M and --charlie-mem=1500M, a data
-share; its batch script stays on node1 and sleeps.  (QEMU with tcg needs
+The job: -N3, 2 tasks per node, --mem=2048M, --charlie-mem=1500M and
+--charlie-cpus=1 (one vCPU boots in 20 s where two took 34 s: three tcg
+guests share two cores), a data share; its batch script stays on node1 and
+sleeps.  (QEMU with tcg needs
 far more than the guest's memory once MPI has run a while -- its
 translation cache -- so a 600 MiB guest under a 900 MiB job limit was
 killed by the job's own cgroup after a dozen MPICH runs.)  Steps are started from
@@ -38,7 +40,7 @@ def shared(cluster, guest):
     shutil.chown(share, USER, USER)
     cluster.write(os.path.join(wd, "batch.sh"), BATCH)
     p = cluster.as_user(["sbatch", "--parsable", "--no-requeue", "-N3",
-                         "--ntasks-per-node=2", "--mem=2048M", "--charlie-mem=1500M",
+                         "--ntasks-per-node=2", "--mem=2048M", "--charlie-mem=1500M", "--charlie-cpus=1",
                          "-o", "out", "-e", "err", f"--charlie-image={img}",
                          "--charlie-dir=data", "batch.sh"], wd)
     assert p.returncode == 0, p.stderr
@@ -127,19 +129,22 @@ def test_srun_mpich_over_pmi2_in_guests(cluster, shared):
     assert p.returncode == 0, (p.stdout, p.stderr)
 
 
-def test_guest_memory_given_within_the_job_request(cluster, shared):
-    """--mem=2048M --charlie-mem=1500M: the guest gets the 1500 MiB asked for
-    (within the job's memory; the job's request less the overhead is
+def test_guest_size_given_within_the_job_request(cluster, shared):
+    """--mem=2048M --charlie-mem=1500M --charlie-cpus=1: the guest gets the
+    1500 MiB and the one CPU asked for (within the job's allocation; the
+    job's request less the overhead is
     tests/vm/test_vm.py::test_exit_code_is_guest_zeros)."""
     for node in ("node1", "node2", "node3"):
         log = open(os.path.join(cluster.sb.state, "log", f"charlie-{node}.log")).read()
         seen = re.findall(rf"job {shared.job}: info: guest \d memory: (\d+) MiB \(([^)]*)\)",
                           log)
         assert seen == [("1500", "--charlie-mem")], (node, seen)
-    p = _in_job(cluster, shared, ["srun", "-N3", "-n3", "awk", "/MemTotal/ {print \"MEM\", $2}",
+    p = _in_job(cluster, shared, ["srun", "-N3", "-n3", "sh", "-c",
+                                  "echo CPUS $(nproc); awk '/MemTotal/ {print \"MEM\", $2}' "
                                   "/proc/meminfo"])
     kib = [int(k) for k in re.findall(r"MEM (\d+)", p.stdout)]
     assert len(kib) == 3 and all(k * 1024 <= 1500 << 20 for k in kib), (p.stdout, p.stderr)
+    assert re.findall(r"CPUS (\d+)", p.stdout) == ["1", "1", "1"], (p.stdout, p.stderr)
 
 
 def _cgroup_of(pid, controller):
