@@ -198,9 +198,10 @@ def wait_until_ready(proc: subprocess.Popen, ready: Callable[[], bool], timeout:
             return EXITED
         if ready():
             return READY
-        extra = also() if also is not None else None
-        if extra and extra not in watches:
-            watches[extra] = _StoppedFor(extra, grace)
+        if also is not None and len(watches) == 1:  # looked for until found
+            extra = also()
+            if extra and extra != proc.pid:
+                watches[extra] = _StoppedFor(extra, grace)
         if any(w.expired() for w in watches.values()):
             outcome = STOPPED
         elif time.monotonic() > deadline:
