@@ -108,3 +108,12 @@ def ns_inode(pid: int | str, ns: str) -> int | None:
         return os.stat(f"/proc/{pid}/ns/{ns}").st_ino
     except OSError:
         return None
+
+
+def children(pid: int | str) -> list[int]:
+    """pid's children (its main thread's), [] when gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(k) for k in f.read().split()]
+    except (OSError, ValueError):
+        return []

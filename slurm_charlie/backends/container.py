@@ -26,7 +26,7 @@ from ..options import Options
 from .. import asroot, config, files, images, layout, procfs
 from ..meta import MOUNT_POINTS
 from ..proc import call_as, log, run, slurm_tool
-from ..procfs import fd_targets, ns_inode, starttime
+from ..procfs import children, fd_targets, ns_inode, starttime
 from .base import Backend, Context
 
 HOLDER_FIFO = ".holder"
@@ -548,27 +548,18 @@ class ContainerBackend(Backend):
 
 def _only_child(pid: int) -> int | None:
     """pid's one child (ch-run's container process), None while it has none."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = f.read().split()
-    except OSError:
-        return None
-    return int(kids[0]) if len(kids) == 1 else None
+    kids = children(pid)
+    return kids[0] if len(kids) == 1 else None
 
 
 def _squashfuse_of(pid: int) -> int | None:
     """The overlay's squashfuse: the child of pid (the overlay script, then
     the holder it becomes) that runs squashfuse, None before it starts."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = f.read().split()
-    except OSError:
-        return None
-    for kid in kids:
+    for kid in children(pid):
         try:
             with open(f"/proc/{kid}/comm") as f:
                 if f.read().strip() == "squashfuse":
-                    return int(kid)
+                    return kid
         except OSError:
             continue
     return None
