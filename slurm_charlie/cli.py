@@ -167,6 +167,14 @@ def cmd_vm_initrd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vm_kernel(args: argparse.Namespace) -> int:
+    from . import vmbuild
+    kind = vmbuild.extract_kernel(args.kernel, args.out)
+    print(f"{PROG}: wrote {args.out} (the {kind}-compressed kernel of {args.kernel}, "
+          "uncompressed: set vm.kernel to it)", file=sys.stderr)
+    return 0
+
+
 def cmd_ssh_proxy(args: argparse.Namespace) -> int:
     from . import vmtools
     return vmtools.ssh_proxy(args.socket)
@@ -297,6 +305,13 @@ def build_parser(validate_only: bool = False) -> argparse.ArgumentParser:
     vi.add_argument("--out", required=True)
     vi.add_argument("--busybox", default="/bin/busybox", help="a static busybox")
     vi.set_defaults(func=cmd_vm_initrd)
+
+    vk = sub.add_parser("vm-kernel", help="write the guest kernel uncompressed "
+                        "(vm.kernel): QEMU boots it through its PVH entry, seconds "
+                        "faster under software emulation")
+    vk.add_argument("kernel", help="the guest's vmlinuz (a bzImage)")
+    vk.add_argument("--out", required=True)
+    vk.set_defaults(func=cmd_vm_kernel)
 
     gw = sub.add_parser("guest-wait", help="(batch step of a VM job) show guest "
                         "N's job output and exit with its exit code")

@@ -97,7 +97,8 @@ DEFAULTS: tuple[Key, ...] = (
         ("kvm", "tcg")),
     Key("vm.cpu_model", "", str,
         "QEMU -cpu model; empty: 'host' with kvm, 'max' with tcg"),
-    Key("vm.kernel", "", str, "guest kernel for direct boot (empty: boot the "
+    Key("vm.kernel", "", str, "guest kernel for direct boot: a vmlinuz, or the "
+        "faster-booting vmlinux slurm-charlie vm-kernel writes (empty: boot the "
         "image's own boot loader)"),
     Key("vm.initrd", "", str, "guest initrd for direct boot (slurm-charlie vm-initrd)"),
     Key("vm.tmp_size_mib", 2048, int, "default size of /ch/tmp in each guest"),

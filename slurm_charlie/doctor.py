@@ -162,13 +162,33 @@ def _kvm(cfg: config.Config) -> Result:
     return "ok", "/dev/kvm usable by users", None
 
 
+def _vm_kernel(cfg: config.Config) -> Result:
+    """Under tcg a compressed kernel costs seconds of every boot."""
+    kernel = cfg["vm.kernel"]
+    if not kernel:
+        return "ok", "vm.kernel empty: guests boot their own boot loader", None
+    from .vmbuild import kernel_is_compressed
+    compressed = kernel_is_compressed(kernel)
+    if compressed is None:
+        return "FAIL", f"vm.kernel {kernel} is neither a bzImage nor an ELF kernel " \
+            "(or unreadable)", "point vm.kernel at the guest's vmlinuz or vmlinux"
+    if compressed and cfg["vm.accel"] == "tcg":
+        return "warn", f"vm.kernel {kernel} is compressed: under tcg every guest " \
+            "spends seconds decompressing it", \
+            f"slurm-charlie vm-kernel {kernel} --out <dir>/vmlinux, then set " \
+            "vm.kernel to it (docs/vm.rst, \"Boot time\")"
+    return "ok", f"vm.kernel {kernel} is " + (
+        "compressed (decompression is quick with KVM)" if compressed
+        else "uncompressed (PVH boot)"), None
+
+
 def _probe(cfg: config.Config, node: str) -> Result:
     if not cfg["vm.kernel"]:
         return "ok", "vm.kernel empty: guests boot their own boot loader (no probe)", None
     qemu = shutil.which(cfg["vm.qemu"])
     if qemu is None:
         return "FAIL", "no QEMU to probe with", None
-    from .backends.vm import probe_boot
+    from .backends.vm.probe import probe_boot
     try:
         probe_boot(cfg, qemu)
     except CharlieError as e:
@@ -256,6 +276,7 @@ def checks(cfg: config.Config, node: str) -> list[tuple[str, Callable[[], Result
         ("qemu-img", lambda: _program(cfg, "vm.qemu_img", "qemu-utils")),
         ("/dev/kvm", lambda: _kvm(cfg)),
         ("job network", lambda: _job_network(cfg, node)),
+        ("guest kernel", lambda: _vm_kernel(cfg)),
         ("accel/CPU probe", lambda: _probe(cfg, node)),
         ("MPI plugins", lambda: _mpi(cfg)),
         ("leftovers", lambda: _leftovers(cfg, node)),

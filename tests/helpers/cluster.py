@@ -41,7 +41,8 @@ class Cluster:
 
     # -- running things -------------------------------------------------------
     def run(self, argv, check=False, **kw):
-        return subprocess.run(argv, capture_output=True, text=True, env=self.env,
+        kw.setdefault("env", self.env)
+        return subprocess.run(argv, capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, check=check, **kw)
 
     def as_user(self, argv, cwd, env=None, timeout=120):

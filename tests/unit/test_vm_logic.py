@@ -124,3 +124,69 @@ def test_kept_overlay_never_overwrites_an_earlier_one(tmp_path):
                                         "job7-chgu0.overlay.qcow2"]
     assert (kept / "job7-chgu0.overlay.qcow2").read_text() == "changes 0"
     assert dst.endswith("job7-chgu0.2.overlay.qcow2")
+
+
+# -- slurm-charlie vm-kernel: the ELF kernel out of a bzImage ----------------
+
+def _elf(pvh: bool) -> bytes:
+    """A minimal 64-bit ELF file with one PT_NOTE segment: Xen's PVH entry
+    note (type 18) or another one."""
+    import struct
+    name = b"Xen\0"
+    note = struct.pack("<III", len(name), 4, 18 if pvh else 5) + name + b"\0\0\0\x01"
+    phoff, phentsize = 64, 56
+    note_off = phoff + phentsize
+    header = (b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+              + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x1000000, phoff, 0, 0, 64,
+                            phentsize, 1, 64, 0, 0))
+    phdr = struct.pack("<IIQQQQQQ", 4, 4, note_off, 0, 0, len(note), len(note), 4)
+    return header + phdr + note + b"kernel text" * 100
+
+
+def _bzimage(payload: bytes, setup_sects: int = 3, version: int = 0x20f) -> bytes:
+    import struct
+    setup = bytearray((setup_sects + 1) * 512)
+    setup[0x1f1] = setup_sects
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", setup, 0x206, version)
+    offset = 0x3c0  # the decompressor's own code comes first
+    struct.pack_into("<II", setup, 0x248, offset, len(payload))
+    return bytes(setup) + bytes(offset) + payload + b"\x00\x10\x00\x00trailer"
+
+
+@pytest.mark.parametrize("kind", ["xz", "gzip", "bzip2", "lzma"])
+def test_vm_kernel_extracts_the_elf_kernel(tmp_path, kind):
+    import bz2
+    import gzip as gz
+    import lzma
+    elf = _elf(pvh=True)
+    packed = {"xz": lambda b: lzma.compress(b, format=lzma.FORMAT_XZ),
+              "gzip": gz.compress, "bzip2": bz2.compress,
+              "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE)}[kind](elf)
+    src, out = tmp_path / "vmlinuz", tmp_path / "vmlinux"
+    src.write_bytes(_bzimage(packed))
+    assert vmbuild.kernel_is_compressed(str(src)) is True
+    assert vmbuild.extract_kernel(str(src), str(out)) == kind
+    assert out.read_bytes() == elf
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert vmbuild.kernel_is_compressed(str(out)) is False
+    # an ELF kernel given again is kept as it is
+    assert vmbuild.extract_kernel(str(out), str(tmp_path / "again")) == "none"
+
+
+def test_vm_kernel_refuses_what_qemu_could_not_boot(tmp_path):
+    import lzma
+    src, out = tmp_path / "vmlinuz", tmp_path / "vmlinux"
+    src.write_bytes(_bzimage(lzma.compress(_elf(pvh=False))))
+    with pytest.raises(UserError, match="no PVH entry point") as e:
+        vmbuild.extract_kernel(str(src), str(out))
+    assert "CONFIG_PVH" in e.value.hint and not out.exists()
+    for data, what in ((b"just some file" * 100, "neither an ELF kernel nor a bzImage"),
+                       (_bzimage(b"\x00" * 64), "not one this knows"),
+                       (_bzimage(b"\xfd7zXZ\x00garbage"), "does not decompress"),
+                       (_bzimage(b"", version=0x206), "too old")):
+        src.write_bytes(data)
+        with pytest.raises(UserError, match=what):
+            vmbuild.extract_kernel(str(src), str(out))
+        assert not out.exists()
+    assert vmbuild.kernel_is_compressed(str(tmp_path / "missing")) is None

@@ -381,6 +381,55 @@ def test_cpu_model_the_node_cannot_run_drains_it(cluster, guest):
     assert_clean(cluster, job)
 
 
+def test_direct_boot_takes_the_kernel_compressed_or_not(cluster, guest):
+    """The sandbox boots its guests from the uncompressed kernel `make
+    guest` writes with `slurm-charlie vm-kernel` (QEMU's PVH entry); the
+    distribution's bzImage still boots directly as well: both reach the
+    probe's kernel panic under the sandbox's QEMU, as `nobody`."""
+    from slurm_charlie import config, vmbuild
+    from slurm_charlie.backends.vm.probe import probe_boot
+    cfg = config.load(path=cluster.sb.charlie_conf)
+    assert vmbuild.kernel_is_compressed(cfg["vm.kernel"]) is False, cfg["vm.kernel"]
+    assert vmbuild.has_pvh_entry(open(cfg["vm.kernel"], "rb").read())
+    bz = os.path.join(cluster.sb.state, "vm", "vmlinuz-compressed")  # nobody reads it
+    shutil.copyfile(os.path.join(os.path.dirname(guest), "vmlinuz"), bz)
+    try:
+        os.chmod(bz, 0o644)
+        assert vmbuild.kernel_is_compressed(bz) is True
+        for kernel in (bz, cfg["vm.kernel"]):
+            probe_boot(config.parse(f'[vm]\naccel = "tcg"\nkernel = "{kernel}"\n'),
+                       shutil.which("qemu-system-x86_64"))
+    finally:
+        os.unlink(bz)
+
+
+def test_doctor_passes_on_the_sandbox_and_names_a_slow_kernel(cluster, guest):
+    """`slurm-charlie doctor` on a sandbox node: every check passes,
+    including the real probe boot; a compressed kernel under tcg is a
+    warning whose fix is `slurm-charlie vm-kernel`."""
+    cmd = [cluster.sb.charlie_bin(), "doctor", "--node", "node1"]
+    p = cluster.run(cmd, timeout=300)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "0 checks failed" in p.stdout, p.stdout
+    assert re.search(r"^ok    guest kernel: .* is uncompressed \(PVH boot\)$", p.stdout, re.M)
+    assert re.search(r"^ok    accel/CPU probe: the guest kernel boots with -accel tcg$",
+                     p.stdout, re.M), p.stdout
+    conf = os.path.join(cluster.sb.state, "etc", "charlie-doctor-test.toml")
+    bz = os.path.join(os.path.dirname(guest), "vmlinuz")
+    text = re.sub(r'(?m)^kernel = .*$', f'kernel = "{bz}"', open(cluster.sb.charlie_conf).read())
+    assert bz in text
+    with open(conf, "w") as f:
+        f.write(text)
+    try:
+        p = cluster.run(cmd, timeout=300, env={**cluster.env, "SLURM_CHARLIE_CONF": conf})
+    finally:
+        os.unlink(conf)
+    assert re.search(rf"^warn  guest kernel: vm.kernel {re.escape(bz)} is compressed: "
+                     r"under tcg every guest spends seconds decompressing it\n"
+                     rf"      fix: slurm-charlie vm-kernel {re.escape(bz)} --out ", p.stdout,
+                     re.M), p.stdout
+
+
 def test_image_boot_loader_when_the_site_sets_no_kernel(cluster, guest):
     """vm.kernel unset: QEMU boots the image's own boot loader (extlinux in
     guest-boot.qcow2, with a kernel and slurm-charlie's initrd inside); each
