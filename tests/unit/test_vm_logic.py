@@ -150,18 +150,23 @@ def _bzimage(payload: bytes, setup_sects: int = 3, version: int = 0x20f) -> byte
     setup[0x202:0x206] = b"HdrS"
     struct.pack_into("<H", setup, 0x206, version)
     offset = 0x3c0  # the decompressor's own code comes first
-    struct.pack_into("<II", setup, 0x248, offset, len(payload))
-    return bytes(setup) + bytes(offset) + payload + b"\x00\x10\x00\x00trailer"
+    struct.pack_into("<II", setup, 0x248, offset, len(payload) + 4)
+    # the kernel's build appends the decompressed size (4 bytes) to the payload
+    return bytes(setup) + bytes(offset) + payload + b"\x00\x10\x00\x00" + b"rest of image"
 
 
-@pytest.mark.parametrize("kind", ["xz", "gzip", "bzip2", "lzma"])
+@pytest.mark.parametrize("kind", ["xz", "gzip", "bzip2", "lzma", "zstd"])
 def test_vm_kernel_extracts_the_elf_kernel(tmp_path, kind):
     import bz2
     import gzip as gz
     import lzma
     elf = _elf(pvh=True)
+
+    def zstd(b):  # Debian 13's kernels: the zstd program (make deps installs it)
+        return subprocess.run(["zstd", "-q", "-c"], input=b, capture_output=True,
+                              check=True).stdout
     packed = {"xz": lambda b: lzma.compress(b, format=lzma.FORMAT_XZ),
-              "gzip": gz.compress, "bzip2": bz2.compress,
+              "gzip": gz.compress, "bzip2": bz2.compress, "zstd": zstd,
               "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE)}[kind](elf)
     src, out = tmp_path / "vmlinuz", tmp_path / "vmlinux"
     src.write_bytes(_bzimage(packed))
