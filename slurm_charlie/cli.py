@@ -97,12 +97,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"# {root}: {len(jobs)} job director{'y' if len(jobs) == 1 else 'ies'}")
     records = asroot.Records(root) if os.geteuid() == 0 else None
     for job in jobs:
+        used = ""
         if records is not None:  # root: its own record, not the user's file
             rec = records.read(job)
             st = {"type": rec.type, "phase": rec.phase} if rec else {}
+            u = asroot.cgroup_usage(node, rec.uid, job) if rec else {}
+            if u:  # what root started for the job, from its cgroup
+                used = (f"\tcpu={u.get('cpu_ns', 0) / 1e9:.1f}s"
+                        f"\tmem_peak={u.get('memory_peak', 0) >> 20}MiB")
         else:
             st = state.read(layout.JobPaths(root, job).state) or {}
-        print(f"{job}\ttype={st.get('type', '?')}\tphase={st.get('phase', '?')}")
+        print(f"{job}\ttype={st.get('type', '?')}\tphase={st.get('phase', '?')}{used}")
     kept = cfg.kept_dir(node)
     try:
         users = sorted(os.listdir(kept))

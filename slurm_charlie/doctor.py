@@ -68,21 +68,52 @@ def _pidfd() -> Result:
     return "ok", "pidfd_open and pidfd_send_signal work", None
 
 
-def _cgroups() -> Result:
-    try:
-        with open("/proc/mounts") as f:
-            kinds = {line.split()[2] for line in f if "cgroup" in line.split()[2]}
-    except OSError as e:
-        return "warn", f"/proc/mounts: {e.strerror}", None
+def _cgroups(node: str) -> Result:
+    """The layout Slurm uses here, what its configuration says, and what is
+    missing for root's processes to be bounded by the job's limits."""
+    conf = asroot.slurm_cgroup_conf()
+    lay = asroot.cgroup_layout(node)
+    fs = asroot.cgroup_filesystem(conf.get("cgroupmountpoint") or lay.mnt)
     slurm = _slurm_config()
     plugins = " ".join(f"{k}={slurm.get(k, '?')}" for k in
                        ("ProctrackType", "TaskPlugin", "JobAcctGatherType"))
-    version = "v2" if kinds == {"cgroup2"} else "v1" if "cgroup" in kinds else "none"
-    if "cgroup" not in slurm.get("ProctrackType", ""):
-        return "warn", f"cgroup {version}; Slurm: {plugins}", \
-            "use proctrack/cgroup, task/cgroup and jobacct_gather/cgroup so that " \
-            "Slurm confines and accounts every job (see the admin guide)"
-    return "ok", f"cgroup {version}; Slurm: {plugins}", None
+    said = f"mounts: {fs}; cgroup.conf: CgroupPlugin={conf.get('cgroupplugin', 'autodetect')}"
+    flags = slurm.get("PrologFlags", "")
+    if "runinjob" in flags.lower():
+        return "FAIL", f"PrologFlags={flags}: the prolog runs inside the extern step, " \
+            "whose end kills what it starts before the epilog can power guests off and " \
+            "commit", "remove RunInJob from PrologFlags (Alloc,Contain is what " \
+            "slurm-charlie expects; admin guide, \"cgroup v1 and v2\")"
+    if lay.name == "none":
+        if "cgroup" not in slurm.get("ProctrackType", "") and fs != "none":
+            return "warn", f"{said}; Slurm keeps no cgroups: {plugins}", \
+                "use proctrack/cgroup, task/cgroup and jobacct_gather/cgroup so that " \
+                "Slurm confines and accounts every job (see the admin guide)"
+        return "FAIL" if "cgroup" in slurm.get("ProctrackType", "") else "warn", \
+            f"{said}; no usable layout ({lay.why})", \
+            "set CgroupPlugin in cgroup.conf to what the node mounts (cgroup/v2 on a " \
+            "cgroup2-only node, cgroup/v1 on a v1 or hybrid one)"
+    roots = lay.roots()
+    if not roots:
+        return "warn", f"{said}; layout {lay.name}, but Slurm's tree is not there yet " \
+            f"({plugins})", "start slurmd (it makes the tree) with proctrack/cgroup; " \
+            "then run doctor again"
+    if lay.name == "v2":
+        missing = []
+        try:
+            with open(os.path.join(roots[0], "cgroup.subtree_control")) as f:
+                enabled = f.read().split()
+        except OSError:
+            enabled = []
+        missing = [c for c in ("memory", "cpu", "cpuset") if c not in enabled]
+        if missing:
+            return "warn", f"{said}; v2 scope {roots[0]} does not enable " + \
+                ", ".join(missing) + " below the jobs (their limits do not hold)", \
+                "EnableControllers=yes in cgroup.conf (Slurm 24.11), or enable them in " \
+                "every parent's cgroup.subtree_control, then restart slurmd"
+        return "ok", f"{said}; layout v2, scope {roots[0]} (root's processes go to " \
+            f"job_J/{lay.leaf}); {plugins}", None
+    return "ok", f"{said}; layout v1, Slurm's tree {' '.join(roots)}; {plugins}", None
 
 
 def _slurm_config() -> dict[str, str]:
@@ -212,8 +243,31 @@ def _mpi(cfg: config.Config) -> Result:
         return "warn", f"srun --mpi=list does not offer {want}", \
             "install Slurm's MPI plugins or change container.default_mpi (FAQ: MPI " \
             "ranks all say \"rank 0 of 1\")"
+    if "pmix" in offered:
+        fence = _mpi_conf().get("pmixcollfence", "mixed (the default)")
+        if fence.lower() != "ring":
+            return "warn", f"PMIx: PMIxCollFence={fence}", \
+                "PMIxCollFence=ring in mpi.conf beside slurm.conf, then restart slurmd: " \
+                "with the mixed fence one node can leave Open MPI's MPI_Init barrier " \
+                "while others are still in its data fence, and about 1 run in 20-100 " \
+                "segfaults (admin guide, \"MPI\")"
     return "ok", "srun --mpi=list offers " + ", ".join(dict.fromkeys(
         w for w in offered if w in ("pmi2", "pmix", "pmix_v4", "pmix_v5"))), None
+
+
+def _mpi_conf() -> dict[str, str]:
+    """mpi.conf beside $SLURM_CONF, keys lower-cased; {} without."""
+    conf = os.environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
+    out = {}
+    try:
+        with open(os.path.join(os.path.dirname(conf), "mpi.conf")) as f:
+            for line in f:
+                key, eq, value = line.split("#", 1)[0].strip().partition("=")
+                if eq:
+                    out[key.strip().lower()] = value.strip()
+    except OSError:
+        pass
+    return out
 
 
 def _leftovers(cfg: config.Config, node: str) -> Result:
@@ -267,7 +321,7 @@ def checks(cfg: config.Config, node: str) -> list[tuple[str, Callable[[], Result
         ("root's records", lambda: _records(cfg, node)),
         ("background prolog", lambda: _background(node)),
         ("pidfd", _pidfd),
-        ("cgroups", _cgroups),
+        ("cgroups", lambda: _cgroups(node)),
         ("ch-run", lambda: _program(cfg, "container.runtime", "charliecloud-runtime")),
         ("user namespaces", lambda: _userns(cfg)),
         ("/dev/fuse", _fuse),

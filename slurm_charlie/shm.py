@@ -33,7 +33,7 @@ def user_busy_elsewhere(root: str, job_id: str, uid: int, node: str) -> str | No
     Returns why (for the log), None when not.  Another charlie job here; or,
     where Slurm keeps cgroups, any live process of the user outside this
     job's cgroups (a plain job of theirs, a login session).  A process in
-    another slurmd's tree (its cgroups under slurm_<other node>, or its
+    another slurmd's tree (its cgroups in another node's Slurm tree, or its
     parents lead to another slurmd: several slurmd on one host, as in the
     sandbox) is not this node's, and a process already exiting (killed
     ranks; their cgroup may read as the root one) holds nothing for long.
@@ -43,7 +43,7 @@ def user_busy_elsewhere(root: str, job_id: str, uid: int, node: str) -> str | No
         return f"job {other} of the user runs here too"
     if not asroot.job_cgroups(node, uid, job_id):
         return None
-    mark, own, foreign = f"/job_{job_id}/", f"/slurm_{node}/", "/slurm_"
+    mark = f"/job_{job_id}/"
     ours = _slurmd_of(os.getpid())
     for pid in pids_of(uid):
         try:
@@ -52,7 +52,8 @@ def user_busy_elsewhere(root: str, job_id: str, uid: int, node: str) -> str | No
         except OSError:
             continue
         paths = [line.split(":", 2)[2] for line in cg.splitlines() if line.count(":") >= 2]
-        if any(p.startswith(foreign) and not p.startswith(own) for p in paths):
+        trees = {asroot.cgroup_tree_of(node, p) for p in paths} - {None}
+        if trees and node not in trees:
             continue  # another slurmd's process on this host
         if mark not in cg and not is_exiting(pid) and _slurmd_of(pid) in (None, ours):
             where = " ".join(sorted({p.rstrip("/") or "/" for p in paths}))

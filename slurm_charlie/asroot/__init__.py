@@ -66,11 +66,19 @@ OPERATIONS: dict[str, tuple[str, str, str]] = {
     "kill_user_processes": ("procs", "kill_user_processes", "SIGKILL the job user's processes a "
                             "selector picks, each through a pidfd after checking its owner"),
     # the job's cgroups
+    "cgroup_layout": ("cgroup", "layout", "which cgroup layout Slurm uses on the node (v1 or "
+                      "v2, from cgroup.conf and the mounts) and its tree (read only)"),
+    "slurm_cgroup_conf": ("cgroup", "slurm_cgroup_conf", "Slurm's cgroup.conf beside "
+                          "$SLURM_CONF (read only)"),
+    "cgroup_filesystem": ("cgroup", "filesystem", "what is mounted at the cgroup mount point: "
+                          "v1, hybrid, v2 or none (read only)"),
     "job_cgroups": ("cgroup", "job_cgroups", "the job's cgroup directories in Slurm's tree "
                     "(read only)"),
+    "cgroup_tree_of": ("cgroup", "cgroup_tree_of", "whose Slurm tree a process's cgroup path "
+                       "is in (read only)"),
     "join_job_cgroup": ("cgroup", "join_job_cgroup", "move a recorded process into the job's "
-                        "cgroup (step_extern/task_N) under Slurm's lock; set the job's "
-                        "memory limit there"),
+                        "cgroup (v1: step_extern/task_N; v2: job_J/charlie) under Slurm's "
+                        "lock; set the job's memory limit there"),
     "cgroup_usage": ("cgroup", "cgroup_usage", "CPU time and peak memory of what root placed "
                      "in the job's cgroup (read only)"),
     "leave_job_cgroup": ("cgroup", "leave_job_cgroup", "remove the cgroups root made for the "

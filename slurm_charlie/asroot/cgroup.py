@@ -1,5 +1,33 @@
 """The job's cgroups: QEMU, the holder and its FUSE server in Slurm's job
-tree, their usage, and removal of what slurm-charlie added there."""
+tree, their usage, and removal of what slurm-charlie added there.
+
+One interface, two layouts (`CgroupV1`, `CgroupV2`); `layout(node)` says
+which one Slurm uses on this node, from Slurm's own configuration
+(cgroup.conf next to $SLURM_CONF: CgroupPlugin, CgroupMountpoint) and the
+file system mounted there.  The rest of the code calls the module-level
+functions and does not know which layout it is on (docs/admin.rst, "cgroup
+v1 and v2").
+
+Where root's processes go, and why:
+
+- v1 (and hybrid: v1 controllers, an empty cgroup2 beside them):
+  ``<ctrl>/slurm[_<node>]/uid_U/job_J/step_extern/task_<node index>`` in
+  the memory and cpuacct controllers, made before the extern step exists.
+  With PrologFlags=Contain slurmstepd adopts them: jobacct_gather/cgroup
+  reports them as ``J.extern`` (sstat, sacct), and Slurm's signals reach
+  only its freezer cgroup, so QEMU is still powered off by the epilog.
+- v2: ``<scope>/job_J/charlie``, a leaf beside Slurm's ``step_*``
+  directories (``<scope>`` is ``system.slice/[<node>_]slurmstepd.scope``).
+  Not in ``step_extern``: on v2 the extern stepd SIGKILLs every process in
+  its task cgroups when it ends, which is before the epilog, and the guest
+  must be powered off and committed first.  Below ``job_J`` the job's
+  ``memory.max``, ``cpuset.cpus`` and ``cpu.max`` bound it; a process joins
+  while it still waits at the spawn gate, so its pages after exec are
+  charged there from the first one (v2 never moves a charge).  Slurm's
+  accounting reads only its steps' cgroups, so sstat/sacct do not show
+  these processes on v2; the epilog logs them and `slurm-charlie status`
+  shows them (`usage`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +36,7 @@ import fcntl
 import os
 import time
 
-from .. import layout
+from .. import layout as names
 from ..errors import NodeFault, UserError
 from ..log import log
 from ..procfs import is_zombie
@@ -19,111 +47,68 @@ CGROUP_FS = "/sys/fs/cgroup"
 #: cgroup v1 controllers Slurm's job tree lives in and that QEMU/the holder
 #: join: memory (the job's limit, usage) and cpuacct (CPU time)
 CGROUP_CONTROLLERS = ("memory", "cpuacct")
-#: where QEMU/the holder sit inside the job's cgroup: the extern step's task
-#: cgroup (task_<node index>), made before Slurm's extern step exists.  With
-#: PrologFlags=Contain slurmstepd adopts the directories for the extern step
-#: and jobacct_gather/cgroup reports their totals as ``J.extern`` (sstat,
-#: sacct); Slurm's signals reach only its freezer cgroup, so QEMU is still
-#: powered off by the epilog.  Without Contain they are plain directories.
+#: v1: where root's processes sit inside the job's cgroup
 CGROUP_STEP = "step_extern"
+#: v2: root's leaf beside Slurm's step directories in job_J
+CGROUP_LEAF = "charlie"
+#: v2 controllers enabled below job_J for the leaf (those the scope offers)
+V2_CONTROLLERS = ("cpuset", "cpu", "memory", "pids")
 
 
-def _leaf(job_cg: str, index: int) -> str:
-    return os.path.join(job_cg, CGROUP_STEP, f"task_{int(index)}")
+# -- what Slurm says -----------------------------------------------------------
 
-
-def _slurm_cgroup_root(controller: str, node: str) -> str | None:
-    """Slurm's cgroup v1 root for this node: slurm_<node> (a build for
-    several slurmd per host, as the sandbox) or slurm; None when Slurm
-    keeps no cgroups there."""
-    for name in (f"slurm_{node}", "slurm"):
-        path = os.path.join(CGROUP_FS, controller, name)
-        if os.path.isdir(path):
-            return path
-    return None
-
-
-def job_cgroups(node: str, uid: int, job_id: str) -> list[str]:
-    """The job's cgroup directories (<ctrl>/<slurm root>/uid_U/job_J) of the
-    controllers Slurm uses here; [] without Slurm cgroups (v1)."""
-    layout.check_job_id(job_id)
-    out = []
-    for ctrl in CGROUP_CONTROLLERS:
-        root = _slurm_cgroup_root(ctrl, node)
-        if root is not None:
-            out.append(os.path.join(root, f"uid_{int(uid)}", f"job_{job_id}"))
+def slurm_cgroup_conf(environ=None) -> dict[str, str]:
+    """cgroup.conf beside the slurm.conf slurmd reads ($SLURM_CONF, which
+    slurmd sets for the prolog and epilog), keys lower-cased; {} without."""
+    environ = os.environ if environ is None else environ
+    conf = environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
+    path = os.path.join(os.path.dirname(conf), "cgroup.conf")
+    out: dict[str, str] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.split("#", 1)[0].strip()
+                key, eq, value = line.partition("=")
+                if eq:
+                    out[key.strip().lower()] = value.strip()
+    except OSError:
+        pass
     return out
 
+
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, str]:
+    """{mount point: file system type} of this mount namespace."""
+    out = {}
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                fields, _, after = line.partition(" - ")
+                parts = fields.split()
+                if len(parts) >= 5 and after:
+                    out[parts[4].replace("\\040", " ")] = after.split()[0]
+    except OSError:
+        pass
+    return out
+
+
+def filesystem(mountpoint: str = CGROUP_FS, mounted: dict[str, str] | None = None) -> str:
+    """"v2" (cgroup2 at the mount point), "hybrid" (v1 controllers and a
+    cgroup2 at <mnt>/unified), "v1" (v1 controllers), or "none"."""
+    mounted = mounts() if mounted is None else mounted
+    mnt = mountpoint.rstrip("/") or "/"
+    if mounted.get(mnt) == "cgroup2":
+        return "v2"
+    if mounted.get(f"{mnt}/memory") != "cgroup":
+        return "none"
+    return "hybrid" if mounted.get(f"{mnt}/unified") == "cgroup2" else "v1"
+
+
+# -- the two layouts -----------------------------------------------------------
 
 def _locked(root: str) -> int:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX)  # Slurm locks its cgroup root the same way
     return fd
-
-
-def join_job_cgroup(node: str, rec: ProcRecord, job_id: str, index: int,
-                    memory_limit_mib: int | None = None) -> list[str]:
-    """Move the recorded process into <job cgroup>/step_extern/task_<index>
-    (index: the node's place in the job, Slurm's node id) in every controller
-    Slurm uses (the directories are made before the extern step exists;
-    Slurm adopts them).  With memory_limit_mib, the job's memory limit
-    is set as Slurm sets it, so that it holds before the first step too.
-    Returns the cgroups joined; [] where Slurm uses no cgroups."""
-    joined = []
-    for job_cg in job_cgroups(node, rec.uid, job_id):
-        root = os.path.dirname(os.path.dirname(job_cg))
-        lock = _locked(root)
-        try:
-            leaf = _leaf(job_cg, index)
-            os.makedirs(leaf, exist_ok=True)
-            if memory_limit_mib and "/memory/" in job_cg:
-                with open(os.path.join(job_cg, "memory.limit_in_bytes"), "w") as f:
-                    f.write(str(memory_limit_mib << 20))
-            pidfd = _pidfd(rec.pid)
-            # just spawned, it may still be the gate (/bin/sh): pid, start, owner
-            if pidfd is None or not matches(rec, same_program=False):
-                raise UserError(rec.role, "ended before it could join the job's "
-                                "cgroup", rec.pid)
-            try:
-                with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
-                    f.write(str(rec.pid))
-            finally:
-                if pidfd >= 0:
-                    os.close(pidfd)
-            joined.append(leaf)
-        except OSError as e:
-            if e.errno == errno.ESRCH:  # it ended (or was killed) meanwhile
-                raise UserError(rec.role, "ended before it could join the job's "
-                                "cgroup", rec.pid) from None
-            raise NodeFault("cgroup", f"cannot place the {rec.role} in the job's cgroup: "
-                            f"{e.strerror}", job_cg, hint="check Slurm's cgroup setup "
-                            "(slurm-charlie doctor)") from None
-        finally:
-            os.close(lock)
-    return joined
-
-
-def stale_job_cgroups(node: str, running: set[str]) -> list[tuple[int, str]]:
-    """(uid, job id) of every <job cgroup>/step_extern of a job not in running."""
-    found = set()
-    for ctrl in CGROUP_CONTROLLERS:
-        root = _slurm_cgroup_root(ctrl, node)
-        if root is None:
-            continue
-        for u in os.listdir(root):
-            if not u.startswith("uid_") or not u[4:].isdigit():
-                continue
-            try:
-                jobs = os.listdir(os.path.join(root, u))
-            except OSError:
-                continue
-            for j in jobs:
-                jid = j[4:]
-                if (j.startswith("job_") and jid.isascii() and jid.isdigit()
-                        and jid not in running
-                        and os.path.isdir(os.path.join(root, u, j, CGROUP_STEP))):
-                    found.add((int(u[4:]), jid))
-    return sorted(found)
 
 
 def _cgroup_pids(path: str) -> list[int]:
@@ -134,59 +119,375 @@ def _cgroup_pids(path: str) -> list[int]:
         return []
 
 
-def cgroup_usage(node: str, uid: int, job_id: str) -> dict[str, int]:
-    """CPU time (ns) and peak memory (bytes) of the job's extern step cgroup,
-    where slurm-charlie placed QEMU or the holder."""
-    out = {}
-    for job_cg in job_cgroups(node, uid, job_id):
-        leaf = os.path.join(job_cg, CGROUP_STEP)
-        for key, name in (("cpu_ns", "cpuacct.usage"),
-                          ("memory_peak", "memory.max_usage_in_bytes")):
-            try:
-                with open(os.path.join(leaf, name)) as f:
-                    out[key] = int(f.read().strip())
-            except (OSError, ValueError):
-                continue
-    return out
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
 
 
-def leave_job_cgroup(node: str, uid: int, job_id: str) -> None:
-    """Remove <job cgroup>/step_extern (its task_* first) once its processes
-    are gone, then the job's (and the user's) cgroup when empty: Slurm could
-    not remove them while ours were inside.  An rmdir that finds a cgroup
-    still in use (another job of the user, a step) just leaves it."""
-    for job_cg in job_cgroups(node, uid, job_id):
-        root = os.path.dirname(os.path.dirname(job_cg))
-        lock = _locked(root)
-        try:
-            step = os.path.join(job_cg, CGROUP_STEP)
+def _move(rec: ProcRecord, leaf: str) -> None:
+    """Write the recorded process into leaf/cgroup.procs, if it still is
+    the process recorded (just spawned, it may still be the gate)."""
+    pidfd = _pidfd(rec.pid)
+    if pidfd is None or not matches(rec, same_program=False):
+        raise UserError(rec.role, "ended before it could join the job's cgroup", rec.pid)
+    try:
+        _write(os.path.join(leaf, "cgroup.procs"), str(rec.pid))
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _rmdir_when_empty(paths: list[str], timeout: float = 5) -> None:
+    """rmdir each path (leaves first), waiting up to timeout for killed
+    processes to leave them."""
+    deadline = time.monotonic() + timeout
+    for leaf in paths:
+        while os.path.isdir(leaf) and time.monotonic() < deadline:
             try:
-                tasks = [os.path.join(step, t) for t in os.listdir(step)
-                         if t.startswith("task_") and t[5:].isascii() and t[5:].isdigit()]
+                os.rmdir(leaf)
             except OSError:
-                tasks = []
-            deadline = time.monotonic() + 5  # killed processes take a moment to go
-            for leaf in (*tasks, step):
-                while os.path.isdir(leaf) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+def _busy(path: str) -> None:
+    """An rmdir found path busy: a node fault when live processes are in it;
+    only zombies nobody reaped yet: reconcile removes it later."""
+    live = [p for p in _cgroup_pids(path) if not is_zombie(p)]
+    if live:
+        raise NodeFault("cgroup", "processes left in the job's cgroup", f"{path}: {live}",
+                        hint="look for processes in D state") from None
+    log.info("%s: held by exited processes not reaped yet; left for reconcile", path)
+
+
+class CgroupV1:
+    """Slurm's cgroup/v1 tree (v1 or hybrid mounts)."""
+    name = "v1"
+
+    def __init__(self, node: str, mountpoint: str = CGROUP_FS) -> None:
+        self.node, self.mnt = node, mountpoint
+
+    def _root(self, controller: str) -> str | None:
+        """slurm_<node> (a build for several slurmd per host, as the
+        sandbox) or slurm; None when Slurm keeps no cgroups there."""
+        for name in (f"slurm_{self.node}", "slurm"):
+            path = os.path.join(self.mnt, controller, name)
+            if os.path.isdir(path):
+                return path
+        return None
+
+    def roots(self) -> list[str]:
+        return [r for r in (self._root(c) for c in CGROUP_CONTROLLERS) if r]
+
+    def job_cgroups(self, uid: int, job_id: str) -> list[str]:
+        return [os.path.join(root, f"uid_{int(uid)}", f"job_{job_id}")
+                for root in self.roots()]
+
+    def tree_of(self, cgroup_path: str) -> str | None:
+        """The node whose Slurm tree a /proc/PID/cgroup path is in."""
+        first = cgroup_path.lstrip("/").split("/", 1)[0]
+        if first == "slurm":
+            return self.node
+        return first[6:] if first.startswith("slurm_") else None
+
+    def join(self, rec: ProcRecord, job_id: str, index: int,
+             memory_limit_mib: int | None) -> list[str]:
+        joined = []
+        for job_cg in self.job_cgroups(rec.uid, job_id):
+            root = os.path.dirname(os.path.dirname(job_cg))
+            lock = _locked(root)
+            try:
+                leaf = os.path.join(job_cg, CGROUP_STEP, f"task_{int(index)}")
+                os.makedirs(leaf, exist_ok=True)
+                if memory_limit_mib and "/memory/" in job_cg:
+                    _write(os.path.join(job_cg, "memory.limit_in_bytes"),
+                           str(memory_limit_mib << 20))
+                _move(rec, leaf)
+                joined.append(leaf)
+            finally:
+                os.close(lock)
+        return joined
+
+    def usage(self, uid: int, job_id: str) -> dict[str, int]:
+        out = {}
+        for job_cg in self.job_cgroups(uid, job_id):
+            leaf = os.path.join(job_cg, CGROUP_STEP)
+            for key, name in (("cpu_ns", "cpuacct.usage"),
+                              ("memory_peak", "memory.max_usage_in_bytes")):
+                try:
+                    with open(os.path.join(leaf, name)) as f:
+                        out[key] = int(f.read().strip())
+                except (OSError, ValueError):
+                    continue
+        return out
+
+    def leave(self, uid: int, job_id: str) -> None:
+        for job_cg in self.job_cgroups(uid, job_id):
+            root = os.path.dirname(os.path.dirname(job_cg))
+            lock = _locked(root)
+            try:
+                step = os.path.join(job_cg, CGROUP_STEP)
+                try:
+                    tasks = [os.path.join(step, t) for t in os.listdir(step)
+                             if t.startswith("task_") and t[5:].isascii() and t[5:].isdigit()]
+                except OSError:
+                    tasks = []
+                _rmdir_when_empty([*tasks, step])
+                for path in (*tasks, step, job_cg, os.path.dirname(job_cg)):
                     try:
-                        os.rmdir(leaf)
-                    except OSError:
-                        time.sleep(0.05)
-            for path in (*tasks, step, job_cg, os.path.dirname(job_cg)):
+                        os.rmdir(path)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as e:
+                        if e.errno == errno.EBUSY and (path == step or path in tasks):
+                            _busy(path)
+                        break
+            finally:
+                os.close(lock)
+
+    def stale(self, running: set[str]) -> list[tuple[int, str]]:
+        found = set()
+        for root in self.roots():
+            for u in os.listdir(root):
+                if not u.startswith("uid_") or not u[4:].isdigit():
+                    continue
+                try:
+                    jobs = os.listdir(os.path.join(root, u))
+                except OSError:
+                    continue
+                for j in jobs:
+                    jid = j[4:]
+                    if (j.startswith("job_") and jid.isascii() and jid.isdigit()
+                            and jid not in running
+                            and os.path.isdir(os.path.join(root, u, j, CGROUP_STEP))):
+                        found.add((int(u[4:]), jid))
+        return sorted(found)
+
+
+class CgroupV2:
+    """Slurm's cgroup/v2 tree: system.slice/[<node>_]slurmstepd.scope."""
+    name = "v2"
+    leaf = CGROUP_LEAF
+
+    def __init__(self, node: str, mountpoint: str = CGROUP_FS) -> None:
+        self.node, self.mnt = node, mountpoint
+
+    def _init_path(self) -> str:
+        """Where Slurm puts system.slice: the cgroup of PID 1, or its
+        parent when PID 1 is not at the mount's root (Slurm's own rule)."""
+        try:
+            with open("/proc/1/cgroup") as f:
+                rel = next((line.split(":", 2)[2].strip() for line in f
+                            if line.startswith("0::")), "/")
+        except OSError:
+            rel = "/"
+        rel = rel.strip("/")
+        return os.path.dirname(os.path.join(self.mnt, rel)) if rel else self.mnt
+
+    def scope(self) -> str | None:
+        """<node>_slurmstepd.scope (Debian builds for several slurmd per
+        host) or slurmstepd.scope, as slurmd made it; None without."""
+        base = os.path.join(self._init_path(), "system.slice")
+        for name in (f"{self.node}_slurmstepd.scope", "slurmstepd.scope"):
+            path = os.path.join(base, name)
+            if os.path.isdir(path):
+                return path
+        return None
+
+    def roots(self) -> list[str]:
+        s = self.scope()
+        return [s] if s else []
+
+    def job_cgroups(self, uid: int, job_id: str) -> list[str]:
+        return [os.path.join(s, f"job_{job_id}") for s in self.roots()]
+
+    def tree_of(self, cgroup_path: str) -> str | None:
+        for part in cgroup_path.strip("/").split("/"):
+            if part == "slurmstepd.scope":
+                return self.node
+            if part.endswith("_slurmstepd.scope"):
+                return part[:-len("_slurmstepd.scope")]
+        return None
+
+    def join(self, rec: ProcRecord, job_id: str, index: int,
+             memory_limit_mib: int | None) -> list[str]:
+        scope = self.scope()
+        if scope is None:
+            return []
+        lock = _locked(scope)
+        try:
+            job_cg = os.path.join(scope, f"job_{job_id}")
+            leaf = os.path.join(job_cg, CGROUP_LEAF)
+            os.makedirs(leaf, exist_ok=True)
+            with open(os.path.join(job_cg, "cgroup.controllers")) as f:
+                offered = f.read().split()
+            want = [c for c in V2_CONTROLLERS if c in offered]
+            if want:
+                _write(os.path.join(job_cg, "cgroup.subtree_control"),
+                       " ".join(f"+{c}" for c in want))
+            if memory_limit_mib and "memory" in offered:
+                _write(os.path.join(job_cg, "memory.max"), str(memory_limit_mib << 20))
+            _move(rec, leaf)
+            return [leaf]
+        finally:
+            os.close(lock)
+
+    def usage(self, uid: int, job_id: str) -> dict[str, int]:
+        out = {}
+        for job_cg in self.job_cgroups(uid, job_id):
+            leaf = os.path.join(job_cg, CGROUP_LEAF)
+            try:
+                with open(os.path.join(leaf, "cpu.stat")) as f:
+                    for line in f:
+                        key, _, value = line.partition(" ")
+                        if key == "usage_usec":
+                            out["cpu_ns"] = int(value) * 1000
+            except (OSError, ValueError):
+                pass
+            for name in ("memory.peak", "memory.current"):  # peak: kernel 5.19+
+                try:
+                    with open(os.path.join(leaf, name)) as f:
+                        out["memory_peak"] = int(f.read().strip())
+                    break
+                except (OSError, ValueError):
+                    continue
+        return out
+
+    def leave(self, uid: int, job_id: str) -> None:
+        scope = self.scope()
+        if scope is None:
+            return
+        lock = _locked(scope)
+        try:
+            job_cg = os.path.join(scope, f"job_{job_id}")
+            leaf = os.path.join(job_cg, CGROUP_LEAF)
+            _rmdir_when_empty([leaf])
+            for path in (leaf, job_cg):
                 try:
                     os.rmdir(path)
                 except FileNotFoundError:
                     continue
                 except OSError as e:
-                    if e.errno == errno.EBUSY and (path == step or path in tasks):
-                        live = [p for p in _cgroup_pids(path) if not is_zombie(p)]
-                        if live:
-                            raise NodeFault("cgroup", "processes left in the job's "
-                                            "cgroup", f"{path}: {live}",
-                                            hint="look for processes in D state") from None
-                        # only zombies nobody reaped yet: reconcile removes it later
-                        log.info("%s: held by exited processes not reaped yet; "
-                                 "left for reconcile", path)
-                    break
+                    if e.errno == errno.EBUSY and path == leaf:
+                        _busy(path)
+                    break  # job_J: Slurm's steps are still in it
         finally:
             os.close(lock)
+
+    def stale(self, running: set[str]) -> list[tuple[int, str]]:
+        found = []
+        for scope in self.roots():
+            for j in os.listdir(scope):
+                jid = j[4:]
+                if (j.startswith("job_") and jid.isascii() and jid.isdigit()
+                        and jid not in running
+                        and os.path.isdir(os.path.join(scope, j, CGROUP_LEAF))):
+                    found.append((-1, jid))  # v2 has no uid level
+        return sorted(found)
+
+
+class NoCgroups:
+    """Slurm keeps no cgroups here (or not in a layout it can run)."""
+    name = "none"
+
+    def __init__(self, node: str, why: str, mountpoint: str = CGROUP_FS) -> None:
+        self.node, self.why, self.mnt = node, why, mountpoint
+
+    def roots(self) -> list[str]:
+        return []
+
+    def job_cgroups(self, uid: int, job_id: str) -> list[str]:
+        return []
+
+    def tree_of(self, cgroup_path: str) -> str | None:
+        return None
+
+    def join(self, rec, job_id, index, memory_limit_mib) -> list[str]:
+        return []
+
+    def usage(self, uid: int, job_id: str) -> dict[str, int]:
+        return {}
+
+    def leave(self, uid: int, job_id: str) -> None:
+        return None
+
+    def stale(self, running: set[str]) -> list[tuple[int, str]]:
+        return []
+
+
+def layout(node: str, environ=None) -> CgroupV1 | CgroupV2 | NoCgroups:
+    """The layout Slurm uses on this node: its CgroupPlugin (autodetect:
+    cgroup2 at the mount point is v2, anything else v1, as Slurm decides)
+    and the mount there."""
+    conf = slurm_cgroup_conf(environ)
+    mnt = conf.get("cgroupmountpoint") or CGROUP_FS
+    plugin = (conf.get("cgroupplugin") or "autodetect").lower()
+    fs = filesystem(mnt)
+    if plugin == "autodetect":
+        plugin = "cgroup/v2" if fs == "v2" else "cgroup/v1"
+    if plugin == "cgroup/v2":
+        if fs != "v2":
+            return NoCgroups(node, f"CgroupPlugin=cgroup/v2 but {mnt} is {fs}", mnt)
+        return CgroupV2(node, mnt)
+    if plugin == "cgroup/v1":
+        if fs not in ("v1", "hybrid"):
+            return NoCgroups(node, f"CgroupPlugin=cgroup/v1 but {mnt} is {fs}", mnt)
+        return CgroupV1(node, mnt)
+    return NoCgroups(node, f"CgroupPlugin={plugin}", mnt)
+
+
+# -- root's operations (asroot.OPERATIONS) ---------------------------------------
+
+def job_cgroups(node: str, uid: int, job_id: str) -> list[str]:
+    """The job's cgroup directories in the controllers Slurm uses here (they
+    may not exist yet); [] where Slurm keeps no cgroups."""
+    names.check_job_id(job_id)
+    return layout(node).job_cgroups(uid, job_id)
+
+
+def cgroup_tree_of(node: str, cgroup_path: str) -> str | None:
+    """The node whose Slurm tree a /proc/PID/cgroup path is in (several
+    slurmd on one host), None when in none."""
+    return layout(node).tree_of(cgroup_path)
+
+
+def join_job_cgroup(node: str, rec: ProcRecord, job_id: str, index: int,
+                    memory_limit_mib: int | None = None) -> list[str]:
+    """Move the recorded process into the job's cgroup (v1:
+    step_extern/task_<index>, index the node's place in the job; v2: the
+    job's charlie leaf) under Slurm's lock on its tree.  With
+    memory_limit_mib the job's memory limit is set as Slurm sets it, so
+    that it holds before the first step too.  Returns the cgroups joined;
+    [] where Slurm uses no cgroups."""
+    names.check_job_id(job_id)
+    lay = layout(node)
+    try:
+        return lay.join(rec, job_id, index, memory_limit_mib)
+    except OSError as e:
+        if e.errno == errno.ESRCH:  # it ended (or was killed) meanwhile
+            raise UserError(rec.role, "ended before it could join the job's cgroup",
+                            rec.pid) from None
+        raise NodeFault("cgroup", f"cannot place the {rec.role} in the job's cgroup "
+                        f"({lay.name}): {e.strerror}", e.filename or job_id,
+                        hint="check Slurm's cgroup setup (slurm-charlie doctor)") from None
+
+
+def cgroup_usage(node: str, uid: int, job_id: str) -> dict[str, int]:
+    """CPU time (cpu_ns) and peak memory (memory_peak, bytes) of what root
+    placed in the job's cgroup."""
+    names.check_job_id(job_id)
+    return layout(node).usage(uid, job_id)
+
+
+def leave_job_cgroup(node: str, uid: int, job_id: str) -> None:
+    """Remove the cgroups root made for the job once its processes are gone,
+    then the job's (v1: and the user's) when empty: Slurm could not remove
+    them while ours were inside.  An rmdir that finds a cgroup still in use
+    (another job of the user, a step) just leaves it."""
+    names.check_job_id(job_id)
+    layout(node).leave(uid, job_id)
+
+
+def stale_job_cgroups(node: str, running: set[str]) -> list[tuple[int, str]]:
+    """(uid, job id) of every job cgroup root made for a job not in running
+    (uid -1 on v2, whose tree has no user level)."""
+    return layout(node).stale(running)

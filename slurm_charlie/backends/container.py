@@ -527,6 +527,10 @@ class ContainerBackend(Backend):
             # prolog was stopped half way): its namespace now, if its own
             ns = ns_inode(holder.pid, "mnt") or 0
             mntns = ns if ns != ns_inode("self", "mnt") else 0
+        if holder is not None and asroot.alive(holder):
+            # nothing of Slurm's (the extern step's end included) ended it
+            log.info("container: holder %d still running at the job's end; stopping it",
+                     holder.pid)
         for proc in (holder, fuse):
             if proc is not None:  # one pid from unshare to the image's /bin/sh
                 asroot.signal_process(proc, signal.SIGKILL, same_program=False)
