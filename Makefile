@@ -12,9 +12,10 @@ APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
 	iproute2 util-linux gcc libc6-dev make python3-venv charliecloud-runtime mpich libmpich-dev \
 	busybox-static squashfs-tools qemu-system-x86 qemu-utils cpio debootstrap e2fsprogs kmod \
 	openmpi-bin libopenmpi-dev extlinux syslinux-common nftables iputils-ping \
-	docker-registry skopeo umoci squashfuse apache2-utils
+	docker-registry skopeo umoci squashfuse apache2-utils zstd
 
-.PHONY: all guest deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench churn \
+TRIXIE_ARGS ?=
+.PHONY: all guest trixie-node test-trixie print-apt-packages deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench churn \
 	docs docs-gen clean
 
 all: shim venv
@@ -29,6 +30,9 @@ $(CACHE)/deps.stamp: Makefile
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 	@touch $@
+
+print-apt-packages:
+	@echo $(APT_PACKAGES)
 
 venv: $(SB)
 $(SB): pyproject.toml | deps
@@ -75,6 +79,15 @@ $(VMC)/guest.qcow2 $(VMC)/initrd.img $(VMC)/vmlinux $(VMC)/guest-boot.qcow2 $(VM
 		slurm_charlie/vmbuild.py | venv
 	sh tests/vm/build_guest.sh $(VMC) $(abspath $(SB))
 
+# The Debian 13 node of the cgroup v2 lane (Slurm 24.11), cached under
+# $(CACHE)/trixie; make test-trixie boots it and runs tests/trixie inside
+TRIXIE := $(CACHE)/trixie
+trixie-node: $(TRIXIE)/node.qcow2
+$(TRIXIE)/node.qcow2: tests/trixie/build.sh | venv
+	sh tests/trixie/build.sh $(TRIXIE) $(abspath $(SB))
+test-trixie: trixie-node
+	$(PYTHON_SYS) tests/trixie/run.py $(TRIXIE) $(TRIXIE_ARGS)
+
 # the sandbox's registry gets two stock images (busybox, debian-mpi), built
 # once into an OCI layout under $(CACHE)/images (tests/helpers/registry.py)
 SEED := PYTHONPATH=tests $(VENV)/bin/python -m helpers.registry $(CACHE)/images $(VMC)/debian.sqfs
@@ -91,10 +104,14 @@ demo: sandbox-up
 
 # The full suite on the sandbox; the sandbox is stopped afterwards whatever
 # the result (CI must stop what it started).
-test: all shim-other-slurm guest
-	@rc=0; $(SB) sandbox up --nodes 3 --guest-dir $(VMC) && $(SEED) || rc=$$?; \
+# the Debian 13 lane first (it has the machine to itself), then this host's
+test: all shim-other-slurm guest trixie-node
+	@lane=0; $(PYTHON_SYS) tests/trixie/run.py $(TRIXIE) $(TRIXIE_ARGS) || lane=$$?; \
+	rc=0; $(SB) sandbox up --nodes 3 --guest-dir $(VMC) && $(SEED) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then $(VENV)/bin/python -m pytest -ra --durations=25 $(PYTEST_ARGS) tests/unit tests/cluster tests/adversarial tests/vm || rc=$$?; fi; \
-	$(SB) sandbox down || true; exit $$rc
+	$(SB) sandbox down || true; \
+	if [ $$lane -ne 0 ]; then echo "make test: the Debian 13 lane failed (its summary is above)"; fi; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$lane
 
 unit: venv
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) tests/unit

@@ -72,11 +72,12 @@ def _drained_for_job(e: CharlieError, node: str) -> NodeFault:
 
 
 def prolog_main(env: jobenv.Environ, background: bool = False,
-                foreground_why: str | None = None) -> int:
+                foreground_why: str | None = None, in_step: bool = False) -> int:
     """The prolog; with background, in the process ``background`` forked
     after the hook returned: a node fault then drains the node itself and
     fails the job with the fault in every task's stderr.  foreground_why:
-    why it could not go to the background (logged)."""
+    why it could not go to the background (logged).  in_step: slurmstepd, not
+    slurmd, runs the prolog (PrologFlags=RunInJob): refused, a node fault."""
     job_id, node = jobenv.ids(env)
     at: lifecycle.Attempt | None = None
     try:
@@ -88,6 +89,12 @@ def prolog_main(env: jobenv.Environ, background: bool = False,
             return 0  # not a charlie job
         at = lifecycle.Attempt(job_id, node)
         try:
+            if in_step:
+                raise NodeFault("PrologFlags", "RunInJob runs the prolog inside the job's "
+                                "extern step, whose end kills what it starts before the "
+                                "epilog can power guests off and commit", "RunInJob",
+                                hint="remove RunInJob from PrologFlags in slurm.conf "
+                                "(Alloc,Contain) and restart slurmctld and slurmd")
             lifecycle.prolog(env, raw, early, at, _setup_logging)
             if foreground_why:
                 log.warning("prolog: the node was prepared in the prolog itself "

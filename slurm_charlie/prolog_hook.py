@@ -20,12 +20,13 @@ def main() -> int:
     from .jobenv import ids
     env = os.environ
     job_id, node = ids(env)
+    in_step = launched_by_slurmstepd()
     pid = asroot.detach_prolog(node, job_id or "")
     if pid == 0:  # the child: the whole prolog, then it ends here
         code = 1
         try:
             from . import hooks
-            code = hooks.prolog_main(env, background=True)
+            code = hooks.prolog_main(env, background=True, in_step=in_step)
         finally:
             try:
                 from . import log
@@ -35,4 +36,25 @@ def main() -> int:
     if isinstance(pid, int):
         return 0
     from . import hooks
-    return hooks.prolog_main(env, foreground_why=pid)
+    return hooks.prolog_main(env, foreground_why=pid, in_step=in_step)
+
+
+def launched_by_slurmstepd(pid: int | None = None) -> bool:
+    """Is the nearest Slurm daemon above this process slurmstepd (the
+    prolog runs in the extern step: PrologFlags=RunInJob, Slurm 24.05+)
+    rather than slurmd?  Plain reads of /proc, nothing imported."""
+    pid = os.getppid() if pid is None else pid
+    for _ in range(32):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        comm = stat[stat.find(b"(") + 1:stat.rfind(b")")]
+        if comm in (b"slurmstepd", b"slurmd"):
+            return comm == b"slurmstepd"
+        fields = stat[stat.rfind(b")") + 2:].split()
+        pid = int(fields[1]) if len(fields) > 1 else 0
+        if pid <= 1:
+            return False
+    return False

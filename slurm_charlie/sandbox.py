@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -74,6 +75,13 @@ def _daemon(argv: list[str], log: str) -> None:
     with open(log, "ab") as out:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                          start_new_session=True)
+
+
+def slurm_version() -> tuple[int, int]:
+    """(major, minor) of the installed slurmd, e.g. (24, 11)."""
+    out = _run(["slurmd", "-V"], check=False).stdout
+    m = re.search(r"(\d+)\.(\d+)\.\d+", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 class Sandbox:
@@ -163,12 +171,9 @@ class Sandbox:
         self._write(self.conf, text)
         if self.cgroups:
             self._write(os.path.join(os.path.dirname(self.conf), "cgroup.conf"),
-                        "# slurm-charlie sandbox: each slurmd gets its own tree\n"
-                        "# <controller>/slurm_<node>/uid_U/job_J/step_S\n"
-                        "CgroupPlugin=cgroup/v1\n"
-                        "CgroupMountpoint=/sys/fs/cgroup\n"
-                        "ConstrainCores=yes\n"
-                        "ConstrainRAMSpace=yes\n")
+                        self._cgroup_conf())
+            if self.cgroup_mode == "v2":
+                self._cgroup_v2_slice()
         self._write(self.charlie_conf,
                     "# slurm-charlie sandbox site config\n"
                     f'runtime_root = "{self.runtime_root}"\n'
@@ -196,22 +201,77 @@ class Sandbox:
                     "# slurm-charlie switched off (benchmarks)\n")
         self._write(self._p("etc", "trivial-hook"), "#!/bin/sh\nexit 0\n")
         os.chmod(self._p("etc", "trivial-hook"), 0o755)
+        # Slurm's default "mixed" PMIx fence (ring for a fence with data,
+        # tree for a barrier) let one node finish Open MPI's MPI_Init
+        # barrier while the others were still in its data fence: ~1 run in
+        # 20-100 segfaulted (docs/developer.rst, "Open MPI over PMIx").
+        # One algorithm for both: ring.
+        self._write(self._p("etc", "mpi.conf"),
+                    "# slurm-charlie sandbox (docs/developer.rst)\nPMIxCollFence=ring\n")
         cmd = [os.path.join(os.path.dirname(sys.executable), "slurm-charlie")]
         if not os.path.exists(cmd[0]):
             cmd = [sys.executable, "-m", "slurm_charlie.cli"]
+        # a shim built for another Slurm release than the default one
+        # (the Debian 13 lane shares a Debian 12 checkout): CHARLIE_SANDBOX_SO
+        so = os.environ.get("CHARLIE_SANDBOX_SO")
         _run(cmd + ["install-hooks", "--apply", "--hook-dir", self.hook_dir,
-                    "--plugstack", plugstack, "--conf", self.charlie_conf],
+                    "--plugstack", plugstack, "--conf", self.charlie_conf]
+             + (["--so", so] if so else []),
              env={**os.environ, "SLURM_CHARLIE_CONF": self.charlie_conf})
         self._write(self._p("sandbox.json"), json.dumps({"nodes": self.nnodes,
                                                          "guest_dir": self.guest_dir}))
         self._check_user_can_run()
 
     @property
+    def cgroup_mode(self) -> str | None:
+        """"v2" where /sys/fs/cgroup is a writable cgroup2 with the memory
+        controller (Debian 13, most clusters), "v1" where this machine has
+        a writable cgroup v1 memory controller and freezer (the hybrid
+        Debian 12 machines here); None: plain process tracking
+        (docs/sandbox.rst)."""
+        try:
+            with open("/sys/fs/cgroup/cgroup.controllers") as f:
+                v2 = "memory" in f.read().split()
+        except OSError:
+            v2 = False
+        if v2 and os.access("/sys/fs/cgroup/cgroup.procs", os.W_OK):
+            return "v2"
+        if os.access("/sys/fs/cgroup/memory/cgroup.procs", os.W_OK) and \
+                os.path.isdir("/sys/fs/cgroup/freezer"):
+            return "v1"
+        return None
+
+    @property
     def cgroups(self) -> bool:
-        """Slurm's cgroup plugins where this machine has a writable cgroup v1
-        memory controller (docs/sandbox.rst); plain process tracking else."""
-        return os.access("/sys/fs/cgroup/memory/cgroup.procs", os.W_OK) and \
-            os.path.isdir("/sys/fs/cgroup/freezer")
+        return self.cgroup_mode is not None
+
+    def _cgroup_conf(self) -> str:
+        """cgroup.conf for this machine's layout and Slurm release.  v2
+        without systemd: IgnoreSystemd=yes (Slurm makes its scopes by hand
+        under system.slice), and 23.x+ enables the controllers itself
+        (EnableControllers=yes); 22.05 had CgroupAutomount instead."""
+        head = ("# slurm-charlie sandbox: each slurmd gets its own tree\n"
+                "ConstrainCores=yes\nConstrainRAMSpace=yes\n"
+                "CgroupMountpoint=/sys/fs/cgroup\n")
+        if self.cgroup_mode == "v1":
+            return head + "# <controller>/slurm_<node>/uid_U/job_J/step_S\n" \
+                "CgroupPlugin=cgroup/v1\n"
+        text = head + "# system.slice/<node>_slurmstepd.scope/job_J/step_S/user/task_T\n" \
+            "CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\n"
+        return text + ("EnableControllers=yes\n" if slurm_version() >= (23, 2)
+                       else "CgroupAutomount=yes\n")
+
+    def _cgroup_v2_slice(self) -> None:
+        """v2 without systemd: system.slice, with the controllers the jobs'
+        limits need enabled on the way down (what systemd would do)."""
+        want = ("cpuset", "cpu", "memory", "pids")
+        base = "/sys/fs/cgroup"
+        os.makedirs(os.path.join(base, "system.slice"), exist_ok=True)
+        for path in (base, os.path.join(base, "system.slice")):
+            with open(os.path.join(path, "cgroup.controllers")) as f:
+                offered = f.read().split()
+            with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
+                f.write(" ".join(f"+{c}" for c in want if c in offered))
 
     def _vm_conf(self) -> str:
         """[vm]: the guest kernel and initrd copied where every user can read

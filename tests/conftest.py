@@ -26,7 +26,7 @@ def guest(cluster):
 #: the part of the suite each directory is, as markers (`pytest -m vm`,
 #: `make test PYTEST_ARGS="-m 'not vm'"`): vm needs the sandbox too
 PARTS = {"unit": (), "cluster": ("cluster",), "adversarial": ("cluster", "adversarial"),
-         "vm": ("cluster", "vm")}
+         "vm": ("cluster", "vm"), "trixie": ("cluster", "trixie")}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -63,7 +63,11 @@ srun -N1 -n1 --chdir=/tmp pwd
     log = open(os.path.join(cluster.sb.state, "log", "charlie-node1.log")).read()
     # the holder joined the job's cgroup: wherever the machine has Slurm's
     # cgroup v1 controllers (these machines do), never skipped silently
-    if cluster.sb.cgroups or os.access("/sys/fs/cgroup/memory/cgroup.procs", os.W_OK):
+    if cluster.sb.cgroup_mode == "v2":  # the Debian 13 lane
+        assert re.search(rf"job {jobid}: info: holder in the job's cgroups "
+                         rf"/sys/fs/cgroup/system.slice/node1_slurmstepd.scope/job_{jobid}/"
+                         "charlie", log), log[-2000:]
+    elif cluster.sb.cgroups or os.access("/sys/fs/cgroup/memory/cgroup.procs", os.W_OK):
         assert re.search(rf"job {jobid}: info: holder in the job's cgroups "
                          rf"/sys/fs/cgroup/memory/slurm_node1/uid_{uid}/job_{jobid}/step_extern/task_0",
                          log), log[-2000:]
@@ -108,6 +112,10 @@ def test_another_jobs_end_leaves_my_container_alone(cluster, images):
                                    "--wrap", "srun cat /MARKER"])
     assert p.returncode == 0, p.stderr
     cluster.wait_done(job_b)  # B has ended (epilog included) while A ran
+    if cluster.sb.cgroups:  # root's view of A while it runs: what its holder used
+        st = cluster.run([cluster.sb.charlie_bin(), "status", "--node", "node1"])
+        assert re.search(rf"^{job_a}\ttype=container\tphase=started\tcpu=\d+\.\ds\t"
+                         r"mem_peak=[1-9]\d*MiB$", st.stdout, re.M), st.stdout
     cluster.write(os.path.join(wd, "b-done"), "")
     info = cluster.wait_done(job_a, timeout=60)
     out = open(os.path.join(wd, "a.out")).read()

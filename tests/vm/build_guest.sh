@@ -26,6 +26,10 @@ if [ ! -e vmlinuz ]; then
     rm -rf kernel ./*.deb
     apt-get download -q "$pkg" 2>&1 | grep -v unsandboxed || true
     dpkg-deb -x ./"$pkg"_*.deb kernel
+    # Debian 13's kernel packages ship /usr/lib/modules (merged /usr)
+    if [ ! -e kernel/lib/modules ] && [ -d kernel/usr/lib/modules ]; then
+        mkdir -p kernel/lib && ln -s ../usr/lib/modules kernel/lib/modules
+    fi
     kv=$(ls kernel/lib/modules)
     depmod -b kernel "$kv"
     rm -f ./*.deb

@@ -1,0 +1,93 @@
+"""Inside the Debian 13 lane node (run by tests/trixie/init.sh as PID 1's
+child): the project's own sandbox on Slurm 24.11 with cgroup/v2, then the
+lane's tests.  The checkout is /src (read-only), results go to /out.
+
+Python from Debian (jinja2, filelock, pytest): a venv with the system's
+site packages and a .pth for /src stands in for `pip install -e`, which
+would write into the read-only checkout."""
+
+import os
+import subprocess
+import sys
+import time
+
+SRC, OUT = "/src", "/out"
+VENV = "/opt/charlie-venv"
+ARGS = os.path.join(OUT, "pytest-args")
+#: tests/vm/build_guest.sh's output for Debian 13 (tests/trixie/build.sh)
+GUEST = "/opt/charlie-guest"
+#: the lane's tests unless make test-trixie TRIXIE_ARGS=... names others:
+#: the v2 tests and the container part of the cluster suite
+DEFAULT_TESTS = ["tests/trixie", "tests/cluster/test_container.py"]
+
+
+def sh(argv, **kw):
+    print("+", " ".join(argv), flush=True)
+    return subprocess.run(argv, **kw)
+
+
+def venv() -> str:
+    """A venv whose slurm-charlie runs the shared checkout."""
+    if not os.path.exists(os.path.join(VENV, "bin", "python3")):
+        sh([sys.executable, "-m", "venv", "--system-site-packages", VENV], check=True)
+    purelib = subprocess.run([os.path.join(VENV, "bin", "python3"), "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "slurm_charlie_src.pth"), "w") as f:
+        f.write(SRC + "\n")
+    exe = os.path.join(VENV, "bin", "slurm-charlie")
+    with open(exe, "w") as f:
+        f.write(f"#!{VENV}/bin/python3\nimport sys\nfrom slurm_charlie.cli import main\n"
+                "sys.exit(main())\n")
+    os.chmod(exe, 0o755)
+    os.chmod(VENV, 0o755)
+    return exe
+
+
+def shim() -> str:
+    """`make deps shim` as on a Debian 13 host, in a copy of the Makefile
+    and spank/ (the checkout is read-only): every package of the list is
+    there (tests/trixie/build.sh installed the same list), and the shim
+    builds with -Werror against this node's Slurm 24.11 headers."""
+    work = "/tmp/charlie-src"
+    sh(["rm", "-rf", work])
+    os.makedirs(work)
+    sh(["cp", "-a", os.path.join(SRC, "Makefile"), os.path.join(SRC, "spank"), work],
+       check=True)
+    sh(["rm", "-f", *[os.path.join(work, "spank", f) for f in os.listdir(
+        os.path.join(work, "spank")) if f.endswith(".so")]], check=True)
+    sh(["make", "-C", work, "CACHE=/tmp/charlie-cache", "deps", "shim"], check=True)
+    so = "/opt/charlie-shim/charlie.so"
+    os.makedirs(os.path.dirname(so), exist_ok=True)
+    sh(["cp", os.path.join(work, "spank", "charlie.so"), so], check=True)
+    return so
+
+
+def main() -> int:
+    t0 = time.monotonic()
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    os.environ["CHARLIE_SANDBOX_SO"] = shim()
+    print(open("/etc/debian_version").read().strip(), os.uname().release, flush=True)
+    sh(["slurmd", "-V"])
+    exe = venv()
+    state = "/run/slurm-charlie-sandbox"
+    up = sh([exe, "sandbox", "up", "--nodes", "3", "--guest-dir", GUEST], cwd=SRC)
+    print(f"sandbox up: rc={up.returncode} after {time.monotonic() - t0:.0f} s", flush=True)
+    rc = up.returncode
+    if rc == 0:
+        args = open(ARGS).read().split() if os.path.exists(ARGS) else DEFAULT_TESTS
+        env = {**os.environ, "PYTHONPATH": os.path.join(SRC, "tests")}
+        rc = sh([os.path.join(VENV, "bin", "python3"), "-m", "pytest", "-p",
+                 "no:cacheprovider", "-ra", "--durations=15",
+                 f"--junitxml={OUT}/junit.xml", *args], cwd=SRC, env=env).returncode
+    logs = os.path.join(state, "log")
+    if os.path.isdir(logs):  # before `sandbox down` takes the state away
+        sh(["cp", "-r", logs, os.path.join(OUT, "sandbox-log")])
+    if up.returncode == 0:
+        sh([exe, "sandbox", "down"], cwd=SRC)
+    print(f"lane: rc={rc} after {time.monotonic() - t0:.0f} s", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""cgroup v2 on a node that really runs it: the Debian 13 lane (make
+test-trixie boots it; tests/trixie/lane.py runs these inside, against the
+project's sandbox on Slurm 24.11 with cgroup/v2).  On any other node they
+fail: the lane is the only place they mean something."""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from helpers.cluster import build_busybox_image
+from helpers.vm import wait_for
+
+SCOPE = "/sys/fs/cgroup/system.slice/{node}_slurmstepd.scope"
+
+
+@pytest.fixture(scope="module")
+def v2(cluster):
+    assert cluster.sb.cgroup_mode == "v2", "the v2 tests run on a cgroup v2 node " \
+        "(make test-trixie)"
+    assert os.path.isdir(SCOPE.format(node="node1")), os.listdir("/sys/fs/cgroup/system.slice")
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def images(v2):
+    base = os.path.join(v2.home, "charlie-tests", "images")
+    os.makedirs(base, exist_ok=True)
+    bb = build_busybox_image(os.path.join(base, "bb"))
+    sqfs = os.path.join(base, "bb.sqfs")
+    if not os.path.exists(sqfs):
+        subprocess.run(["mksquashfs", bb, sqfs, "-quiet", "-no-progress", "-all-root"],
+                       check=True, capture_output=True)
+        os.chmod(sqfs, 0o644)
+    return {"bb": bb, "sqfs": sqfs}
+
+
+def _log(cluster, node="node1"):
+    return open(os.path.join(cluster.sb.state, "log", f"charlie-{node}.log")).read()
+
+
+def _drained(cluster):
+    return [n for n, s in cluster.sb.node_states().items() if "drain" in s or "down" in s]
+
+
+def test_doctor_names_the_v2_layout(v2):
+    p = v2.run([v2.sb.charlie_bin(), "doctor", "--node", "node1"], timeout=300)
+    scope = SCOPE.format(node="node1")
+    assert re.search(r"^ok    cgroups: mounts: v2; cgroup.conf: CgroupPlugin=cgroup/v2; "
+                     rf"layout v2, scope {re.escape(scope)} \(root's processes go to "
+                     r"job_J/charlie\)", p.stdout, re.M), p.stdout
+
+
+def test_holder_and_fuse_server_live_under_the_job_cgroup(v2, images):
+    """A squashfs image (mounted by squashfuse, a FUSE server) with
+    --mem=256M: the holder and the FUSE server are in job_J/charlie with the
+    job's memory.max above them; status shows their usage; after the job
+    nothing is left (process, cgroup, mount, job directory)."""
+    wd = v2.workdir("v2-place")
+    go = os.path.join(wd, "go")
+    v2.write(os.path.join(wd, "job.sh"), """#!/bin/sh
+srun -N1 -n1 sh -c 'echo INSIDE $(cat /MARKER); while [ ! -e /ch/data1/go ]; do sleep 0.2; done'
+""")
+    p = v2.as_user(["sbatch", "--parsable", "-N1", "-w", "node1", "--mem=256M",
+                    f"--charlie-image={images['sqfs']}", "--charlie-dir=.", "-o", "job.out",
+                    "job.sh"], wd)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip()
+    scope = SCOPE.format(node="node1")
+    leaf = os.path.join(scope, f"job_{job}", "charlie")
+    try:
+        wait_for(lambda: "INSIDE" in _read(os.path.join(wd, "job.out")), "the task", 300)
+        pids = open(os.path.join(leaf, "cgroup.procs")).read().split()
+        comms = {open(f"/proc/{pid}/comm").read().strip() for pid in pids}
+        assert "squashfuse" in comms or "squashfuse_ll" in comms, comms
+        assert comms & {"ch-run", "sh", "sleep", "busybox"}, comms
+        for pid in pids:
+            assert open(f"/proc/{pid}/cgroup").read().strip() == \
+                f"0::/system.slice/node1_slurmstepd.scope/job_{job}/charlie"
+        assert int(open(os.path.join(scope, f"job_{job}", "memory.max")).read()) == 256 << 20
+        # the leaf has its own memory and CPU accounting (enabled below job_J)
+        enabled = open(os.path.join(scope, f"job_{job}", "cgroup.subtree_control")).read()
+        assert {"memory", "cpu", "cpuset"} <= set(enabled.split()), enabled
+        assert int(open(os.path.join(leaf, "memory.peak")).read()) > 0
+        # no process in an inner cgroup: job_J itself holds none
+        assert open(os.path.join(scope, f"job_{job}", "cgroup.procs")).read() == ""
+        st = v2.run([v2.sb.charlie_bin(), "status", "--node", "node1"])
+        assert re.search(rf"^{job}\ttype=container\tphase=started\tcpu=\d+\.\ds\t"
+                         r"mem_peak=[1-9]\d*MiB$", st.stdout, re.M), st.stdout
+    finally:
+        v2.write(go, "", 0o644)
+    info = v2.wait_done(job, timeout=300)
+    assert info["JobState"] == "COMPLETED", info
+    log = _log(v2)
+    assert f"job {job}: info: holder in the job's cgroups {leaf}" in log, log[-3000:]
+    assert re.search(rf"job {job}: info: container: holder \d+ still running at the "
+                     r"job's end; stopping it", log), log[-3000:]
+    assert re.search(rf"job {job}: info: in the job's cgroup, the container used "
+                     r"[\d.]+ s CPU, peak memory \d+ MiB", log), log[-3000:]
+    wait_for(lambda: not os.path.exists(os.path.join(scope, f"job_{job}")),
+                "the job's cgroup to go", 30)
+    assert v2.job_dirs() == [] and v2.user_processes() == []
+    mounts = open("/proc/self/mountinfo").read()
+    assert "squashfuse" not in mounts and f"/{job}/" not in mounts, mounts
+
+
+def _read(path):
+    try:
+        return open(path).read()
+    except OSError:
+        return ""
+
+
+def test_memory_limit_kills_only_that_job(v2, images):
+    """--mem=256M and a task that touches 512 MiB: the job's limit (on
+    job_J, above the step and our leaf) ends it; no node is drained and the
+    next job on the node runs."""
+    wd = v2.workdir("v2-oom")
+    p, job = v2.sbatch(wd, ["-N1", "-w", "node2", "--mem=256M",
+                            f"--charlie-image={images['bb']}", "-o", "oom.out", "--wrap",
+                            "srun dd if=/dev/zero of=/dev/null bs=512M count=1; "
+                            "echo STEP-RC=$?"], timeout=300)
+    out = _read(os.path.join(wd, "oom.out"))
+    rc = re.search(r"STEP-RC=(\d+)", out)
+    assert rc and rc.group(1) != "0", out
+    assert re.search(r"oom|Killed|out of memory|OUT_OF_MEMORY", out, re.I), out
+    assert _drained(v2) == []
+    p, job2 = v2.sbatch(wd, ["-N1", "-w", "node2", "--mem=256M",
+                             f"--charlie-image={images['bb']}", "-o", "ok.out", "--wrap",
+                             "srun cat /MARKER"], timeout=300)
+    assert p.returncode == 0 and "inside-the-image" in _read(os.path.join(wd, "ok.out"))
+    assert not os.path.exists(os.path.join(SCOPE.format(node="node2"), f"job_{job}"))
+
+
+def test_reconcile_removes_a_planted_leftover_job_cgroup(v2):
+    scope = SCOPE.format(node="node3")
+    planted = os.path.join(scope, "job_999999")
+    os.makedirs(os.path.join(planted, "charlie"))
+    p = v2.run([v2.sb.charlie_bin(), "reconcile", "--node", "node3", "--min-age", "0"])
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert not os.path.exists(planted), os.listdir(scope)
+
+
+def test_run_in_job_is_refused_with_its_fix(v2, images):
+    """PrologFlags=RunInJob (Slurm 24.05+) runs the prolog inside the
+    extern step, whose end would kill the guests before the epilog: doctor
+    fails it, and a charlie job's prolog drains the node with a reason that
+    names the flag and the fix."""
+    conf = v2.sb.conf
+    saved = open(conf).read()
+    flags = v2.sb.prolog_flags
+    assert f"PrologFlags={flags}\n" in saved
+    wd = v2.workdir("v2-runinjob")
+    try:
+        with open(conf, "w") as f:
+            f.write(saved.replace(f"PrologFlags={flags}\n", "PrologFlags=Alloc,Contain,RunInJob\n"))
+        assert v2.run(["scontrol", "reconfigure"]).returncode == 0
+        wait_for(lambda: "RunInJob" in v2.run(["scontrol", "show", "config"]).stdout,
+                 "slurmctld to take RunInJob", 60)
+        v2.wait_nodes_idle(60)
+        p = v2.run([v2.sb.charlie_bin(), "doctor", "--node", "node3"], timeout=300)
+        assert re.search(r"^FAIL  cgroups: PrologFlags=\S*RunInJob\S*: the prolog runs inside "
+                         r"the extern step", p.stdout, re.M), p.stdout
+        assert "remove RunInJob from PrologFlags" in p.stdout
+        p, job = v2.sbatch(wd, ["-N1", "-w", "node3", "--no-requeue", "-o", "job.out",
+                                f"--charlie-image={images['bb']}", "--wrap", "srun true"],
+                           timeout=300)
+        assert p.returncode != 0
+        reasons = v2.run(["sinfo", "-h", "-R", "-o", "%N|%E"]).stdout
+        assert re.search(r"node3\|slurm-charlie: PrologFlags: RunInJob runs the prolog inside",
+                         reasons), reasons
+        log = _log(v2, "node3")
+        assert "hint: remove RunInJob from PrologFlags in slurm.conf" in log, log[-2000:]
+    finally:
+        with open(conf, "w") as f:
+            f.write(saved)
+        v2.run(["scontrol", "reconfigure"])
+        wait_for(lambda: "RunInJob" not in v2.run(["scontrol", "show", "config"]).stdout,
+                 "slurmctld to drop RunInJob", 60)
+        v2.resume_until_stable("node3")
