@@ -15,7 +15,7 @@ APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
 	docker-registry skopeo umoci squashfuse apache2-utils zstd
 
 TRIXIE_ARGS ?=
-.PHONY: all guest trixie-node test-trixie print-apt-packages deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench churn \
+.PHONY: all guest trixie-node test-trixie test-trixie-vm print-apt-packages deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench churn \
 	docs docs-gen clean
 
 all: shim venv
@@ -87,6 +87,9 @@ $(TRIXIE)/node.qcow2: tests/trixie/build.sh | venv
 	sh tests/trixie/build.sh $(TRIXIE) $(abspath $(SB))
 test-trixie: trixie-node
 	$(PYTHON_SYS) tests/trixie/run.py $(TRIXIE) $(TRIXIE_ARGS)
+# one VM job inside the lane node: tcg inside tcg, too slow for make test
+test-trixie-vm: trixie-node
+	CHARLIE_TRIXIE_TIMEOUT=3600 $(PYTHON_SYS) tests/trixie/run.py $(TRIXIE) tests/trixie/nested
 
 # the sandbox's registry gets two stock images (busybox, debian-mpi), built
 # once into an OCI layout under $(CACHE)/images (tests/helpers/registry.py)

@@ -70,9 +70,9 @@ def undo(cfg: config.Config, paths: layout.JobPaths,
         if rec is not None:
             used = asroot.cgroup_usage(ctx.node, user.uid, paths.job_id)
             if used:
-                log.info("in the job's cgroup, %s used %.1f s CPU, peak memory %d MiB",
+                log.info("in the job's cgroup, %s used %.1f s CPU, peak memory %.1f MiB",
                          "QEMU" if rec.type == "vm" else "the container",
-                         used.get("cpu_ns", 0) / 1e9, used.get("memory_peak", 0) >> 20)
+                         used.get("cpu_ns", 0) / 1e9, used.get("memory_peak", 0) / 2 ** 20)
         busy = shm.user_busy_elsewhere(paths.root, paths.job_id, user.uid, ctx.node)
         if busy:
             log.info("/dev/shm left alone: %s", busy)

@@ -104,7 +104,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             u = asroot.cgroup_usage(node, rec.uid, job) if rec else {}
             if u:  # what root started for the job, from its cgroup
                 used = (f"\tcpu={u.get('cpu_ns', 0) / 1e9:.1f}s"
-                        f"\tmem_peak={u.get('memory_peak', 0) >> 20}MiB")
+                        f"\tmem_peak={u.get('memory_peak', 0) >> 10}KiB")
         else:
             st = state.read(layout.JobPaths(root, job).state) or {}
         print(f"{job}\ttype={st.get('type', '?')}\tphase={st.get('phase', '?')}{used}")

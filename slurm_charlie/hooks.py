@@ -89,12 +89,7 @@ def prolog_main(env: jobenv.Environ, background: bool = False,
             return 0  # not a charlie job
         at = lifecycle.Attempt(job_id, node)
         try:
-            if in_step:
-                raise NodeFault("PrologFlags", "RunInJob runs the prolog inside the job's "
-                                "extern step, whose end kills what it starts before the "
-                                "epilog can power guests off and commit", "RunInJob",
-                                hint="remove RunInJob from PrologFlags in slurm.conf "
-                                "(Alloc,Contain) and restart slurmctld and slurmd")
+            at.in_step = in_step
             lifecycle.prolog(env, raw, early, at, _setup_logging)
             if foreground_why:
                 log.warning("prolog: the node was prepared in the prolog itself "

@@ -33,6 +33,8 @@ class Attempt:
     cfg: config.Config | None = None
     user: User | None = None
     paths: layout.JobPaths | None = None
+    #: slurmstepd, not slurmd, runs the prolog (PrologFlags=RunInJob)
+    in_step: bool = False
 
 
 class Book:
@@ -69,6 +71,12 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
     cfg, paths = at.cfg, at.paths
     assert cfg is not None and paths is not None
     setup_logging(cfg, job.job_id, job.node_name)
+    if at.in_step:
+        raise NodeFault("PrologFlags", "RunInJob runs the prolog inside the job's "
+                        "extern step, whose end kills what it starts before the "
+                        "epilog can power guests off and commit", "RunInJob",
+                        hint="remove RunInJob from PrologFlags in slurm.conf "
+                        "(Alloc,Contain) and restart slurmctld and slurmd")
     nodes = tuple(hostlist.expand(job.nodelist))
     cpus = tuple(hostlist.expand_counts(job.cpus_per_node)) \
         if job.cpus_per_node else (1,) * len(nodes)

@@ -26,7 +26,8 @@ def guest(cluster):
 #: the part of the suite each directory is, as markers (`pytest -m vm`,
 #: `make test PYTEST_ARGS="-m 'not vm'"`): vm needs the sandbox too
 PARTS = {"unit": (), "cluster": ("cluster",), "adversarial": ("cluster", "adversarial"),
-         "vm": ("cluster", "vm"), "trixie": ("cluster", "trixie")}
+         "vm": ("cluster", "vm"), "trixie": ("cluster", "trixie"),
+         "nested": ("cluster", "trixie", "vm")}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -115,7 +115,7 @@ def test_another_jobs_end_leaves_my_container_alone(cluster, images):
     if cluster.sb.cgroups:  # root's view of A while it runs: what its holder used
         st = cluster.run([cluster.sb.charlie_bin(), "status", "--node", "node1"])
         assert re.search(rf"^{job_a}\ttype=container\tphase=started\tcpu=\d+\.\ds\t"
-                         r"mem_peak=[1-9]\d*MiB$", st.stdout, re.M), st.stdout
+                         r"mem_peak=[1-9]\d*KiB$", st.stdout, re.M), st.stdout
     cluster.write(os.path.join(wd, "b-done"), "")
     info = cluster.wait_done(job_a, timeout=60)
     out = open(os.path.join(wd, "a.out")).read()
