@@ -32,6 +32,20 @@ class Context:
         if self.on_spawn is not None:
             self.on_spawn(rec)
 
+    def spawned_in_job(self, joined: list[str],
+                       memory_limit_mib: int | None = None) -> Callable[[Any], None]:
+        """A record callback for asroot.spawn: record the process, then move
+        it into the job's cgroup while it still waits at the spawn gate, so
+        that everything it runs is charged there from its first page (cgroup
+        v2 never moves a charge; its children, the FUSE servers, inherit
+        the place).  joined gets the cgroups it entered."""
+        def record(rec: Any) -> None:
+            from .. import asroot
+            self.spawned(rec)
+            joined[:] = asroot.join_job_cgroup(self.node, rec, self.job_id,
+                                               self.guest_id, memory_limit_mib)
+        return record
+
 
 class Backend:
     name = "?"

@@ -442,8 +442,10 @@ class ContainerBackend(Backend):
             raise UserError("job directory", "cannot open", holder_log,
                             hint="was out/ changed while the job started?")
         host_mnt = ns_inode("self", "mnt")
+        joined: list[str] = []
         try:
-            proc, rec = asroot.spawn(ctx.user, argv, fd, "holder", ctx.spawned)
+            proc, rec = asroot.spawn(ctx.user, argv, fd, "holder",
+                                     ctx.spawned_in_job(joined))
         except NodeFault:
             raise NodeFault("container.runtime", "not found", runtime,
                             hint="install charliecloud-runtime or fix "
@@ -497,8 +499,7 @@ class ContainerBackend(Backend):
             asroot.join_job_cgroup(ctx.node, fuse, ctx.job_id, ctx.guest_id)
         rec = dataclasses.replace(rec, pid=holder, start=starttime(holder) or 0, mntns=mnt or 0,
                                   exe=procfs.exe_of(holder) or rec.exe)
-        ctx.spawned(rec)
-        joined = asroot.join_job_cgroup(ctx.node, rec, ctx.job_id, ctx.guest_id)
+        ctx.spawned(rec)  # the same pid, now the image's /bin/sh: joined at its gate
         if joined:
             log.info("holder in the job's cgroups %s", " ".join(joined))
         info = {"holder_mntns": mnt, "holder_userns": ns_inode(holder, "user"),

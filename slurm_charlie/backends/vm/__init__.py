@@ -103,12 +103,12 @@ class VMBackend(Backend):
             if fd is None:
                 raise UserError("job directory", "cannot open", p["qemu_log"],
                                 hint="was out/ changed while the job started?")
-            proc, rec = asroot.spawn(ctx.user, argv, fd, "qemu", ctx.spawned,
-                                     pass_fds=net_fds)
+            joined: list[str] = []
+            proc, rec = asroot.spawn(ctx.user, argv, fd, "qemu",
+                                     ctx.spawned_in_job(joined, job_mib), pass_fds=net_fds)
         finally:
             for f in ([fd] if fd is not None else []) + net_fds:
                 os.close(f)  # QEMU holds the TAP now: it goes away with QEMU
-        joined = asroot.join_job_cgroup(ctx.node, rec, ctx.job_id, ctx.guest_id, job_mib)
         if joined:
             log.info("guest %d: QEMU in the job's cgroups %s", n, " ".join(joined))
         info = {**net_facts, "guest": n, "image": ctx.opts.image, "format": fmt,
