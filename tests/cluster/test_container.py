@@ -81,12 +81,14 @@ def test_scancel_leaves_nothing(cluster, images):
                          "-o", "job.out", "--wrap", "srun -N3 sleep 300"], wd)
     assert p.returncode == 0, p.stderr
     jobid = p.stdout.strip()
+    def sleeps():  # the tasks themselves ("PID [S] sleep 300"), not srun or the script
+        return sum(bool(re.search(r"\] (\S*/)?sleep 300\s*$", c))
+                   for c in cluster.user_processes(timeout=0))
     try:  # the sleeps up on all 3 nodes: seconds here, minutes in the Debian 13 lane
         end = time.monotonic() + 240
-        while time.monotonic() < end and sum(
-                "sleep 300" in c for c in cluster.user_processes(timeout=0)) < 3:
+        while time.monotonic() < end and sleeps() < 3:
             time.sleep(0.2)
-        assert sum("sleep 300" in c for c in cluster.user_processes(timeout=0)) == 3
+        assert sleeps() == 3, cluster.user_processes(timeout=0)
     finally:  # a failure here must not leave the nodes busy for later tests
         cluster.run(["scancel", jobid], check=True)
     cluster.wait_done(jobid, timeout=120)
