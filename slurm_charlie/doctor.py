@@ -12,7 +12,7 @@ from typing import Callable
 
 from . import asroot, config, layout, reconcile
 from .errors import CharlieError
-from .proc import User, run, slurm_tool
+from .proc import User, run, slurm_conf_keys, slurm_tool
 from .procfs import fd_targets
 
 Result = tuple[str, str, str | None]   # status (ok|warn|FAIL), seen, fix
@@ -244,7 +244,7 @@ def _mpi(cfg: config.Config) -> Result:
             "install Slurm's MPI plugins or change container.default_mpi (FAQ: MPI " \
             "ranks all say \"rank 0 of 1\")"
     if "pmix" in offered:
-        fence = _mpi_conf().get("pmixcollfence", "mixed (the default)")
+        fence = slurm_conf_keys("mpi.conf").get("pmixcollfence", "mixed (the default)")
         if fence.lower() != "ring":
             return "warn", f"PMIx: PMIxCollFence={fence}", \
                 "PMIxCollFence=ring in mpi.conf beside slurm.conf, then restart slurmd: " \
@@ -253,21 +253,6 @@ def _mpi(cfg: config.Config) -> Result:
                 "segfaults (admin guide, \"MPI\")"
     return "ok", "srun --mpi=list offers " + ", ".join(dict.fromkeys(
         w for w in offered if w in ("pmi2", "pmix", "pmix_v4", "pmix_v5"))), None
-
-
-def _mpi_conf() -> dict[str, str]:
-    """mpi.conf beside $SLURM_CONF, keys lower-cased; {} without."""
-    conf = os.environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
-    out = {}
-    try:
-        with open(os.path.join(os.path.dirname(conf), "mpi.conf")) as f:
-            for line in f:
-                key, eq, value = line.split("#", 1)[0].strip().partition("=")
-                if eq:
-                    out[key.strip().lower()] = value.strip()
-    except OSError:
-        pass
-    return out
 
 
 def _leftovers(cfg: config.Config, node: str) -> Result:

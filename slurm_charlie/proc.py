@@ -36,6 +36,25 @@ def system_tool(name: str) -> str | None:
     return shutil.which(name, path=SYSTEM_PATH)
 
 
+def slurm_conf_keys(name: str, environ=None) -> dict[str, str]:
+    """KEY=VALUE lines of Slurm's file `name` (cgroup.conf, mpi.conf) beside
+    the slurm.conf slurmd reads ($SLURM_CONF, which slurmd also sets for
+    the prolog and epilog); keys lower-cased, comments dropped; {} without
+    the file."""
+    environ = os.environ if environ is None else environ
+    conf = environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
+    out: dict[str, str] = {}
+    try:
+        with open(os.path.join(os.path.dirname(conf), name)) as f:
+            for line in f:
+                key, eq, value = line.split("#", 1)[0].strip().partition("=")
+                if eq:
+                    out[key.strip().lower()] = value.strip()
+    except OSError:
+        pass
+    return out
+
+
 def slurm_tool(name: str) -> str:
     """Slurm's command `name` (srun, scontrol, squeue, sinfo): found on the
     PATH slurmd (or the user) passes on, where a site installs Slurm, else

@@ -39,6 +39,7 @@ import time
 from .. import layout as names
 from ..errors import NodeFault, UserError
 from ..log import log
+from ..proc import slurm_conf_keys
 from ..procfs import is_zombie
 from .procs import _pidfd, matches
 from .records import ProcRecord
@@ -58,22 +59,8 @@ V2_CONTROLLERS = ("cpuset", "cpu", "memory", "pids")
 # -- what Slurm says -----------------------------------------------------------
 
 def slurm_cgroup_conf(environ=None) -> dict[str, str]:
-    """cgroup.conf beside the slurm.conf slurmd reads ($SLURM_CONF, which
-    slurmd sets for the prolog and epilog), keys lower-cased; {} without."""
-    environ = os.environ if environ is None else environ
-    conf = environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
-    path = os.path.join(os.path.dirname(conf), "cgroup.conf")
-    out: dict[str, str] = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                line = line.split("#", 1)[0].strip()
-                key, eq, value = line.partition("=")
-                if eq:
-                    out[key.strip().lower()] = value.strip()
-    except OSError:
-        pass
-    return out
+    """cgroup.conf beside $SLURM_CONF, keys lower-cased; {} without."""
+    return slurm_conf_keys("cgroup.conf", environ)
 
 
 def mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, str]:
