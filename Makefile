@@ -59,8 +59,7 @@ APT_OPTS = -o Dir::Etc::sourcelist=$(abspath $(OTHER_APT))/sources.list -o Dir::
 	-o Debug::NoLocking=1 -q
 $(OTHER_INC)/slurm/spank.h:
 	@mkdir -p $(OTHER_APT)/lists/partial $(OTHER_APT)/cache/archives/partial
-	@mirror=$$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1); \
-	[ -n "$$mirror" ] || mirror=$$(awk '$$1=="deb" && $$0 !~ /security/ {print $$2; exit}' /etc/apt/sources.list); \
+	@mirror=$$(tests/debian-mirror.sh) && \
 	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $$mirror $(OTHER_SUITE) main" > $(OTHER_APT)/sources.list
 	apt-get $(APT_OPTS) update >/dev/null
 	cd $(OTHER_APT) && rm -f libslurm-dev_*.deb && apt-get $(APT_OPTS) download libslurm-dev 2>&1 | grep -v unsandboxed || true

@@ -18,8 +18,7 @@ if [ "$(cat node.version 2>/dev/null)" = "$NODE_VERSION" ] && [ -e node.qcow2 ] 
     exit 0
 fi
 rm -f node.qcow2 vmlinux initrd.img node.version
-mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1)
-[ -n "$mirror" ] || mirror=$(awk '$1=="deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
+mirror=$("$SRC/tests/debian-mirror.sh")
 rm -rf rootfs
 # what `make deps` installs on a Debian 13 host, plus the node's kernel and
 # the Python packages the lane uses instead of a venv from PyPI

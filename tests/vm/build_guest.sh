@@ -17,8 +17,7 @@ if [ "$(cat guest.version 2>/dev/null)" != "$GUEST_VERSION" ] || [ ! -e debian.s
     rm -f guest.qcow2 guest-boot.qcow2
 fi
 . /etc/os-release
-mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1)
-[ -n "$mirror" ] || mirror=$(awk '$1=="deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
+mirror=$("$SRC/debian-mirror.sh")
 
 if [ ! -e vmlinuz ]; then
     pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
