@@ -60,9 +60,20 @@ def _tls(registry: str | None, insecure: list[str]) -> list[str]:
 
 
 def _skopeo_error(p) -> str:
+    """skopeo's reason, once: the msg of its last log line, its quotes
+    unescaped (it logs `msg="Error parsing image name \\"docker://...\\""`)."""
     lines = [ln for ln in p.stderr.decode(errors="replace").strip().splitlines() if ln]
     text = lines[-1] if lines else f"skopeo exited with {p.returncode}"
-    return re.sub(r'^time="[^"]*" level=\w+ msg="(.*)"$', r"\1", text)[-300:]
+    m = re.match(r'^time="[^"]*" level=\w+ msg="(.*)"$', text)
+    if m:
+        text = m.group(1).replace('\\"', '"')
+    return text[-300:]
+
+
+#: what skopeo says when the registry wants credentials it did not get or
+#: did not accept: "unauthorized" (Debian 12's skopeo 1.9) and
+#: "authentication required" (Debian 13's)
+_LOGIN = re.compile(r"unauthorized|authentication required", re.I)
 
 
 def pin(ref: str, insecure: list[str], timeout: float = 60) -> str:
@@ -73,8 +84,16 @@ def pin(ref: str, insecure: list[str], timeout: float = 60) -> str:
     p = run(["skopeo", "inspect", "--raw", *_tls(parts["registry"], insecure), ref],
             timeout=timeout, check=False)
     if p.returncode != 0:
-        raise UserError("--charlie-image", f"cannot find the image in its registry: "
-                        f"{_skopeo_error(p)}", ref,
+        why = _skopeo_error(p)
+        if _LOGIN.search(why):
+            registry = parts["registry"] or "docker.io"
+            raise UserError("--charlie-image", f"the registry {registry} wants a login "
+                            f"(skopeo: {why})", ref,
+                            hint="log in as yourself where the nodes can read it: "
+                            "skopeo login --authfile ~/.config/containers/auth.json "
+                            f"{registry} (again if the password changed)")
+        raise UserError("--charlie-image", f"cannot find the image in its registry "
+                        f"(skopeo: {why})", ref,
                         hint="check the name and tag; for a private registry log in "
                         "first (skopeo login REGISTRY), the job uses your credentials")
     if not p.stdout.strip().startswith(b"{"):

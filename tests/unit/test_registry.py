@@ -87,3 +87,34 @@ def test_a_pull_that_times_out_tells_the_waiting_nodes(tmp_path, monkeypatch):
         registry.fetch(pinned, str(tmp_path), True, [], 5)
     with pytest.raises(UserError, match="could not pull the image: .*did not finish"):
         registry.fetch(pinned, str(tmp_path), False, [], 5)
+
+
+@pytest.mark.parametrize("said,login", [
+    # skopeo 1.9 (Debian 12) and a later one (Debian 13, seen in the lane)
+    ('time="2026-12-06T18:58:01Z" level=fatal msg="Error parsing image name '
+     '\\"docker://r:5001/charlie/busybox:latest\\": reading manifest latest in '
+     'r:5001/charlie/busybox: unauthorized: authentication required"', True),
+    ('time="2026-12-06T18:58:01Z" level=fatal msg="Error parsing image name '
+     '\\"docker://r:5001/charlie/busybox:latest\\": reading manifest latest in '
+     'r:5001/charlie/busybox: authentication required"', True),
+    ('time="2026-12-06T18:58:01Z" level=fatal msg="Error parsing image name '
+     '\\"docker://r:5001/charlie/busybox:nope\\": reading manifest nope in '
+     'r:5001/charlie/busybox: manifest unknown"', False),
+])
+def test_registry_refusals_read_once_and_name_the_login(monkeypatch, said, login):
+    """pin() as the submit check runs it, skopeo faked: its reason quoted
+    once (no \\" left), and a refused login told apart from a missing tag."""
+    class Done:
+        returncode, stdout, stderr = 1, b"", said.encode() + b"\n"
+    monkeypatch.setattr(registry, "run", lambda *a, **kw: Done())
+    with pytest.raises(UserError) as e:
+        registry.pin("docker://r:5001/charlie/busybox:latest", [])
+    text = str(e.value)
+    assert '\\"' not in text and '"docker://r:5001/charlie/busybox:' in text
+    if login:
+        assert "the registry r:5001 wants a login (skopeo: Error parsing" in text
+        assert ("skopeo login --authfile ~/.config/containers/auth.json r:5001"
+                in e.value.hint)
+    else:
+        assert "cannot find the image in its registry (skopeo: Error parsing" in text
+        assert "manifest unknown" in text
