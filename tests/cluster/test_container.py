@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 import time
 
 import pytest
@@ -75,20 +76,27 @@ srun -N1 -n1 --chdir=/tmp pwd
     assert cluster.job_dirs() == [] and cluster.user_processes() == []
 
 
+def _wait_for_sleeps(cluster, n: int) -> None:
+    """Until n tasks `sleep 300` run (the tasks themselves, "PID [S] sleep
+    300", not srun or the script): seconds here, minutes in the Debian 13
+    lane, so no fixed wait."""
+    def sleeps():
+        return sum(bool(re.search(r"\] (\S*/)?sleep 300\s*$", c))
+                   for c in cluster.user_processes(timeout=0))
+    end = time.monotonic() + 240
+    while time.monotonic() < end and sleeps() < n:
+        time.sleep(0.2)
+    assert sleeps() == n, cluster.user_processes(timeout=0)
+
+
 def test_scancel_leaves_nothing(cluster, images):
     wd = cluster.workdir("container-scancel")
     p = cluster.as_user(["sbatch", "--parsable", "-N3", f"--charlie-image={images['bb']}",
                          "-o", "job.out", "--wrap", "srun -N3 sleep 300"], wd)
     assert p.returncode == 0, p.stderr
     jobid = p.stdout.strip()
-    def sleeps():  # the tasks themselves ("PID [S] sleep 300"), not srun or the script
-        return sum(bool(re.search(r"\] (\S*/)?sleep 300\s*$", c))
-                   for c in cluster.user_processes(timeout=0))
-    try:  # the sleeps up on all 3 nodes: seconds here, minutes in the Debian 13 lane
-        end = time.monotonic() + 240
-        while time.monotonic() < end and sleeps() < 3:
-            time.sleep(0.2)
-        assert sleeps() == 3, cluster.user_processes(timeout=0)
+    try:
+        _wait_for_sleeps(cluster, 3)
     finally:  # a failure here must not leave the nodes busy for later tests
         cluster.run(["scancel", jobid], check=True)
     cluster.wait_done(jobid, timeout=120)
@@ -306,7 +314,10 @@ def archives(cluster, images):
         "other": os.path.join(base, "other.tar.gz"),
     }
     subprocess.run(["tar", "-C", images["bb"], "-czf", out["tgz"], "."], check=True)
-    subprocess.run(["tar", "-C", parent, "-cJf", out["topdir"], name], check=True)
+    # xz by Python: xz-utils is not on every node (Debian 13's minbase has
+    # none), and the product reads archives with tarfile too
+    with tarfile.open(out["topdir"], "w:xz") as tar:
+        tar.add(images["bb"], arcname=name)
     subprocess.run(["tar", "-C", images["bb"], "-cf", out["tar"], "."], check=True)
     # the squashfs has every mount point, the nodes' TmpFS paths included
     # (as any image has /tmp where TmpFS=/tmp): ch-run mounts it as it is
@@ -574,7 +585,11 @@ def debian_image(cluster):
     return path
 
 
-OMPI_RUNS = 20
+#: 20 on the host (the flake this test caught showed 1 run in 20-100);
+#: the Debian 13 lane runs fewer (tests/trixie/lane.py): under software
+#: emulation one run of 6 ranks takes ~30 s, and the lane proves that Open
+#: MPI 5 works over Slurm 24.11's PMIx, not the odds of a rare race
+OMPI_RUNS = int(os.environ.get("CHARLIE_TEST_OMPI_RUNS", "20"))
 
 
 def test_open_mpi_over_pmix_in_containers(cluster, debian_image):
@@ -602,18 +617,18 @@ echo "OMPI-OK $ok"
 def _scancel_while_running(cluster, wd, image, running_ok=None):
     """A 2-node job of the image cancelled while its step runs: afterwards
     no process of the user and no job directory (running_ok() is checked
-    while it runs)."""
+    once both tasks run)."""
     q = cluster.as_user(["sbatch", "--parsable", "-N2", f"--charlie-image={image}", "-o",
                          "cancel.out", "--wrap", "srun sleep 300"], wd)
+    assert q.returncode == 0, q.stderr
     job = q.stdout.strip()
-    end = time.monotonic() + 60
-    while time.monotonic() < end and cluster.job(job).get("JobState") != "RUNNING":
-        time.sleep(0.2)
-    time.sleep(2)
-    if running_ok is not None:
-        assert running_ok()
-    cluster.run(["scancel", job], check=True)
-    cluster.wait_done(job)
+    try:
+        _wait_for_sleeps(cluster, 2)
+        if running_ok is not None:
+            assert running_ok()
+    finally:  # a failure here must not leave the nodes busy for later tests
+        cluster.run(["scancel", job], check=True)
+    cluster.wait_done(job, timeout=120)
     end = time.monotonic() + 30
     while time.monotonic() < end and (cluster.user_processes() or cluster.job_dirs()):
         time.sleep(0.2)
@@ -824,8 +839,12 @@ def test_private_registry_credentials(cluster, private_registry):
         os.unlink(auth)
     p = cluster.as_user(["sbatch", "-N1", f"--charlie-image={ref}", "--wrap", "true"], wd)
     assert p.returncode != 0 and "Submitted" not in p.stdout
-    assert "--charlie-image: cannot find the image in its registry" in p.stderr, p.stderr
-    assert "unauthorized" in p.stderr and "skopeo login" in p.stderr, p.stderr
+    # skopeo's own word for it differs by release ("unauthorized" on Debian
+    # 12, "authentication required" on 13): the message is ours, quoted once
+    assert f"--charlie-image: the registry {reg} wants a login (skopeo: " in p.stderr, p.stderr
+    assert ("hint: log in as yourself where the nodes can read it: skopeo login --authfile "
+            f"~/.config/containers/auth.json {reg}") in p.stderr, p.stderr
+    assert '\\"' not in p.stderr, p.stderr
     login = ["skopeo", "login", "--tls-verify=false", "--authfile", auth, "-u", "chuser",
              "--password-stdin", reg]
     cluster.as_user(["mkdir", "-p", os.path.dirname(auth)], wd)
@@ -837,7 +856,7 @@ def test_private_registry_credentials(cluster, private_registry):
     cluster.write(auth, '{"auths": {"%s": {"auth": "%s"}}}' % (reg, token), 0o600)
     cluster.run(["chown", "chuser:", auth], check=True)
     p = cluster.as_user(["sbatch", "-N1", f"--charlie-image={ref}", "--wrap", "true"], wd)
-    assert p.returncode != 0 and "unauthorized" in p.stderr, p.stderr
+    assert p.returncode != 0 and f"the registry {reg} wants a login" in p.stderr, p.stderr
     good = subprocess.run(["runuser", "-u", "chuser", "--", *login], input=PASSWORD + "\n",
                           capture_output=True, text=True, cwd=wd)
     assert good.returncode == 0, good.stderr
