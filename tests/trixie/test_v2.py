@@ -27,6 +27,30 @@ def test_doctor_names_the_v2_layout(v2):
                      r"job_J/charlie\)", p.stdout, re.M), p.stdout
 
 
+def test_doctor_names_a_controller_missing_below_the_jobs(v2, monkeypatch):
+    """The memory controller taken away below Slurm's scope (as on a node
+    whose cgroup.conf does not enable it): doctor's cgroup check warns,
+    naming the controller and the fix.  Its own function, on the real tree:
+    the whole doctor (a VM probe under tcg) takes a minute here."""
+    from slurm_charlie import doctor
+    monkeypatch.setenv("SLURM_CONF", v2.sb.conf)
+    scope = SCOPE.format(node="node1")
+    control = os.path.join(scope, "cgroup.subtree_control")
+    v2.wait_nodes_idle(60)  # no job below the scope uses memory.max now
+    assert "memory" in open(control).read().split()
+    with open(control, "w") as f:
+        f.write("-memory")
+    try:
+        status, text, hint = doctor._cgroups("node1")
+    finally:
+        with open(control, "w") as f:
+            f.write("+memory")
+    assert "memory" in open(control).read().split()
+    assert status == "warn", (status, text)
+    assert f"v2 scope {scope} does not enable memory below the jobs" in text, text
+    assert "EnableControllers=yes in cgroup.conf" in hint
+
+
 def test_holder_and_fuse_server_live_under_the_job_cgroup(v2, images):
     """A squashfs image (mounted by squashfuse, a FUSE server) with
     --mem=256M: the holder and the FUSE server are in job_J/charlie with the

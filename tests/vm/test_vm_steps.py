@@ -170,6 +170,24 @@ def _kib(text):
     return float(m.group(1)) * units[m.group(2)]
 
 
+def _helpers_on(job, node, uid):
+    """{command: pid} of the user's slurm-charlie helpers of this job on
+    this node (their command lines name the node's job run directory)."""
+    found = {}
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(f"/{node}/{job}/run/".encode() in c for c in cmd):
+            for name in (b"task-mux", b"ssh-relay"):
+                if name in cmd:
+                    found[name.decode()] = int(pid)
+    return found
+
+
 def _qemu_on(job, node):
     """The job's QEMU on a sandbox node (by its guest's name: chguN on nodeN+1)."""
     want = f"charlie-{job}-chgu{int(node[-1]) - 1}".encode()
@@ -189,6 +207,16 @@ def test_qemu_runs_inside_the_jobs_cgroup(cluster, shared):
     want = f"/slurm_node3/uid_{uid}/job_{job}/step_extern/task_2"  # node3: the job's node 2
     assert _cgroup_of(pid, "memory") == want
     assert _cgroup_of(pid, "cpuacct") == want
+    # the user's helpers root starts beside it (task multiplexer, ssh relay
+    # when the job has its network) join the same place at their spawn gate
+    helpers = _helpers_on(job, "node3", uid)
+    assert sorted(helpers) in (["task-mux"], ["ssh-relay", "task-mux"]), helpers
+    log = open(os.path.join(cluster.sb.state, "log", "charlie-node3.log")).read()
+    if re.search(rf"job {job}: info: guest 2: ssh through ", log):
+        assert "ssh-relay" in helpers, helpers
+    for name, hpid in helpers.items():
+        assert _cgroup_of(hpid, "memory") == want, name
+        assert _cgroup_of(hpid, "cpuacct") == want, name
     job_cg = f"/sys/fs/cgroup/memory/slurm_node3/uid_{uid}/job_{job}"
     assert int(open(f"{job_cg}/memory.limit_in_bytes").read()) == 2048 << 20
     rss = int(re.search(r"VmRSS:\s+(\d+) kB", open(f"/proc/{pid}/status").read())

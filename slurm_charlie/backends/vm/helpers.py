@@ -64,7 +64,9 @@ def start_relay(ctx: Context, netns: str, guest_ip: str) -> None:
         log.warning("guest %d: no ssh relay (cannot open its log)", n)
         return
     try:
-        proc = asroot.spawn_in_netns(ctx.user, netns, argv, fd, "relay", ctx.spawned)
+        # in the job's cgroup like QEMU: its limits and accounting cover it
+        proc = asroot.spawn_in_netns(ctx.user, netns, argv, fd, "relay",
+                                     ctx.spawned_in_job([]))
     finally:
         os.close(fd)
     outcome = asroot.wait_until_ready(
@@ -87,7 +89,7 @@ def start_mux(ctx: Context) -> None:
         raise UserError("job directory", "cannot open", f"{ctx.paths.out}/{n}_mux.log",
                         hint="was out/ changed while the job started?")
     try:
-        proc, _ = asroot.spawn(ctx.user, argv, fd, "mux", ctx.spawned)
+        proc, _ = asroot.spawn(ctx.user, argv, fd, "mux", ctx.spawned_in_job([]))
     finally:
         os.close(fd)
 

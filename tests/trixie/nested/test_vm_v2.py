@@ -5,9 +5,28 @@ itself emulated (tcg inside tcg), so slow: `make test-trixie-vm` runs it,
 import os
 import re
 
+from helpers.cluster import USER
 from helpers.vm import assert_clean, image_copy, qemu_pids, wait_for
 
 SCOPE = "/sys/fs/cgroup/system.slice/{node}_slurmstepd.scope"
+
+
+def _helpers(job, uid):
+    """Pids of the user's task-mux and ssh-relay of this job (their command
+    lines name the job's run directory); [] until the multiplexer runs."""
+    found, mux = [], False
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(f"/{job}/run/".encode() in c for c in cmd) and \
+                (b"task-mux" in cmd or b"ssh-relay" in cmd):
+            found.append(int(pid))
+            mux = mux or b"task-mux" in cmd
+    return found if mux else []
 
 
 def test_qemu_lives_under_the_job_cgroup_with_its_memory_limit(cluster, guest):
@@ -32,6 +51,13 @@ def test_qemu_lives_under_the_job_cgroup_with_its_memory_limit(cluster, guest):
         log_path = os.path.join(cluster.sb.state, "log", "charlie-node1.log")
         wait_for(lambda: f"job {job}: info: guest 0 ready" in open(log_path).read(),
                  "the guest to boot (tcg inside tcg)", 1500)
+        # the task multiplexer (and the ssh relay when the job has its
+        # network) are in the same leaf, joined at their spawn gate
+        uid = int(cluster.run(["id", "-u", USER]).stdout)
+        helpers = wait_for(lambda: _helpers(job, uid), "the task multiplexer", 300)
+        for pid in helpers:
+            assert open(f"/proc/{pid}/cgroup").read().strip() == \
+                f"0::/system.slice/node1_slurmstepd.scope/job_{job}/charlie"
     finally:
         cluster.write(go, "", 0o644)
     assert_clean(cluster, job)
