@@ -15,6 +15,35 @@ import os
 
 from . import PROG
 
+_ESCAPES: dict[int, str] = {}
+
+
+def _escapes() -> dict[int, str]:
+    """What must not reach a log line or a person's terminal as it is: C0
+    and C1 controls and DEL (newlines forge log lines, escapes drive
+    terminals), Unicode's line and paragraph separators, the bidirectional
+    overrides that make text read other than it is, and lone surrogates
+    (bytes that were not UTF-8, which a log file could not even encode).
+    Built on first use: the prolog hook imports this module before it forks
+    and must stay light (tests/unit/test_house.py)."""
+    if not _ESCAPES:
+        codes = [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029, *range(0x202a, 0x202f),
+                 *range(0x2066, 0x206a), *range(0xd800, 0xe000)]
+        _ESCAPES.update({c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in codes})
+        _ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+    return _ESCAPES
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """text as one line a person can read: every character of _escapes()
+    escaped (\\n, \\x1b, \\u202e), at most limit characters, and the cut
+    said.  For everything that may carry what a user, an image or a tool
+    wrote: root's log lines, the job's error messages."""
+    text = text.translate(_escapes())
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    return text
+
 
 class CharlieError(Exception):
     """Base of every error slurm-charlie reports to a person."""
@@ -65,12 +94,13 @@ class ConfigError(NodeFault):
 def format_message(err: CharlieError, jobid: str | int | None = None,
                    level: str = "error", pid: int | None = None) -> str:
     """Render ``slurm-charlie[pid]: job N: error: subject: problem: value``
-    plus a ``hint:`` line when the error has one."""
+    plus a ``hint:`` line when the error has one: two lines at most,
+    whatever the value holds (printable())."""
     pid = os.getpid() if pid is None else pid
     head = f"{PROG}[{pid}]: "
     if jobid is not None:
         head += f"job {jobid}: "
-    text = f"{head}{level}: {err.line()}"
+    text = f"{head}{level}: {printable(err.line())}"
     if err.hint:
-        text += f"\n{head}hint: {err.hint}"
+        text += f"\n{head}hint: {printable(err.hint)}"
     return text

@@ -10,6 +10,7 @@ import logging
 import os
 
 from . import PROG
+from .errors import printable
 
 log = logging.getLogger("slurm_charlie")
 
@@ -23,7 +24,9 @@ class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         job = f"job {self.job_id}: " if self.job_id else ""
         level = record.levelname.lower()
-        text = f"{PROG}[{record.process}]: {job}{level}: {record.getMessage()}"
+        # one line per event, whatever the message quotes (file names from
+        # images, option values, tool output): errors.printable
+        text = f"{PROG}[{record.process}]: {job}{level}: {printable(record.getMessage(), 4000)}"
         if self.with_time:
             text = self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + " " + text
         return text

@@ -194,6 +194,34 @@ def test_tarball_cannot_write_outside_its_image(cluster):
         settled(cluster)
 
 
+def test_names_from_an_image_forge_no_log_line(cluster):
+    """Trust round 2, class 4: a member name inside an archive image (the
+    image's author wrote it) reaches root's node log and the job's message
+    through the error that names it.  With a newline that starts a forged
+    log line, a terminal escape and a bidi override, root's log keeps one
+    line per event and both show the name escaped."""
+    wd = cluster.workdir("adv-logline")
+    forged = ("../x\n2026-12-06T00:00:00 slurm-charlie[1]: job 1: info: prolog done"
+              "\x1b[2J\u202e")
+    tgz = _tar(os.path.join(wd, "evil.tgz"), [("bin", "dir", None), (forged, "file", b"x")])
+    p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node1", f"--charlie-image={tgz}", "-o", "out",
+                                   "--wrap", "echo ran"])
+    out = open(os.path.join(wd, "out")).read()
+    assert p.returncode != 0 and "ran" not in out.split(), out
+    assert "unsafe tarball: member path with '..'" in out, out
+    assert "../x\\n2026-12-06T00:00:00 slurm-charlie[1]: job 1: info: prolog done" \
+        "\\x1b[2J\\u202e" in out, out
+    assert "\x1b" not in out and "\u202e" not in out
+    cluster.wait_done(jobid)
+    log = open(os.path.join(cluster.sb.state, "log", "charlie-node1.log")).read()
+    mine = [line for line in log.splitlines() if f"job {jobid}:" in line]
+    assert any("member path with '..'" in line and "\\x1b[2J\\u202e" in line
+               for line in mine), mine
+    assert not any(line.startswith("2026-12-06T00:00:00 ") for line in log.splitlines())
+    assert "\x1b" not in log and "\u202e" not in log
+    settled(cluster)
+
+
 def test_corrupt_xz_image_fails_the_job_only(cluster):
     wd = cluster.workdir("adv-xz")
     """Class 2: a decompression error (lzma's own, not tarfile's)."""
@@ -237,6 +265,32 @@ def test_vm_cannot_escape_its_allocation(cluster, args, message):
     out = open(os.path.join(wd, "out")).read()
     assert p.returncode != 0 and message in out, out
     assert "hint:" in out
+    cluster.wait_done(jobid)
+    settled(cluster)
+
+
+def test_a_path_shaped_like_a_slurm_field_sizes_no_guest(cluster):
+    """Trust round 2, class 3: root read the job's memory from `scontrol -o
+    show job`, one line that also carries what the user names (job name,
+    comment, output path).  An output file named "o MinMemoryNode=4096M"
+    gave a job granted 300 MiB a 3840 MiB guest, and root raised the job's
+    memory limit to 4096 MiB to match.  Slurm's JSON is read field by name
+    now: the job's own 300 MiB bound the guest, so this one fails before any
+    guest boots, with the real figure in its message."""
+    wd = cluster.workdir("adv-forged-field")
+    img = os.path.join(wd, "image.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"], check=True)
+    shutil.chown(img, USER, USER)
+    forged = "o MinMemoryNode=4096M MinMemoryCPU=4096M"
+    p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node1", "--mem=300M", "-J", forged,
+                                   f"--comment={forged}",
+                                   "-o", forged, f"--charlie-image={img}",
+                                   "--charlie-interactive", "--wrap", "echo ran"])
+    out = open(os.path.join(wd, forged)).read()
+    assert p.returncode != 0, out
+    assert "128 MiB guest memory + 256 MiB for QEMU exceed the job's memory on " \
+        "node1 (300 MiB)" in out, out
+    assert "ran" not in out.split()
     cluster.wait_done(jobid)
     settled(cluster)
 

@@ -100,13 +100,38 @@ def test_qemu_command_line():
     assert "mcast=" not in vline and "hostfwd" not in vline and "user,id=net1" not in vline
 
 
-def test_job_memory_from_scontrol():
-    from slurm_charlie.backends.vm.sizing import parse_job_memory
-    line = "JobId=5 MinCPUsNode=1 MinMemoryNode=700M MinTmpDiskNode=0"
-    assert parse_job_memory(line, 2) == 700
-    assert parse_job_memory("JobId=5 MinMemoryCPU=2G", 3) == 6144
-    assert parse_job_memory("JobId=5 MinMemoryNode=0 MinTmpDiskNode=0", 2) is None
-    assert parse_job_memory("JobId=5 MinTmpDiskNode=0", 2) is None
+def test_job_memory_from_slurms_json():
+    """Both shapes Slurm's JSON has had: 22.05's openapi/v0.0.38 (plain
+    integers, null for the one not set) and the data parsers of 23.02+
+    ({"set", "infinite", "number"}); the record picked by job_id."""
+    import json
+    from slurm_charlie.backends.vm.sizing import job_memory_of, job_record
+    v38 = {"jobs": [{"job_id": 4, "name": "other", "memory_per_node": 9000,
+                     "memory_per_cpu": None},
+                    {"job_id": 5, "name": "x MinMemoryNode=1024", "memory_per_node": 300,
+                     "memory_per_cpu": None}]}
+    rec = job_record("5", json.dumps(v38).encode())
+    assert rec["name"] == "x MinMemoryNode=1024" and job_memory_of(rec, 2) == 300
+    per_cpu = {"job_id": 5, "memory_per_node": None, "memory_per_cpu": 700}
+    assert job_memory_of(per_cpu, 3) == 2100
+    unset = {"set": False, "infinite": False, "number": 0}
+    v42 = {"job_id": 5, "memory_per_node": {"set": True, "infinite": False, "number": 300},
+           "memory_per_cpu": unset}
+    assert job_memory_of(v42, 2) == 300
+    v42cpu = {"job_id": 5, "memory_per_node": unset,
+              "memory_per_cpu": {"set": True, "infinite": False, "number": 512}}
+    assert job_memory_of(v42cpu, 2) == 1024
+    # none asked for, or nothing Slurm meant as a size
+    for odd in ({}, {"memory_per_node": 0}, {"memory_per_node": True},
+                {"memory_per_node": "1024"}, {"memory_per_node": {"set": True,
+                                                                  "infinite": True,
+                                                                  "number": 0}}):
+        assert job_memory_of({"job_id": 5, **odd}, 2) is None, odd
+    # not there, or not JSON (22.05's scontrol: "unrecognized option")
+    assert job_record("6", json.dumps(v38).encode()) is None
+    assert job_record("5", b"scontrol: unrecognized option '--json'") is None
+    assert job_record("5", b'{"jobs": {"5": {}}}') is None
+    assert job_record("5", b"[]") is None
 
 
 def test_kept_overlay_never_overwrites_an_earlier_one(tmp_path):

@@ -3,39 +3,82 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from ...errors import NodeFault, UserError
-from ...options import parse_size_mib
+from ...log import log
 from ...proc import run, slurm_tool
 from ..base import Context
 
 
-def parse_job_memory(scontrol_line: str, cpus: int) -> int | None:
-    """MiB per node the job asked for, from `scontrol -o show job`
-    (MinMemoryNode, or MinMemoryCPU x this node's CPUs); None when not set.
-    Sizes are read by the same parser as the options' (options.parse_size_mib)."""
-    fields = dict(kv.split("=", 1) for kv in scontrol_line.split() if "=" in kv)
-    for key, factor in (("MinMemoryNode", 1), ("MinMemoryCPU", cpus)):
-        value = fields.get(key, "")
-        if not value:
-            continue
-        try:
-            return parse_size_mib(key, value) * factor
-        except UserError:  # 0 (not set) or something Slurm did not mean as a size
-            continue
+def _slurm_number(value) -> int | None:
+    """A number as Slurm's JSON gives it: a plain integer (22.05's
+    openapi/v0.0.38) or {"set", "infinite", "number"} (the data parsers of
+    23.02 and later); None for null, unset, infinite, 0 or anything else."""
+    if isinstance(value, dict):
+        if value.get("set") is not True or value.get("infinite"):
+            return None
+        value = value.get("number")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value
+
+
+def job_memory_of(record: dict, cpus: int) -> int | None:
+    """MiB per node the job asked for, from its JSON record (memory_per_node,
+    or memory_per_cpu x this node's CPUs: Slurm sets one of the two); None
+    when it asked for none."""
+    for key, factor in (("memory_per_node", 1), ("memory_per_cpu", cpus)):
+        mib = _slurm_number(record.get(key))
+        if mib:
+            return mib * factor
+    return None
+
+
+def job_record(job_id: str, text: bytes) -> dict | None:
+    """The job's record in Slurm's JSON (a {"jobs": [...]} document),
+    picked by its job_id; None when it is not there or not JSON."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    jobs = doc.get("jobs") if isinstance(doc, dict) else None
+    for job in jobs if isinstance(jobs, list) else ():
+        if isinstance(job, dict) and str(job.get("job_id")) == job_id:
+            return job
     return None
 
 
 def job_memory(ctx: Context) -> int | None:
     """MiB the job has on this node (its --mem/--mem-per-cpu), None when it
-    asked for none."""
-    try:
-        p = run([slurm_tool("scontrol"), "-o", "show", "job", ctx.job_id], timeout=30, check=False)
-    except NodeFault:
-        return None
-    return parse_job_memory(p.stdout.decode(errors="replace"), ctx.cpus) \
-        if p.returncode == 0 else None
+    asked for none; a UserError when Slurm cannot say.  Read field by name from Slurm's
+    JSON, never from the text of `scontrol -o show job`: that line also
+    carries what the user shapes (job name, comment, paths), and a name
+    such as "x MinMemoryNode=1024" was read as the job's memory.
+    `scontrol --json show job J` where Slurm has it (23.02 and later);
+    22.05's scontrol has no --json, its squeue has (every job, unfiltered)."""
+    record = None
+    for argv in ([slurm_tool("scontrol"), "--json", "show", "job", ctx.job_id],
+                 [slurm_tool("squeue"), "--json"]):
+        try:
+            p = run(argv, timeout=60, check=False)
+        except NodeFault as e:
+            log.warning("the job's memory request: %s", e.line())
+            continue
+        record = job_record(ctx.job_id, p.stdout) if p.returncode == 0 else None
+        if record is not None:
+            break
+    if record is None:
+        # closed: a guest sized without the job's request could take more
+        # than Slurm granted, and what the user names could be what makes
+        # Slurm's answer unreadable
+        raise UserError("guest memory", "Slurm gave no readable record of the job "
+                        "(scontrol --json show job, squeue --json), so the job's memory "
+                        "on this node is unknown", ctx.job_id,
+                        hint="submit again; if it happens again, tell your admin that "
+                        "Slurm's JSON output (squeue --json) fails on the node")
+    return job_memory_of(record, ctx.cpus)
 
 
 def guest_memory(ctx: Context) -> tuple[int, str, int | None]:
