@@ -113,3 +113,4 @@ def lstat_in_job(paths: "JobPaths", *parts: str) -> os.stat_result | None:
         return None
     finally:
         os.close(fd)
+

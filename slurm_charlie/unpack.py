@@ -37,6 +37,53 @@ from .proc import run
 
 
 
+def make_dirs_in(root: str, rel: str, mode: int = 0o755) -> None:
+    """mkdir -p of rel inside the tree at root (an image being prepared),
+    each component made or opened relative to its parent with O_NOFOLLOW, so
+    that a symbolic link the image's author put on the way (``ch ->
+    /home/someone``) is never followed: it raises OSError (ELOOP, or
+    ENOTDIR for another non-directory) naming the component.  The last
+    directory gets mode (fchmod on its own descriptor), the ones made on
+    the way mode as well."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, flags)
+    try:
+        done = root
+        for part in rel.strip("/").split("/"):
+            done = os.path.join(done, part)
+            try:
+                os.mkdir(part, mode, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                nfd = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, done) from None
+            os.close(fd)
+            fd = nfd
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def mount_points_in(root: str, image: str) -> None:
+    """Make /ch/meta and /ch/dataN in an unpacked image (archive, squashfs,
+    registry) as the user, never through a link of the image: its author is
+    not the user, and a `ch` or `ch/data1` that is a symbolic link to, say,
+    the user's ~/.ssh would otherwise have the user's own step create in it
+    or open it up (chmod 0755)."""
+    for m in MOUNT_POINTS:
+        try:
+            make_dirs_in(root, m, 0o755)
+        except OSError as e:
+            where = "/" + os.path.relpath(e.filename or os.path.join(root, m), root)
+            raise UserError("--charlie-image", f"the image's {where} is a symbolic link or "
+                            "not a directory (the mount points /ch/meta and /ch/data1-4 "
+                            "must be real directories or absent)", image,
+                            hint=f"rebuild the image without {where}, or with real "
+                            "directories there") from None
+
+
 def check_members(members: list[tarfile.TarInfo], archive: str) -> str:
     """Refuse unsafe members; return the prefix to strip ('' or 'top/')."""
     def bad(problem: str, member: str) -> UserError:
@@ -274,8 +321,7 @@ def unpack(archive: str, fmt: str, user_cache: str, job_id: str,
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
-                for m in MOUNT_POINTS:
-                    os.makedirs(os.path.join(tmp, m), exist_ok=True)
+                mount_points_in(tmp, archive)
                 os.rename(tmp, image)
                 with open(image + ".size", "w") as f:
                     f.write(f"{tree_size(image)}\n")

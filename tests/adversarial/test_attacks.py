@@ -222,6 +222,38 @@ def test_names_from_an_image_forge_no_log_line(cluster):
     settled(cluster)
 
 
+def test_an_images_link_cannot_reach_the_users_files(cluster):
+    """Trust round 2, class 5: the image's author is not the user.  A
+    published tarball whose /ch is an absolute symbolic link (allowed in an
+    image: it resolves inside the container) to a private directory of
+    whoever runs it: the preparation, as that user, made the mount points
+    through the link in the user's own directory.  Now the job fails naming
+    the link, and the directory is as it was."""
+    wd = cluster.workdir("adv-image-link")
+    private = os.path.join(cluster.home, "charlie-tests", "private-of-the-runner")
+    shutil.rmtree(private, ignore_errors=True)
+    os.makedirs(private)
+    cluster.write(os.path.join(private, "key"), "secret\n", 0o600)
+    os.chmod(private, 0o700)
+    subprocess.run(["chown", "-R", f"{USER}:", private], check=True)
+    base = build_busybox_image(os.path.join(wd, "base"), owner=USER)
+    members = [("bin", "dir", None), ("ch", "sym", private)]
+    for name in os.listdir(os.path.join(base, "bin")):
+        p = os.path.join(base, "bin", name)
+        members.append((f"bin/{name}", "sym", os.readlink(p)) if os.path.islink(p)
+                       else (f"bin/{name}", "file", open(p, "rb").read()))
+    tgz = _tar(os.path.join(wd, "published.tgz"), members)
+    p, jobid = cluster.sbatch(wd, ["-N1", f"--charlie-image={tgz}", "-o", "out",
+                                   "--wrap", "echo ran"])
+    out = open(os.path.join(wd, "out")).read()
+    assert p.returncode != 0 and "ran" not in out.split(), out
+    assert "the image's /ch is a symbolic link or not a directory" in out, out
+    assert sorted(os.listdir(private)) == ["key"]
+    assert os.stat(private).st_mode & 0o777 == 0o700
+    cluster.wait_done(jobid)
+    settled(cluster)
+
+
 def test_corrupt_xz_image_fails_the_job_only(cluster):
     wd = cluster.workdir("adv-xz")
     """Class 2: a decompression error (lzma's own, not tarfile's)."""

@@ -322,3 +322,37 @@ def test_squashfs_listing_tells_missing_mount_points_and_mpi(tmp_path):
     (tmp_path / "bad.sqfs").write_bytes(b"hsqs" + b"\0" * 200)
     with pytest.raises(UserError, match="not a readable squashfs image"):
         check_squashfs(str(tmp_path / "bad.sqfs"), 1, str(mnt))
+
+
+@pytest.mark.parametrize("link", ["ch", "ch/data1"])
+def test_mount_points_never_follow_an_images_link(tmp_path, link):
+    """Trust round 2, class 5: the image's author is not the user.  An
+    image whose `ch` (or `ch/data1`) is a symbolic link to a private
+    directory of whoever runs it: the mount points are refused by name, and
+    the directory gets nothing new and keeps its mode."""
+    from slurm_charlie.unpack import mount_points_in
+    victim = tmp_path / "private"
+    victim.mkdir(mode=0o700)
+    (victim / "key").write_text("secret\n")
+    image = tmp_path / "image"
+    (image / "ch").mkdir(parents=True) if link != "ch" else image.mkdir()
+    os.symlink(str(victim), image / link)
+    with pytest.raises(UserError) as e:
+        mount_points_in(str(image), "img.tgz")
+    assert f"the image's /{link} is a symbolic link or not a directory" in str(e.value)
+    assert sorted(os.listdir(victim)) == ["key"]
+    assert (victim.stat().st_mode & 0o777) == 0o700
+
+
+def test_mount_points_made_in_a_plain_image(tmp_path):
+    from slurm_charlie.unpack import mount_points_in
+    image = tmp_path / "image"
+    (image / "ch").mkdir(parents=True, mode=0o700)
+    (image / "ch" / "data2").write_text("a file where a mount point goes\n")
+    with pytest.raises(UserError) as e:
+        mount_points_in(str(image), "img.tgz")
+    assert "the image's /ch/data2 is a symbolic link or not a directory" in str(e.value)
+    (image / "ch" / "data2").unlink()
+    mount_points_in(str(image), "img.tgz")
+    for m in ("ch/meta", "ch/data1", "ch/data4"):  # /ch itself is left as it was
+        assert ((image / m).stat().st_mode & 0o777) == 0o755, m
