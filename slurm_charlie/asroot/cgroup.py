@@ -453,6 +453,13 @@ def join_job_cgroup(node: str, rec: ProcRecord, job_id: str, index: int,
         if e.errno == errno.ESRCH:  # it ended (or was killed) meanwhile
             raise UserError(rec.role, "ended before it could join the job's cgroup",
                             rec.pid) from None
+        if e.errno == errno.ENOENT:
+            # Slurm removes the job's cgroup when the job ends: cancelled (or
+            # ended) while root placed the process -- the job's business, not
+            # the node's (seen in the churn run as a drain)
+            raise UserError(rec.role, "the job's cgroup went away while root placed it: "
+                            "the job ended during its preparation (cancelled?)",
+                            e.filename or job_id) from None
         raise NodeFault("cgroup", f"cannot place the {rec.role} in the job's cgroup "
                         f"({lay.name}): {e.strerror}", e.filename or job_id,
                         hint="check Slurm's cgroup setup (slurm-charlie doctor)") from None

@@ -101,3 +101,28 @@ def test_prolog_hook_sees_which_daemon_runs_it():
     from slurm_charlie.prolog_hook import launched_by_slurmstepd
     assert launched_by_slurmstepd() is False
     assert launched_by_slurmstepd(2 ** 22 + 12345) is False  # no such process
+
+
+@pytest.mark.parametrize("errno_,kind,text", [
+    # Slurm removed the job's cgroup: the job ended (cancelled) while root
+    # placed the process -- seen in the churn run as a drain
+    (2, "UserError", "the job's cgroup went away while root placed it"),
+    (3, "UserError", "ended before it could join the job's cgroup"),
+    (13, "NodeFault", "cannot place the holder in the job's cgroup (v1)"),
+])
+def test_a_job_that_ends_during_placement_is_the_jobs_business(monkeypatch, errno_, kind,
+                                                               text):
+    import os
+    from slurm_charlie.asroot.records import ProcRecord
+
+    class Layout:
+        name = "v1"
+
+        def join(self, rec, job_id, index, mib):
+            raise OSError(errno_, os.strerror(errno_), "/sys/fs/cgroup/memory/slurm/uid_1/"
+                          "job_296/step_extern/task_0/cgroup.procs")
+    monkeypatch.setattr(cgroup, "layout", lambda node, environ=None: Layout())
+    rec = ProcRecord(role="holder", pid=1, start=1, uid=1000, exe="/bin/sh")
+    with pytest.raises(Exception) as e:
+        cgroup.join_job_cgroup("node1", rec, "296", 0)
+    assert type(e.value).__name__ == kind and text in str(e.value), str(e.value)
