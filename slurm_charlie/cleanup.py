@@ -83,6 +83,15 @@ def undo(cfg: config.Config, paths: layout.JobPaths,
                     log.info("removed %d leftover /dev/shm entries of %s",
                              len(removed), user.name)
             step("/dev/shm", sweep_shm)
+        def end_leftovers() -> None:
+            # what left the container's session, group and namespaces (a
+            # double fork) is still in the cgroup root placed it in
+            pids = asroot.kill_in_job_cgroup(ctx.node, user.uid, paths.job_id)
+            if pids:
+                log.warning("ended %d process(es) of the job that had left its %s but not "
+                            "its cgroup: %s", len(pids), rec.type if rec else "container",
+                            " ".join(map(str, pids[:20])))
+        step("job's processes in its cgroup", end_leftovers)
         step("job cgroup", lambda: asroot.leave_job_cgroup(
             ctx.node, user.uid, paths.job_id))
     if rec is None or rec.type == "vm":

@@ -150,6 +150,10 @@ def reconcile(cfg: config.Config, node: str, running: set[str], *,
             report.cgroups.append(jid)
             continue
         try:
+            pids = asroot.kill_in_job_cgroup(node, uid, jid)
+            if pids:
+                log.warning("reconcile: job %s: ended %d process(es) left in its cgroup: %s",
+                            jid, len(pids), " ".join(map(str, pids[:20])))
             asroot.leave_job_cgroup(node, uid, jid)
             report.cgroups.append(jid)
         except CharlieError as e:

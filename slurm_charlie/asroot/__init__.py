@@ -81,6 +81,9 @@ OPERATIONS: dict[str, tuple[str, str, str]] = {
                         "lock; set the job's memory limit there"),
     "cgroup_usage": ("cgroup", "cgroup_usage", "CPU time and peak memory of what root placed "
                      "in the job's cgroup (read only)"),
+    "kill_in_job_cgroup": ("cgroup", "kill_in_job_cgroup", "end the job's processes still in "
+                           "the cgroups root placed it in (v2: cgroup.kill; v1: SIGKILL by "
+                           "pidfd to the job user's processes there)"),
     "leave_job_cgroup": ("cgroup", "leave_job_cgroup", "remove the cgroups root made for the "
                          "job, and the job's when empty"),
     "stale_job_cgroups": ("cgroup", "stale_job_cgroups", "list job cgroups root made for jobs "

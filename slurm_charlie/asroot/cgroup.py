@@ -34,14 +34,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import time
 
 from .. import layout as names
 from ..errors import NodeFault, UserError
 from ..log import log
 from ..proc import slurm_conf_keys
-from ..procfs import is_zombie
-from .procs import _pidfd, matches
+from ..procfs import is_users, is_zombie
+from .procs import _pidfd, _send, matches
 from .records import ProcRecord
 
 CGROUP_FS = "/sys/fs/cgroup"
@@ -136,6 +137,35 @@ def _rmdir_when_empty(paths: list[str], timeout: float = 5) -> None:
                 time.sleep(0.05)
 
 
+def _kill_users(paths: list[str], uid: int, timeout: float = 5) -> list[int]:
+    """SIGKILL, through a pidfd, every live process of uid in these
+    cgroups until none is left (forks racing) or timeout; a process of
+    another owner is left alone (and _busy names it).  The pids killed."""
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [p for path in paths for p in _cgroup_pids(path)
+                if not is_zombie(p) and is_users(p, uid)]
+        if not pids:
+            break
+        for pid in pids:
+            fd = _pidfd(pid)
+            if fd is None:
+                continue
+            try:
+                if is_users(pid, uid):  # still the user's, now pinned by the pidfd
+                    _send(pid, fd, signal.SIGKILL)
+                    if pid not in killed:
+                        killed.append(pid)
+            except ProcessLookupError:
+                pass
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        time.sleep(0.05)
+    return killed
+
+
 def _busy(path: str) -> None:
     """An rmdir found path busy: a node fault when live processes are in it;
     only zombies nobody reaped yet: reconcile removes it later."""
@@ -206,6 +236,21 @@ class CgroupV1:
                 except (OSError, ValueError):
                     continue
         return out
+
+    def leaves(self, uid: int, job_id: str) -> list[str]:
+        """The cgroups root placed the job's processes in: step_extern/task_N."""
+        out = []
+        for job_cg in self.job_cgroups(uid, job_id):
+            step = os.path.join(job_cg, CGROUP_STEP)
+            try:
+                out += [os.path.join(step, t) for t in sorted(os.listdir(step))
+                        if t.startswith("task_") and t[5:].isascii() and t[5:].isdigit()]
+            except OSError:
+                continue
+        return out
+
+    def kill(self, uid: int, job_id: str) -> list[int]:
+        return _kill_users(self.leaves(uid, job_id), uid)
 
     def leave(self, uid: int, job_id: str) -> None:
         for job_cg in self.job_cgroups(uid, job_id):
@@ -360,6 +405,26 @@ class CgroupV2:
         finally:
             os.close(lock)
 
+    def kill(self, uid: int, job_id: str) -> list[int]:
+        """cgroup.kill of job_J/charlie (Linux 5.14): every process in it at
+        once, forks racing included; else one by one as on v1."""
+        scope = self.scope()
+        if scope is None:
+            return []
+        leaf = os.path.join(scope, f"job_{job_id}", CGROUP_LEAF)
+        pids = [p for p in _cgroup_pids(leaf) if not is_zombie(p)]
+        if not pids:
+            return []
+        try:
+            _write(os.path.join(leaf, "cgroup.kill"), "1")
+        except FileNotFoundError:
+            return _kill_users([leaf], uid)
+        deadline = time.monotonic() + 5
+        while [p for p in _cgroup_pids(leaf) if not is_zombie(p)] and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pids
+
     def stale(self, running: set[str]) -> list[tuple[int, str]]:
         found = []
         for scope in self.roots():
@@ -393,6 +458,9 @@ class NoCgroups:
 
     def usage(self, uid: int, job_id: str) -> dict[str, int]:
         return {}
+
+    def kill(self, uid: int, job_id: str) -> list[int]:
+        return []
 
     def leave(self, uid: int, job_id: str) -> None:
         return None
@@ -470,6 +538,16 @@ def cgroup_usage(node: str, uid: int, job_id: str) -> dict[str, int]:
     placed in the job's cgroup."""
     names.check_job_id(job_id)
     return layout(node).usage(uid, job_id)
+
+
+def kill_in_job_cgroup(node: str, uid: int, job_id: str) -> list[int]:
+    """End what is left of the job in the cgroups root placed its processes
+    in, after the back end stopped them: a process that left the holder's
+    session, process group and namespaces (a double fork, its own user
+    namespace) cannot leave the cgroup.  v2: cgroup.kill; v1: SIGKILL to
+    each of the job user's processes there.  The pids it ended."""
+    names.check_job_id(job_id)
+    return layout(node).kill(uid, job_id)
 
 
 def leave_job_cgroup(node: str, uid: int, job_id: str) -> None:

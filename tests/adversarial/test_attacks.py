@@ -327,6 +327,33 @@ def test_a_path_shaped_like_a_slurm_field_sizes_no_guest(cluster):
     settled(cluster)
 
 
+def test_a_process_that_leaves_the_container_ends_with_the_job(cluster):
+    """Trust round 2, class 1: the image's /bin/sh (its author's, run by the
+    holder) starts a process in a session, user and mount namespace of its
+    own -- out of reach of everything that ends the holder.  It outlived the
+    job and the epilog drained the node ("processes left in the job's
+    cgroup").  The epilog now ends it by the cgroup root placed the holder
+    in, which it cannot leave, says so, and the node stays in service."""
+    wd = cluster.workdir("adv-escape")
+    img = build_busybox_image(os.path.join(wd, "img"), owner=USER)
+    sh = os.path.join(img, "bin", "sh")
+    os.unlink(sh)
+    cluster.write(sh, "#!/bin/busybox sh\n/bin/busybox setsid /bin/busybox unshare -r -m "
+                  "/bin/busybox sleep 4242 </dev/null >/dev/null 2>&1 &\n"
+                  'exec /bin/busybox sh "$@"\n', 0o755)
+    shutil.chown(sh, USER, USER)
+    p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node1", f"--charlie-image={img}", "-o", "out",
+                                   "--wrap", "srun sh -c 'echo inside $(cat /MARKER)'"])
+    out = open(os.path.join(wd, "out")).read()
+    assert p.returncode == 0 and "inside inside-the-image" in out, out
+    cluster.wait_done(jobid)
+    log = open(os.path.join(cluster.sb.state, "log", "charlie-node1.log")).read()
+    assert re.search(rf"job {jobid}: warning: ended \d+ process\(es\) of the job that had "
+                     r"left its container but not its cgroup: \d+", log), log[-3000:]
+    assert not [c for c in cluster.user_processes() if "sleep 4242" in c]
+    settled(cluster)
+
+
 def test_shm_of_a_plain_job_survives_a_charlie_jobs_end(cluster):
     """/dev/shm: the epilog of a charlie job never deletes what another
     (non-charlie) job of the same user made on the node, even when nothing
