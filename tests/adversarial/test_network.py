@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from helpers.cluster import USER
-from helpers.vm import assert_clean, image_copy, wait_for
+from helpers.vm import assert_clean, image_copy, job_helpers, wait_for
 
 PORT = 4789
 COUNT = 40
@@ -155,17 +155,7 @@ def test_no_tcp_port_on_the_node_ssh_through_the_job_directory(cluster, vm_job):
 def _users_helpers(cluster, job, command):
     """Pids of the user's `slurm-charlie COMMAND` processes of this job."""
     uid = int(cluster.run(["id", "-u", USER]).stdout)
-    found = []
-    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if command in cmd and any(f"/{job}/run/".encode() in c for c in cmd):
-            found.append(int(pid))
-    return found
+    return [pid for pid, cmd in job_helpers(uid, f"/{job}/run/") if command in cmd]
 
 
 def test_the_user_killing_their_task_multiplexer_costs_only_their_steps(cluster, vm_job):

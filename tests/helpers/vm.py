@@ -21,6 +21,23 @@ def image_copy(cluster, guest, wd, name="image.qcow2"):
     return path
 
 
+def job_helpers(uid, mark):
+    """(pid, argv as bytes) of uid's processes one of whose arguments
+    contains mark (e.g. "/<job>/run/": the job's task-mux and ssh-relay
+    name their sockets there)."""
+    found = []
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(mark.encode() in c for c in cmd):
+            found.append((int(pid), cmd))
+    return found
+
+
 def qemu_pids(job=None):
     out = []
     for d in os.listdir("/proc"):

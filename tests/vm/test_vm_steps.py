@@ -23,7 +23,8 @@ import types
 import pytest
 
 from helpers.cluster import USER
-from helpers.vm import BOOT_TIMEOUT, assert_clean, image_copy, qemu_pids, wait_for
+from helpers.vm import (BOOT_TIMEOUT, assert_clean, image_copy, job_helpers, qemu_pids,
+                        wait_for)
 
 BATCH = r"""#!/bin/sh
 echo "BATCH $(hostname)" > batch.host
@@ -173,19 +174,8 @@ def _kib(text):
 def _helpers_on(job, node, uid):
     """{command: pid} of the user's slurm-charlie helpers of this job on
     this node (their command lines name the node's job run directory)."""
-    found = {}
-    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if any(f"/{node}/{job}/run/".encode() in c for c in cmd):
-            for name in (b"task-mux", b"ssh-relay"):
-                if name in cmd:
-                    found[name.decode()] = int(pid)
-    return found
+    return {name.decode(): pid for pid, cmd in job_helpers(uid, f"/{node}/{job}/run/")
+            for name in (b"task-mux", b"ssh-relay") if name in cmd}
 
 
 def _qemu_on(job, node):

@@ -6,7 +6,7 @@ import os
 import re
 
 from helpers.cluster import USER
-from helpers.vm import assert_clean, image_copy, qemu_pids, wait_for
+from helpers.vm import assert_clean, image_copy, job_helpers, qemu_pids, wait_for
 
 SCOPE = "/sys/fs/cgroup/system.slice/{node}_slurmstepd.scope"
 
@@ -14,19 +14,9 @@ SCOPE = "/sys/fs/cgroup/system.slice/{node}_slurmstepd.scope"
 def _helpers(job, uid):
     """Pids of the user's task-mux and ssh-relay of this job (their command
     lines name the job's run directory); [] until the multiplexer runs."""
-    found, mux = [], False
-    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if any(f"/{job}/run/".encode() in c for c in cmd) and \
-                (b"task-mux" in cmd or b"ssh-relay" in cmd):
-            found.append(int(pid))
-            mux = mux or b"task-mux" in cmd
-    return found if mux else []
+    found = [(pid, cmd) for pid, cmd in job_helpers(uid, f"/{job}/run/")
+             if b"task-mux" in cmd or b"ssh-relay" in cmd]
+    return [pid for pid, _ in found] if any(b"task-mux" in c for _, c in found) else []
 
 
 def test_qemu_lives_under_the_job_cgroup_with_its_memory_limit(cluster, guest):
