@@ -71,20 +71,21 @@ def _stamp(path: str) -> str:
     return f"{st.st_size}-{int(st.st_mtime)}"
 
 
-def build(cache: str, debian_sqfs: str) -> str:
-    """The OCI layout CACHE/oci with both images (rebuilt only when missing
-    or when debian.sqfs changed); returns its path."""
+def build(cache: str, debian_sqfs: str, tags=IMAGES) -> str:
+    """The OCI layout CACHE/oci with the images tags names (each rebuilt
+    only when missing or, debian-mpi, when debian.sqfs changed); returns its
+    path."""
     layout = os.path.join(cache, "oci")
     if not os.path.isdir(layout):
         os.makedirs(cache, exist_ok=True)
         subprocess.run(["umoci", "init", "--layout", layout], check=True)
     have = _tags(layout)
-    if "busybox" not in have:
+    if "busybox" in tags and "busybox" not in have:
         def busybox(rootfs: str) -> None:
             build_busybox_image(rootfs + ".tmp", mount_points=False)
             subprocess.run(["cp", "-a", rootfs + ".tmp/.", rootfs], check=True)
         _add(layout, "busybox", busybox, "busybox-static")
-    if have.get("debian-mpi") != _stamp(debian_sqfs):
+    if "debian-mpi" in tags and have.get("debian-mpi") != _stamp(debian_sqfs):
         def debian(rootfs: str) -> None:
             subprocess.run(["unsquashfs", "-f", "-q", "-n", "-d", rootfs, debian_sqfs],
                            check=True, stdout=subprocess.DEVNULL)
@@ -94,10 +95,10 @@ def build(cache: str, debian_sqfs: str) -> str:
     return layout
 
 
-def push_layout(registry: str, layout: str) -> dict[str, str]:
-    """Push every image of the layout as REGISTRY/charlie/TAG:latest."""
+def push_layout(registry: str, layout: str, tags=IMAGES) -> dict[str, str]:
+    """Push the layout's images tags names as REGISTRY/charlie/TAG:latest."""
     refs = {}
-    for tag in IMAGES:
+    for tag in tags:
         ref = f"{registry}/charlie/{tag}:latest"
         subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
                         f"oci:{layout}:{tag}", f"docker://{ref}"], check=True)
@@ -105,8 +106,8 @@ def push_layout(registry: str, layout: str) -> dict[str, str]:
     return refs
 
 
-def seed(registry: str, cache: str, debian_sqfs: str) -> dict[str, str]:
-    return push_layout(registry, build(cache, debian_sqfs))
+def seed(registry: str, cache: str, debian_sqfs: str, tags=IMAGES) -> dict[str, str]:
+    return push_layout(registry, build(cache, debian_sqfs, tags), tags)
 
 
 def push(registry: str, name: str, rootfs: str) -> str:
