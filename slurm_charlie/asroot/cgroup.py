@@ -41,8 +41,8 @@ from .. import layout as names
 from ..errors import NodeFault, UserError
 from ..log import log
 from ..proc import slurm_conf_keys
-from ..procfs import is_users, is_zombie
-from .procs import _pidfd, _send, matches
+from ..procfs import is_users, is_zombie, starttime
+from .procs import _pidfd, _send
 from .records import ProcRecord
 
 CGROUP_FS = "/sys/fs/cgroup"
@@ -114,9 +114,12 @@ def _write(path: str, value: str) -> None:
 
 def _move(rec: ProcRecord, leaf: str) -> None:
     """Write the recorded process into leaf/cgroup.procs, if it still is
-    the process recorded (just spawned, it may still be the gate)."""
+    the process recorded: pid and start time.  Not its owner: just spawned
+    and waiting at its gate, it is root's own unreaped child (its pid cannot
+    be another's), and one started in a network namespace is still root's
+    `ip netns exec` or setpriv until it reaches the gate as the user."""
     pidfd = _pidfd(rec.pid)
-    if pidfd is None or not matches(rec, same_program=False):
+    if pidfd is None or starttime(rec.pid) != rec.start:
         raise UserError(rec.role, "ended before it could join the job's cgroup", rec.pid)
     try:
         _write(os.path.join(leaf, "cgroup.procs"), str(rec.pid))
