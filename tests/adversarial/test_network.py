@@ -169,6 +169,11 @@ def test_the_user_killing_their_task_multiplexer_costs_only_their_steps(cluster,
     assert p.returncode == 0 and p.stdout.strip() == "chgu0", (p.stdout, p.stderr)
     muxes = _users_helpers(cluster, job, b"task-mux")
     assert len(muxes) == 2, muxes  # one per node of the job
+    for pid in muxes:  # joined the job's cgroup at its spawn gate, as QEMU
+        memory = [line.split(":", 2)[2] for line in open(f"/proc/{pid}/cgroup")
+                  if line.split(":")[1] == "memory"]
+        assert re.fullmatch(rf"/slurm_node\d/uid_\d+/job_{job}/step_extern/task_\d",
+                            memory[0].strip()), memory
     for pid in muxes:
         os.kill(pid, 9)
     p = cluster.as_user(step, wd)
