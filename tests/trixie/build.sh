@@ -10,7 +10,7 @@ set -eu
 DIR=$1
 SB=$2
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
-NODE_VERSION=3  # raise when the root disk's contents change
+NODE_VERSION=4  # raise when the root disk's contents change
 mkdir -p "$DIR"
 cd "$DIR"
 if [ "$(cat node.version 2>/dev/null)" = "$NODE_VERSION" ] && [ -e node.qcow2 ] \
@@ -24,7 +24,7 @@ rm -rf rootfs
 # the Python packages the lane uses instead of a venv from PyPI
 PKGS=$(make -s --no-print-directory -C "$SRC" print-apt-packages | tr -s ' ' ',')
 PKGS=$PKGS,linux-image-amd64,initramfs-tools,procps,psmisc,fuse3
-PKGS=$PKGS,python3-jinja2,python3-filelock,python3-pytest,python3-setuptools
+PKGS=$PKGS,python3-jinja2,python3-filelock,python3-cryptography,python3-pytest,python3-setuptools
 echo "trixie node: debootstrap trixie from $mirror, then apt-get install"
 debootstrap --variant=minbase trixie rootfs "$mirror" > debootstrap.log 2>&1 \
     || { tail -20 debootstrap.log; exit 1; }
