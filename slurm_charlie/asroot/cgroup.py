@@ -240,17 +240,19 @@ class CgroupV1:
                     continue
         return out
 
+    @staticmethod
+    def _tasks(job_cg: str) -> list[str]:
+        """The task_N cgroups under the job's step_extern ([] when none)."""
+        step = os.path.join(job_cg, CGROUP_STEP)
+        try:
+            return [os.path.join(step, t) for t in sorted(os.listdir(step))
+                    if t.startswith("task_") and t[5:].isascii() and t[5:].isdigit()]
+        except OSError:
+            return []
+
     def leaves(self, uid: int, job_id: str) -> list[str]:
         """The cgroups root placed the job's processes in: step_extern/task_N."""
-        out = []
-        for job_cg in self.job_cgroups(uid, job_id):
-            step = os.path.join(job_cg, CGROUP_STEP)
-            try:
-                out += [os.path.join(step, t) for t in sorted(os.listdir(step))
-                        if t.startswith("task_") and t[5:].isascii() and t[5:].isdigit()]
-            except OSError:
-                continue
-        return out
+        return [t for job_cg in self.job_cgroups(uid, job_id) for t in self._tasks(job_cg)]
 
     def kill(self, uid: int, job_id: str) -> list[int]:
         return _kill_users(self.leaves(uid, job_id), uid)
@@ -261,11 +263,7 @@ class CgroupV1:
             lock = _locked(root)
             try:
                 step = os.path.join(job_cg, CGROUP_STEP)
-                try:
-                    tasks = [os.path.join(step, t) for t in os.listdir(step)
-                             if t.startswith("task_") and t[5:].isascii() and t[5:].isdigit()]
-                except OSError:
-                    tasks = []
+                tasks = self._tasks(job_cg)
                 _rmdir_when_empty([*tasks, step])
                 for path in (*tasks, step, job_cg, os.path.dirname(job_cg)):
                     try:
