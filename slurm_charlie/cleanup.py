@@ -11,6 +11,7 @@ from typing import Any, Callable
 from . import asroot, backends, config, layout, options, shm
 from .errors import CharlieError, NodeFault
 from .log import log
+from . import proc
 from .proc import User, call_as
 
 
@@ -99,3 +100,19 @@ def undo(cfg: config.Config, paths: layout.JobPaths,
         step("job network", lambda: asroot.remove_job_network(paths.job_id, node))
     step("job directory", lambda: asroot.remove_job_dir(paths))
     return faults
+
+
+def unstick() -> None:
+    """Before the hook ends: a step it ran as the user that SIGKILL did not
+    end waits on a FUSE server of the user's that does not answer (the
+    step's limit passed, proc.call_as).  Abort that connection so it dies,
+    and reap it; the hook never waits for it without a bound."""
+    stuck = proc.stuck_steps()
+    if not stuck:
+        return
+    for uid in sorted({u for _, u in stuck}):
+        asroot.abort_stalled_fuse(uid, [p for p, u in stuck if u == uid])
+    left = proc.reap_stuck(10)
+    if left:
+        log.error("steps run as the user still do not end after their FUSE connections "
+                  "were aborted: %s (left to init)", " ".join(map(str, left)))

@@ -18,7 +18,7 @@ its outcome (or a bug in it) into an exit code, a drain or a job error.
 
 from __future__ import annotations
 
-from . import asroot, config, jobenv, lifecycle, options
+from . import asroot, cleanup, config, jobenv, lifecycle, options
 from . import log as logmod
 from .errors import CharlieError, NodeFault, UserError, format_message
 from .proc import call_as
@@ -113,6 +113,8 @@ def prolog_main(env: jobenv.Environ, background: bool = False,
         if background and at is not None:
             _record_for_job(at, _drained_for_job(fault, node), job_id)
         return 1
+    finally:
+        cleanup.unstick()
 
 
 def epilog_main(env: jobenv.Environ) -> int:
@@ -136,3 +138,6 @@ def epilog_main(env: jobenv.Environ) -> int:
         _setup_logging(None, job_id, node)
         drain(node, _unexpected(e))
         return 1
+    finally:
+        cleanup.unstick()
+

@@ -259,6 +259,13 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any,
     if timed_out == "stopped":
         raise UserError(what, "a step run as the user was stopped (SIGSTOP)", user,
                         hint="the job fails, the node stays in service")
+    if timed_out == "stuck":
+        _STUCK.append((pid, user.uid))
+        raise UserError(what, f"a step run as the user did not finish within {limit:g} s "
+                        "and SIGKILL did not end it", user,
+                        hint="it waits on a file system that does not answer (a FUSE "
+                        "mount of yours?); root aborts that mount's connection; the job "
+                        "fails, the node stays in service")
     if timed_out:
         raise UserError(what, f"a step run as the user did not finish within {limit:g} s",
                         user, hint="a file it reads may block (a FIFO?); the job "
@@ -303,6 +310,44 @@ def _group_stopped(pgid: int) -> bool:
     return False
 
 
+#: how long a killed step as the user may take to die before it counts as
+#: stuck (see _collect)
+REAP_WAIT = 5.0
+#: steps as the user that SIGKILL did not end: (pid of root's child, uid)
+_STUCK: list[tuple[int, int]] = []
+
+
+def _reap(pid: int, wait: float) -> bool:
+    """Reap root's child pid within wait seconds (True), else leave it."""
+    import time
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            got, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if got or time.monotonic() >= deadline:
+            return bool(got)
+        time.sleep(0.02)
+
+
+def stuck_steps() -> list[tuple[int, int]]:
+    """(pid, uid) of each step as the user (root's child) that SIGKILL did
+    not end, not yet reaped."""
+    return list(_STUCK)
+
+
+def reap_stuck(wait: float) -> list[int]:
+    """Reap what stuck_steps() names, waiting up to wait seconds in all;
+    the pids still stuck."""
+    import time
+    deadline = time.monotonic() + wait
+    for pid, uid in list(_STUCK):
+        if _reap(pid, max(0.0, deadline - time.monotonic())):
+            _STUCK.remove((pid, uid))
+    return [pid for pid, _ in _STUCK]
+
+
 def _collect(pid: int, rfd: int, limit: float) -> tuple[bytes, int, bool | str]:
     """Read the child's result until EOF and reap it, within limit seconds.
     Returns (data, wait status, timed out: False, True or "stopped": a
@@ -345,7 +390,12 @@ def _collect(pid: int, rfd: int, limit: float) -> tuple[bytes, int, bool | str]:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-                os.waitpid(pid, 0)
+                if not _reap(pid, REAP_WAIT):
+                    # SIGKILL does not end it: it waits on a file system that
+                    # does not answer (a FUSE server of the user's).  Never
+                    # waited for without a bound; the hook aborts the
+                    # connection before it ends (stuck_steps)
+                    return b"", 0, "stuck"
                 return b"", 0, timed_out
             if not eof:
                 ready, _, _ = select.select([rfd], [], [], min(left, 0.05))

@@ -117,3 +117,31 @@ def children(pid: int | str) -> list[int]:
             return [int(k) for k in f.read().split()]
     except (OSError, ValueError):
         return []
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: the kernel writes space, tab, newline and backslash
+    as \\ooo octal escapes."""
+    import re
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts(pid: int | str = "self") -> list[dict[str, str]]:
+    """The mounts pid sees (/proc/PID/mountinfo): device ("major:minor"),
+    mount point, file system type and super block options; [] when gone.
+    Fields the user can name (paths, sources) are escaped by the kernel, so
+    a line always splits the same way."""
+    try:
+        with open(f"/proc/{pid}/mountinfo", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        a, b = left.split(), right.split()
+        if not sep or len(a) < 5 or len(b) < 3:
+            continue
+        out.append({"dev": a[2], "mountpoint": _unescape(a[4]), "fstype": b[0],
+                    "options": b[2]})
+    return out

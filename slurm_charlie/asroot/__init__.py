@@ -13,7 +13,8 @@ not listed here.  docs/root-operations.rst is generated from this table
 
 Rooms: records (root's own record of a job), jobdir (the job directory and
 root's other directories), procs (spawn, wait, signal, stop), cgroup (the
-job's cgroups), node (drain), jobnet (the job network), background (the
+job's cgroups), node (drain), fuse (stalled FUSE
+connections), jobnet (the job network), background (the
 prolog's lock file and its background child).
 
 Names are resolved when first used, so that the prolog hook, which must
@@ -65,6 +66,9 @@ OPERATIONS: dict[str, tuple[str, str, str]] = {
                      "node fault when it survives SIGKILL"),
     "kill_user_processes": ("procs", "kill_user_processes", "SIGKILL the job user's processes a "
                             "selector picks, each through a pidfd after checking its owner"),
+    "abort_stalled_fuse": ("fuse", "abort_stalled", "abort the job user's FUSE connections "
+                           "that processes root is ending see and that have requests "
+                           "waiting (fusectl), so that SIGKILL can end them"),
     # the job's cgroups
     "cgroup_layout": ("cgroup", "layout", "which cgroup layout Slurm uses on the node (v1 or "
                       "v2, from cgroup.conf and the mounts) and its tree (read only)"),

@@ -36,11 +36,13 @@ import fcntl
 import os
 import signal
 import time
+from typing import Callable
 
 from .. import layout as names
 from ..errors import NodeFault, UserError
 from ..log import log
 from ..proc import slurm_conf_keys
+from . import fuse
 from ..procfs import is_users, is_zombie, starttime
 from .procs import _pidfd, _send
 from .records import ProcRecord
@@ -145,10 +147,24 @@ def _kill_users(paths: list[str], uid: int, timeout: float = 5) -> list[int]:
     cgroups until none is left (forks racing) or timeout; a process of
     another owner is left alone (and _busy names it).  The pids killed."""
     killed: list[int] = []
+
+    def live() -> list[int]:
+        return [p for path in paths for p in _cgroup_pids(path)
+                if not is_zombie(p) and is_users(p, uid)]
+    _kill_until(live, uid, killed, timeout)
+    left = live()
+    # a process waiting on the user's stalled FUSE server ignores SIGKILL
+    # until root aborts the connection (fuse.py)
+    if left and fuse.abort_stalled(uid, left):
+        _kill_until(live, uid, killed, timeout)
+    return killed
+
+
+def _kill_until(live: Callable[[], list[int]], uid: int, killed: list[int],
+                timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = [p for path in paths for p in _cgroup_pids(path)
-                if not is_zombie(p) and is_users(p, uid)]
+        pids = live()
         if not pids:
             break
         for pid in pids:
@@ -166,7 +182,13 @@ def _kill_users(paths: list[str], uid: int, timeout: float = 5) -> list[int]:
                 if fd >= 0:
                     os.close(fd)
         time.sleep(0.05)
-    return killed
+
+
+def _owner(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
 
 
 def _busy(path: str) -> None:
@@ -420,10 +442,15 @@ class CgroupV2:
             _write(os.path.join(leaf, "cgroup.kill"), "1")
         except FileNotFoundError:
             return _kill_users([leaf], uid)
-        deadline = time.monotonic() + 5
-        while [p for p in _cgroup_pids(leaf) if not is_zombie(p)] and \
-                time.monotonic() < deadline:
-            time.sleep(0.05)
+        def live() -> list[int]:
+            return [p for p in _cgroup_pids(leaf) if not is_zombie(p)]
+        owner = uid
+        if owner <= 0:  # reconcile's sweep: v2 has no uid level
+            owners = {_owner(p) for p in pids} - {None, 0}
+            owner = owners.pop() if len(owners) == 1 else -1
+        # a process waiting on the user's stalled FUSE server ignores
+        # SIGKILL until root aborts the connection (fuse.py)
+        fuse.wait_or_abort(owner, live, 5)
         return pids
 
     def stale(self, running: set[str]) -> list[tuple[int, str]]:

@@ -18,6 +18,7 @@ from ..errors import NodeFault, UserError
 from ..log import log
 from ..proc import User, system_tool
 from ..procfs import exe_of, is_stopped, is_users, is_zombie, pids_of, proc_stat, starttime
+from . import fuse
 from .records import ProcRecord
 
 #: the first program of every process root starts for a job, as the job
@@ -233,10 +234,9 @@ def stop_process(rec: ProcRecord, grace: float, kill_wait: float,
     if not alive(rec):
         return True
     signal_process(rec, signal.SIGKILL)
-    deadline = time.monotonic() + kill_wait
-    while alive(rec) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if alive(rec):
+    # a process waiting on the user's stalled FUSE server does not die of
+    # SIGKILL until its connection is aborted (fuse.py)
+    if fuse.wait_or_abort(rec.uid, lambda: [rec.pid] if alive(rec) else [], kill_wait):
         raise NodeFault(rec.role, "process did not die after SIGKILL", rec.pid,
                         hint="look for it in D state (hung I/O)")
     return False
@@ -266,13 +266,10 @@ def kill_user_processes(uid: int, select: Callable[[int], bool], kill_wait: floa
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
-    deadline = time.monotonic() + kill_wait
-    left = hit
-    while left and time.monotonic() < deadline:
-        left = [(p, s) for p, s in left if starttime(p) == s and not is_zombie(p)]
-        time.sleep(0.02)
+    left = fuse.wait_or_abort(uid, lambda: [p for p, s in hit if starttime(p) == s
+                                            and not is_zombie(p)], kill_wait)
     if left:
         raise NodeFault(what, "processes did not die after SIGKILL",
-                        " ".join(str(p) for p, _ in left),
+                        " ".join(map(str, left)),
                         hint="look for processes in D state (hung I/O)")
     return len(hit)

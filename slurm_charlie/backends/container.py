@@ -13,6 +13,7 @@ time before it trusts the pid.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import signal
@@ -46,11 +47,57 @@ def check_image_dir(image: str, write: bool, ndirs: int) -> None:
                         image, hint="drop --charlie-write, or use an image you own")
 
 
+DIR, ABSENT, LINK = "directory", "absent", "link"
+
+
+def _kind_in(image: str, rel: str) -> tuple[str, str]:
+    """What rel is in the image directory, following none of the image's
+    links: (DIR, rel), (ABSENT, rel), or (LINK, the first component that is
+    a symbolic link or not a directory).  ch-run binds onto the path it is given; through a link of
+    the image's author that path would lead outside the image."""
+    fd = os.open(image, os.O_PATH | os.O_DIRECTORY)
+    parts = rel.split("/")
+    try:
+        for i, part in enumerate(parts):
+            try:
+                nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                return ABSENT, rel
+            except OSError as e:  # O_NOFOLLOW on a link: ELOOP or, with O_PATH, ENOTDIR
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    return LINK, "/".join(parts[:i + 1])
+                raise
+            os.close(fd)
+            fd = nxt
+        return DIR, rel
+    finally:
+        os.close(fd)
+
+
+def _linked_mount_point(image: str, where: str) -> UserError:
+    return UserError("--charlie-image", f"the image's /{where} is a symbolic link or not a "
+                     "directory (the mount points /ch/meta and /ch/data1-4 must be real "
+                     "directories or absent)", image,
+                     hint=f"rebuild the image without /{where}, or with real directories "
+                     "there")
+
+
+def _missing(kinds: dict[str, tuple[str, str]], image: str, ours: tuple[str, ...],
+             extra: tuple[str, ...]) -> list[str]:
+    """Mount points to make in an overlay: the absent ones, and a site
+    path (container.tmpdir) that is a link in the image (the overlay's
+    real directory hides it).  A link at one of ours is refused."""
+    for m in ours:
+        if kinds[m][0] == LINK:
+            raise _linked_mount_point(image, kinds[m][1])
+    return [m for m in (*ours, *extra) if kinds[m][0] != DIR]
+
+
 def missing_mount_points(image: str, ndirs: int, extra: tuple[str, ...] = ()) -> list[str]:
     """As the user: which of /ch/meta, /ch/dataN (and the extra bind
-    targets, relative) the image directory lacks."""
-    return [m for m in (*MOUNT_POINTS[:1 + ndirs], *extra)
-            if not os.path.isdir(os.path.join(image, m))]
+    targets, relative) the image directory lacks, no link followed."""
+    ours = MOUNT_POINTS[:1 + ndirs]
+    return _missing({m: _kind_in(image, m) for m in (*ours, *extra)}, image, ours, extra)
 
 
 def inspect_dir(image: str, ndirs: int, extra: tuple[str, ...] = ()
@@ -174,15 +221,35 @@ def check_squashfs(image: str, ndirs: int, mount_dir: str, optional: tuple[str, 
     which of our mount points (and the optional ones) it lacks, and the MPI
     it carries (mpi_flavours).  A missing /bin/sh shows in the holder's log,
     as /bin may be a link.  Makes the mount point for ch-run."""
-    wanted = [*MOUNT_POINTS[:1 + ndirs], *optional]
-    p = run(["unsquashfs", "-l", image, *wanted, *LIB_DIRS], timeout=60, check=False)
+    ours = MOUNT_POINTS[:1 + ndirs]
+    wanted = [*ours, *optional]
+    parents = {"/".join(m.split("/")[:i]) for m in wanted for i in range(1, m.count("/") + 1)}
+    p = run(["unsquashfs", "-lls", image, *sorted(parents), *wanted, *LIB_DIRS],
+            timeout=60, check=False)
     if p.returncode != 0:
         raise UserError("--charlie-image", "not a readable squashfs image", image,
                         p.stderr.decode(errors="replace").strip()[-200:] or None)
-    found = {line.split("/", 1)[1] for line in p.stdout.decode(errors="replace").splitlines()
-             if "/" in line}
+    types: dict[str, str] = {}  # path in the image -> "d", "l", "-", ...
+    for line in p.stdout.decode(errors="replace").splitlines():
+        at = line.find(" squashfs-root/")
+        if at > 0 and line[:1]:
+            name = line[at + len(" squashfs-root/"):]
+            if line[0] == "l":
+                name = name.split(" -> ", 1)[0]
+            types[name] = line[0]
+
+    def kind(rel: str) -> tuple[str, str]:
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):
+            t = types.get("/".join(parts[:i]))
+            if t is None:
+                return ABSENT, rel
+            if t != "d":
+                return LINK, "/".join(parts[:i])
+        return DIR, rel
+    missing = _missing({m: kind(m) for m in wanted}, image, ours, tuple(optional))
     os.makedirs(mount_dir, mode=0o700, exist_ok=True)
-    return [m for m in wanted if m not in found], _mpi_in(found)
+    return missing, _mpi_in(set(types))
 
 
 def mpi_plugins() -> list[str] | None:

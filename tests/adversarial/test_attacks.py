@@ -254,6 +254,57 @@ def test_an_images_link_cannot_reach_the_users_files(cluster):
     settled(cluster)
 
 
+@pytest.mark.parametrize("kind", ["directory", "squashfs"])
+@pytest.mark.parametrize("where", ["ch", "ch/data1"])
+def test_an_images_link_at_a_mount_point_is_refused(cluster, kind, where):
+    """Class 5 for the images ch-run reads in place: a directory (unpacked
+    by the user from someone's image) and a squashfs file, whose /ch or
+    /ch/data1 is a link to a private directory of the runner.  ch-run would
+    bind onto the path it is given, through the link; the preparation now
+    looks at every component without following links and refuses, naming
+    the link, before ch-run starts.  The directory is as it was."""
+    wd = cluster.workdir("adv-image-link-" + kind)
+    private = os.path.join(cluster.home, "charlie-tests", "private-of-the-runner")
+    shutil.rmtree(private, ignore_errors=True)
+    os.makedirs(os.path.join(private, "data1"))
+    cluster.write(os.path.join(private, "key"), "secret\n", 0o600)
+    os.chmod(private, 0o700)
+    subprocess.run(["chown", "-R", f"{USER}:", private], check=True)
+    img = build_busybox_image(os.path.join(wd, "img"), owner=USER)
+    shutil.rmtree(os.path.join(img, where))
+    os.symlink(private if where == "ch" else os.path.join(private, "data1"),
+               os.path.join(img, where))
+    os.lchown(os.path.join(img, where), *_ids(USER))
+    if kind == "squashfs":
+        sqfs = os.path.join(wd, "img.sqfs")
+        subprocess.run(["mksquashfs", img, sqfs, "-quiet", "-no-progress"], check=True,
+                       capture_output=True)
+        shutil.chown(sqfs, USER, USER)
+        img = sqfs
+    data = os.path.join(wd, "data")
+    os.mkdir(data)
+    shutil.chown(data, USER, USER)
+    before = sorted(os.listdir(private)), os.listdir(os.path.join(private, "data1"))
+    p, jobid = cluster.sbatch(wd, ["-N1", f"--charlie-image={img}", f"--charlie-dir={data}",
+                                   "-o", "out", "--wrap", "echo ran"])
+    out = open(os.path.join(wd, "out")).read() if os.path.exists(
+        os.path.join(wd, "out")) else p.stderr
+    assert "ran" not in out.split(), out
+    assert f"the image's /{where} is a symbolic link or not a directory" in out + p.stderr, \
+        out + p.stderr
+    assert (sorted(os.listdir(private)), os.listdir(os.path.join(private, "data1"))) == before
+    assert os.stat(private).st_mode & 0o777 == 0o700
+    if jobid:
+        cluster.wait_done(jobid)
+    settled(cluster)
+
+
+def _ids(user):
+    import pwd
+    pw = pwd.getpwnam(user)
+    return pw.pw_uid, pw.pw_gid
+
+
 def test_corrupt_xz_image_fails_the_job_only(cluster):
     wd = cluster.workdir("adv-xz")
     """Class 2: a decompression error (lzma's own, not tarfile's)."""

@@ -10,7 +10,7 @@ set -eu
 DIR=$1
 SB=$2
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
-NODE_VERSION=4  # raise when the root disk's contents change
+NODE_VERSION=5  # raise when the root disk's contents change
 mkdir -p "$DIR"
 cd "$DIR"
 if [ "$(cat node.version 2>/dev/null)" = "$NODE_VERSION" ] && [ -e node.qcow2 ] \

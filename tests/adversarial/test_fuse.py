@@ -1,0 +1,122 @@
+"""Trust round 2, class 2: a FUSE file system of the user's that stops
+answering makes the processes that wait on it unkillable (SIGKILL does
+nothing while the server holds a request it read).  Root never waits on
+such a process without a bound, and ends it by aborting the connection
+(fusectl): no hook hangs, no node drains, nothing is left.
+
+The server is tests/helpers/stallfs.py, run as the user through
+fusermount3, as on any cluster with FUSE; the sandbox opens /dev/fuse to
+users as such a cluster does (docs/sandbox.rst)."""
+
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from helpers.cluster import USER, build_busybox_image
+from slurm_charlie import cleanup, proc
+from slurm_charlie.errors import UserError
+
+STALLFS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "helpers", "stallfs.py")
+
+
+def _state(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def stallfs(cluster):
+    """(work directory, mount point): the user's stalling FUSE file system,
+    served from outside any job, as from a login shell."""
+    wd = cluster.workdir("adv-fuse")
+    mnt = os.path.join(wd, "mnt")
+    os.makedirs(mnt)
+    shutil.chown(mnt, USER, USER)
+    pw = pwd.getpwnam(USER)
+    server = subprocess.Popen(["/usr/bin/python3", STALLFS, mnt], user=pw.pw_uid,
+                              group=pw.pw_gid, extra_groups=[], cwd="/",
+                              env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        line = server.stdout.readline()
+        assert line.strip() == "MOUNTED", server.stderr.read()
+        yield wd, mnt
+    finally:
+        server.kill()  # its connection ends: anything still stuck on it dies
+        server.wait()
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+def test_a_step_as_the_user_stuck_on_their_fuse_does_not_hold_root(stallfs):
+    """A step root runs as the user (proc.call_as) that follows a path into
+    the stalled mount passes its limit and does not die of SIGKILL.  Root
+    no longer waits for it for ever: the step fails with a message that
+    names the cause, and the hook's end aborts the connection and reaps it."""
+    _, mnt = stallfs
+    user = proc.User.lookup(int(subprocess.run(["id", "-u", USER], capture_output=True,
+                                               text=True).stdout))
+    with pytest.raises(UserError, match="SIGKILL did not end it") as err:
+        proc.call_as(user, os.stat, os.path.join(mnt, "stall"), limit=1)
+    assert "FUSE" in (err.value.hint or ""), err.value.hint
+    stuck = proc.stuck_steps()
+    assert [u for _, u in stuck] == [user.uid]
+    pid = stuck[0][0]
+    assert _state(pid) == "D"  # SIGKILL sent, still there: what root used to wait on
+    cleanup.unstick()
+    assert proc.stuck_steps() == []
+    assert _state(pid) is None  # ended and reaped
+    # the connection is aborted: the user's mount now fails instead of hanging
+    again = subprocess.run(["runuser", "-u", USER, "--", "stat", os.path.join(mnt, "stall")],
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode != 0 and "not connected" in again.stderr, again.stderr
+
+
+def test_a_process_of_the_job_stuck_on_the_users_fuse_ends_with_the_job(cluster, stallfs):
+    """The image's /bin/sh starts a process, in a session of its own, that
+    looks a name up in the user's stalled FUSE mount (bound at /ch/data1).
+    SIGKILL did not end it, the job's cgroup could not be removed and the
+    epilog drained the node.  Now the epilog aborts that connection, the
+    process dies, the node stays in service and nothing is left."""
+    wd, mnt = stallfs
+    img = build_busybox_image(os.path.join(wd, "img"), owner=USER)
+    sh = os.path.join(img, "bin", "sh")
+    os.unlink(sh)
+    # only as the holder's shell: a task stuck the same way is in Slurm's
+    # step, which Slurm itself ends or drains for (UnkillableStepTimeout)
+    cluster.write(sh, '#!/bin/busybox sh\ncase "$2" in *.holder*)\n'
+                  "/bin/busybox setsid /bin/busybox stat /ch/data1/stall "
+                  "</dev/null >/dev/null 2>&1 &;;\nesac\n"
+                  'exec /bin/busybox sh "$@"\n', 0o755)
+    shutil.chown(sh, USER, USER)
+    p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node1", f"--charlie-image={img}",
+                                   f"--charlie-dir={mnt}", "-o", "out", "--wrap",
+                                   "srun sh -c 'sleep 2; echo inside $(cat /MARKER)'"])
+    out = open(os.path.join(wd, "out")).read()
+    assert p.returncode == 0 and "inside inside-the-image" in out, out
+    cluster.wait_done(jobid)
+    log = open(os.path.join(cluster.sb.state, "log", "charlie-node1.log")).read()
+    assert re.search(rf"job {jobid}: warning: aborted FUSE connection \d+ of uid \d+: "
+                     r"\d+ request\(s\) had waited unanswered", log), log[-3000:]
+    assert not [c for c in cluster.user_processes() if "stat /ch/data1/stall" in c]
+    settled_apart_from_the_server(cluster)
+
+
+def settled_apart_from_the_server(cluster):
+    """settled(), the stalling server aside (the fixture ends it)."""
+    end = time.monotonic() + 30
+    while time.monotonic() < end and [c for c in cluster.user_processes(0)
+                                      if "stallfs" not in c]:
+        time.sleep(0.2)
+    others = [c for c in cluster.user_processes(0) if "stallfs" not in c]
+    assert others == []
+    states = cluster.wait_nodes_idle(60)
+    assert all(s == "idle" for s in states.values()), states
+    assert cluster.job_dirs() == []
