@@ -299,6 +299,44 @@ def test_an_images_link_at_a_mount_point_is_refused(cluster, kind, where):
     settled(cluster)
 
 
+@pytest.mark.parametrize("plant", ["a link to root's directory", "a FIFO"])
+def test_what_the_user_plants_at_run_overlay_is_not_followed(cluster, plant):
+    """run/overlay is the stock image's overlay, mounted in the holder's
+    namespace only; on the node it is an empty directory of the user's.
+    While the job runs the user puts there a link to a directory of root's,
+    or a FIFO.  The epilog removes the job directory without following the
+    link or opening the FIFO (it would block): the directory is intact, the
+    epilog ends, the node stays in service, nothing is left."""
+    wd = cluster.workdir("adv-overlay-plant")
+    img = build_busybox_image(os.path.join(wd, "img"), mount_points=False, owner=USER)
+    victim = os.path.join(cluster.sb.state, "victim-of-overlay")
+    shutil.rmtree(victim, ignore_errors=True)
+    os.makedirs(os.path.join(victim, "keep"))
+    open(os.path.join(victim, "keep", "file"), "w").write("root's\n")
+    p = cluster.as_user(["sbatch", "--parsable", "--no-requeue", "-N1", "-w", "node1",
+                         f"--charlie-image={img}", "-o", "out", "--wrap",
+                         "srun sh -c 'sleep 300'"], wd)
+    jobid = p.stdout.strip()
+    assert jobid.isdigit(), p.stderr
+    try:
+        run = os.path.join(cluster.sb.state, "runtime", "node1", jobid, "run")
+        end = time.monotonic() + 240
+        while time.monotonic() < end and not [
+                c for c in cluster.user_processes(timeout=0) if "sleep 300" in c]:
+            time.sleep(0.2)
+        assert os.path.isdir(os.path.join(run, "overlay"))
+        make = (f"ln -s {victim} {run}/overlay" if plant.startswith("a link")
+                else f"mkfifo {run}/overlay")
+        q = cluster.as_user(["sh", "-c", f"rmdir {run}/overlay && {make}"], wd)
+        assert q.returncode == 0, q.stderr
+    finally:
+        cluster.run(["scancel", jobid])
+    cluster.wait_done(jobid)
+    assert open(os.path.join(victim, "keep", "file")).read() == "root's\n"
+    shutil.rmtree(victim)
+    settled(cluster)
+
+
 def _ids(user):
     import pwd
     pw = pwd.getpwnam(user)

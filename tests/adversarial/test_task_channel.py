@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from helpers.tasks import NOBODY, agent_harness, relay
+from helpers.tasks import NOBODY, agent_direct, agent_harness, relay
 from slurm_charlie.guest import wire
 
 pytestmark = pytest.mark.root  # the agent starts tasks as another user
@@ -126,3 +126,67 @@ def test_a_flood_of_connections_leaves_honest_tasks_running():
         assert g["agent"].poll() is None and g["mux"].poll() is None
         _honest_task_runs(g)
         assert os.path.exists(g["tasks"])
+
+
+def _until_exit(s, channel, timeout=30):
+    """(stdout, exit status) of the task on channel, other frames skipped."""
+    s.settimeout(timeout)
+    out = b""
+    while True:
+        frame = wire.read_frame(s.recv)
+        assert frame is not None, "the agent closed its port"
+        ch, kind, payload = frame
+        if ch != channel:
+            continue
+        if kind == wire.STDOUT:
+            out += payload
+        elif kind == wire.EXIT:
+            return out, json.loads(payload)["status"]
+
+
+#: frames straight onto the agent's port (whole frames: a torn stream only
+#: ever ends the user's own guest's channel, as a port closing does)
+TO_AGENT = {
+    "a task asking for root": [wire.pack(7, wire.OPEN, json.dumps(
+        {"argv": ["/bin/sh", "-c", "id -u"], "uid": 0, "user": "root",
+         "env": {"USER": "root", "HOME": "/root"}}).encode())],
+    "a length over the cap": [wire.HEADER.pack(7, wire.OPEN, wire.MAX_PAYLOAD + 1)],
+    "frames for a channel with no task": [wire.pack(9, k, p) for k, p in (
+        (wire.STDIN, b"x"), (wire.STDIN_EOF, b""), (wire.SIGNAL, b"\x09"),
+        (wire.PMI, b"cmd=init\n"), (wire.CLOSE, b""))],
+    "a task on the greeting channel": [wire.pack(0, wire.OPEN, json.dumps(
+        {"argv": ["/bin/true"]}).encode())],
+    "two tasks on one channel": [wire.pack(11, wire.OPEN, json.dumps(
+        {"argv": ["/bin/sleep", "30"]}).encode())] * 2 + [wire.pack(11, wire.CLOSE)],
+    "kinds only the guest sends": [wire.pack(12, k, b"{}") for k in (
+        wire.STDOUT, wire.STDERR, wire.EXIT, wire.HELLO)] + [wire.pack(12, 250, b"?")],
+    "a cwd the job user cannot enter": [wire.pack(13, wire.OPEN, json.dumps(
+        {"argv": ["/bin/sh", "-c", "ls . >/dev/null 2>&1 && echo READ"],
+         "cwd": "/root"}).encode())],
+}
+
+
+@pytest.mark.parametrize("name", list(TO_AGENT))
+def test_hostile_frames_to_the_agent_itself(name):
+    """The job user owns their multiplexer, so they can write anything to
+    the guest agent's port (which runs tasks as root's child in the guest).
+    Whatever arrives, the agent stays up, a task runs only as the job user,
+    and an honest task on a fresh channel still runs."""
+    with agent_direct() as (s, agent):
+        hello = wire.read_frame(s.recv)
+        assert hello is not None and hello[1] == wire.HELLO
+        for frame in TO_AGENT[name]:
+            s.sendall(frame)
+        if name == "a task asking for root":
+            out, status = _until_exit(s, 7)
+            assert (out, status) == (f"{NOBODY}\n".encode(), 0)
+        if name == "a cwd the job user cannot enter":
+            out, _ = _until_exit(s, 13)
+            assert b"READ" not in out
+        time.sleep(0.3)
+        assert agent.poll() is None, agent.stderr.read()
+        s.sendall(wire.pack(21, wire.OPEN, json.dumps(
+            {"argv": ["/bin/sh", "-c", "echo honest $(id -u)"]}).encode()))
+        out, status = _until_exit(s, 21)
+        assert (out, status) == (f"honest {NOBODY}\n".encode(), 0)
+        assert agent.poll() is None

@@ -6,7 +6,10 @@ random points, then a count of everything that must not be left.
 Faults: scancel at a random moment (during the prolog, the unpack, a VM
 boot, the job), kill -9 or SIGSTOP of the container holder or QEMU, kill -9
 or SIGSTOP of the prolog's step as the user, a slurmd restart while jobs
-run, the epilog run a second time by hand.  Afterwards: drained nodes,
+run, the epilog run a second time by hand.  Hostile jobs among them: an
+image whose holder starts a process that leaves the container (its own
+session and namespaces), and one whose holder starts a process stuck on
+the user's FUSE server that stops answering (tests/helpers/stallfs.py).  Afterwards: drained nodes,
 processes of the user, job directories, root's records, job cgroups,
 /dev/shm entries of the user, deleted-but-open files under the runtime
 roots, and kept overlays not listed by `slurm-charlie status`.  Exit 1 when
@@ -32,6 +35,9 @@ from helpers.cluster import USER, build_busybox_image, make_cluster  # noqa: E40
 from slurm_charlie.doctor import deleted_open  # noqa: E402
 from slurm_charlie.procfs import proc_stat  # noqa: E402
 from slurm_charlie.procfs import pids_of
+
+#: the user's FUSE server that answers everything but one lookup
+STALLFS = os.path.join(os.path.dirname(__file__), "stallfs.py")
 
 FAULTS = ("none", "scancel", "kill-holder", "stop-holder", "kill-user-step",
           "stop-user-step", "epilog-twice")
@@ -61,6 +67,7 @@ class Churn:
         self.faults: dict[str, int] = {f: 0 for f in FAULTS}
         self.kinds: dict[str, int] = {}
         self.restarts = 0
+        self.servers: list[tuple[subprocess.Popen, str]] = []
 
     # -- images -----------------------------------------------------------------
     def images(self) -> dict[str, str]:
@@ -73,7 +80,15 @@ class Churn:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
         shutil.chown(tgz, USER, USER)
-        out = {"dir": bb, "tgz": tgz}
+        out = {"dir": bb, "tgz": tgz,
+               # the holder's /bin/sh (the image author's) leaves the container
+               "escape": _holder_sh_image(os.path.join(self.wd, "escape"),
+                                          "/bin/busybox setsid /bin/busybox unshare -r -m "
+                                          "/bin/busybox sleep 4242"),
+               # ... or looks a name up in the user's stalled FUSE (/ch/data1)
+               "stall": _holder_sh_image(os.path.join(self.wd, "stall"),
+                                         "/bin/busybox setsid /bin/busybox stat "
+                                         "/ch/data1/stall")}
         if self.vm_share:
             img = os.path.join(self.wd, "image.qcow2")
             shutil.copyfile(os.path.join(self.c.sb.guest_dir, "guest.qcow2"), img)
@@ -96,6 +111,13 @@ class Churn:
             kind, args = "container", [f"--charlie-image={images['dir']}", "--wrap",
                                        f"srun -N{nodes} sh -c 'sleep "
                                        f"{self.rng.uniform(0, 2):.1f}; ls /ch/meta >/dev/null'"]
+        elif r < 0.75:
+            kind, args = "escape", [f"--charlie-image={images['escape']}", "--wrap",
+                                    f"srun -N{nodes} true"]
+        elif r < 0.8:
+            kind, args = "stall-fuse", [f"--charlie-image={images['stall']}",
+                                        f"--charlie-dir={self.stalling_mount()}", "--wrap",
+                                        f"srun -N{nodes} sleep 1"]
         else:
             kind, args = "tarball", [f"--charlie-image={images['tgz']}", "--wrap",
                                      f"srun -N{nodes} true"]
@@ -106,6 +128,31 @@ class Churn:
             raise SystemExit(f"sbatch failed: {p.stderr}")
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
         return jobid, kind, self.rng.choice(FAULTS)
+
+    def stalling_mount(self) -> str:
+        """A new mount of the user's stalling FUSE server (each job's epilog
+        aborts the connection its holder's child waits on)."""
+        mnt = os.path.join(self.wd, f"stall-{len(self.servers)}")
+        os.makedirs(mnt)
+        shutil.chown(mnt, USER, USER)
+        import pwd
+        pw = pwd.getpwnam(USER)
+        server = subprocess.Popen(["/usr/bin/python3", STALLFS, mnt], user=pw.pw_uid,
+                                  group=pw.pw_gid, extra_groups=[], cwd="/",
+                                  env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir},
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True, stdin=subprocess.DEVNULL,
+                                  start_new_session=True)
+        if server.stdout.readline().strip() != "MOUNTED":
+            raise SystemExit(f"churn: the stalling FUSE server did not mount {mnt}")
+        self.servers.append((server, mnt))
+        return mnt
+
+    def stop_servers(self) -> None:
+        for server, mnt in self.servers:
+            server.kill()
+            server.wait()
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
 
     def record_pids(self, jobid: str) -> list[int]:
         pids = []
@@ -182,6 +229,7 @@ class Churn:
             info = self.c.wait_done(jobid, timeout=600)
             if fault == "epilog-twice" and info.get("JobState") != "PENDING":
                 self.epilog_again(jobid)
+        self.stop_servers()
         # stopped processes are the user's business, but they must not keep
         # anything of the job alive: whatever is left is counted below
         counts = self.leftovers()
@@ -220,6 +268,22 @@ class Churn:
                 "job_dirs": len(self.c.job_dirs()), "records": len(records),
                 "cgroups": len(cgroups), "shm": len(shm), "deleted_open": len(deleted),
                 "mounts": len(mounts), "kept_unlisted": len(unlisted)}
+
+
+def _holder_sh_image(path: str, command: str) -> str:
+    """A busybox image whose /bin/sh runs command in the background when it
+    is the holder's shell (a task's shell is in Slurm's step, which Slurm
+    ends itself)."""
+    img = build_busybox_image(path, owner=USER)
+    sh = os.path.join(img, "bin", "sh")
+    os.unlink(sh)
+    with open(sh, "w") as f:
+        f.write('#!/bin/busybox sh\ncase "$2" in *.holder*)\n'
+                f"{command} </dev/null >/dev/null 2>&1 &;;\nesac\n"
+                'exec /bin/busybox sh "$@"\n')
+    os.chmod(sh, 0o755)
+    shutil.chown(sh, USER, USER)
+    return img
 
 
 def _zombies_only(cgroup: str) -> bool:

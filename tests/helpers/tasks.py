@@ -60,3 +60,30 @@ def relay(g, command, stdin=None, env=None, cwd=None, **kw):
                              g["tasks"], *command], stdin=stdin or subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e,
                             cwd=cwd, **kw)
+
+
+@contextlib.contextmanager
+def agent_direct():
+    """The guest agent (as root, tasks as nobody) with the test as its only
+    peer on the port: what a job user gets who kills their multiplexer and
+    writes to QEMU's end of the port themselves.  Yields (socket, agent)."""
+    base = tempfile.mkdtemp(prefix="charlie-agent-")
+    os.chmod(base, 0o755)
+    meta = os.path.join(base, "meta")
+    os.mkdir(meta)
+    with open(os.path.join(meta, "user"), "w") as f:
+        f.write(f"nobody {NOBODY} {NOBODY} nogroup\n")
+    with open(os.path.join(meta, "env"), "w") as f:
+        f.write("CH_JOB_ID=42\nCH_META=/ch/meta\n")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    agent = subprocess.Popen([sys.executable, AGENT, "0", "--fd", str(theirs.fileno()),
+                              "--meta", meta], pass_fds=(theirs.fileno(),),
+                             stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    try:
+        yield ours, agent
+    finally:
+        ours.close()
+        agent.kill()
+        agent.wait()
+        subprocess.run(["rm", "-rf", base])
