@@ -222,6 +222,7 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any,
     limit = CALL_LIMIT if limit is None else limit
     what = getattr(fn, "__name__", "step")
     rfd, wfd = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # child
         os.close(rfd)
@@ -232,6 +233,7 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any,
                 _drop(user)
             except BaseException as e:
                 raise _DropFailed(str(e)) from None
+            _die_with(parent)
             os.umask(0o077)
             out = {"ok": fn(*args, **kwargs)}
         except _DropFailed as e:
@@ -315,6 +317,23 @@ def _group_stopped(pgid: int) -> bool:
 REAP_WAIT = 5.0
 #: steps as the user that SIGKILL did not end: (pid of root's child, uid)
 _STUCK: list[tuple[int, int]] = []
+
+
+def _die_with(parent: int) -> None:
+    """In a step as the user, once it is the user's: SIGKILL when root's
+    process that forked it dies (the epilog kills a background prolog that
+    is still running; a step it had stopped or left waiting would otherwise
+    live on with the job's files open).  Set after the privileges are
+    dropped, as changing them clears it (kernel: commit_creds)."""
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the setting took
+        os._exit(1)
 
 
 def _reap(pid: int, wait: float) -> bool:

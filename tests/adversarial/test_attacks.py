@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from helpers.cluster import USER, build_busybox_image, make_cluster
+from helpers.cluster import USER, build_busybox_image, holder_sh_image, make_cluster
 
 
 @pytest.fixture(scope="module")
@@ -424,13 +424,8 @@ def test_a_process_that_leaves_the_container_ends_with_the_job(cluster):
     cgroup").  The epilog now ends it by the cgroup root placed the holder
     in, which it cannot leave, says so, and the node stays in service."""
     wd = cluster.workdir("adv-escape")
-    img = build_busybox_image(os.path.join(wd, "img"), owner=USER)
-    sh = os.path.join(img, "bin", "sh")
-    os.unlink(sh)
-    cluster.write(sh, "#!/bin/busybox sh\n/bin/busybox setsid /bin/busybox unshare -r -m "
-                  "/bin/busybox sleep 4242 </dev/null >/dev/null 2>&1 &\n"
-                  'exec /bin/busybox sh "$@"\n', 0o755)
-    shutil.chown(sh, USER, USER)
+    img = holder_sh_image(os.path.join(wd, "img"), "/bin/busybox setsid /bin/busybox "
+                          "unshare -r -m /bin/busybox sleep 4242")
     p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node1", f"--charlie-image={img}", "-o", "out",
                                    "--wrap", "srun sh -c 'echo inside $(cat /MARKER)'"])
     out = open(os.path.join(wd, "out")).read()

@@ -9,7 +9,6 @@ fusermount3, as on any cluster with FUSE; the sandbox opens /dev/fuse to
 users as such a cluster does (docs/sandbox.rst)."""
 
 import os
-import pwd
 import re
 import shutil
 import subprocess
@@ -17,12 +16,10 @@ import time
 
 import pytest
 
-from helpers.cluster import USER, build_busybox_image
+from helpers import stallfs as stallfs_server
+from helpers.cluster import USER, holder_sh_image
 from slurm_charlie import cleanup, proc
 from slurm_charlie.errors import UserError
-
-STALLFS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "helpers", "stallfs.py")
-
 
 def _state(pid):
     try:
@@ -39,15 +36,8 @@ def stallfs(cluster):
     mnt = os.path.join(wd, "mnt")
     os.makedirs(mnt)
     shutil.chown(mnt, USER, USER)
-    pw = pwd.getpwnam(USER)
-    server = subprocess.Popen(["/usr/bin/python3", STALLFS, mnt], user=pw.pw_uid,
-                              group=pw.pw_gid, extra_groups=[], cwd="/",
-                              env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+    server = stallfs_server.start(mnt, USER)
     try:
-        line = server.stdout.readline()
-        assert line.strip() == "MOUNTED", server.stderr.read()
         yield wd, mnt
     finally:
         server.kill()  # its connection ends: anything still stuck on it dies
@@ -86,16 +76,8 @@ def test_a_process_of_the_job_stuck_on_the_users_fuse_ends_with_the_job(cluster,
     epilog drained the node.  Now the epilog aborts that connection, the
     process dies, the node stays in service and nothing is left."""
     wd, mnt = stallfs
-    img = build_busybox_image(os.path.join(wd, "img"), owner=USER)
-    sh = os.path.join(img, "bin", "sh")
-    os.unlink(sh)
-    # only as the holder's shell: a task stuck the same way is in Slurm's
-    # step, which Slurm itself ends or drains for (UnkillableStepTimeout)
-    cluster.write(sh, '#!/bin/busybox sh\ncase "$2" in *.holder*)\n'
-                  "/bin/busybox setsid /bin/busybox stat /ch/data1/stall "
-                  "</dev/null >/dev/null 2>&1 &;;\nesac\n"
-                  'exec /bin/busybox sh "$@"\n', 0o755)
-    shutil.chown(sh, USER, USER)
+    img = holder_sh_image(os.path.join(wd, "img"),
+                          "/bin/busybox setsid /bin/busybox stat /ch/data1/stall")
     p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node1", f"--charlie-image={img}",
                                    f"--charlie-dir={mnt}", "-o", "out", "--wrap",
                                    "srun sh -c 'sleep 2; echo inside $(cat /MARKER)'"])

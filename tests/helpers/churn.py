@@ -30,14 +30,12 @@ import sys
 import tarfile
 import time
 
-from helpers.cluster import USER, build_busybox_image, make_cluster  # noqa: E402
+from helpers import stallfs  # noqa: E402
+from helpers.cluster import USER, build_busybox_image, holder_sh_image, make_cluster  # noqa: E402
 
 from slurm_charlie.doctor import deleted_open  # noqa: E402
 from slurm_charlie.procfs import proc_stat  # noqa: E402
 from slurm_charlie.procfs import pids_of
-
-#: the user's FUSE server that answers everything but one lookup
-STALLFS = os.path.join(os.path.dirname(__file__), "stallfs.py")
 
 FAULTS = ("none", "scancel", "kill-holder", "stop-holder", "kill-user-step",
           "stop-user-step", "epilog-twice")
@@ -82,11 +80,11 @@ class Churn:
         shutil.chown(tgz, USER, USER)
         out = {"dir": bb, "tgz": tgz,
                # the holder's /bin/sh (the image author's) leaves the container
-               "escape": _holder_sh_image(os.path.join(self.wd, "escape"),
+               "escape": holder_sh_image(os.path.join(self.wd, "escape"),
                                           "/bin/busybox setsid /bin/busybox unshare -r -m "
                                           "/bin/busybox sleep 4242"),
                # ... or looks a name up in the user's stalled FUSE (/ch/data1)
-               "stall": _holder_sh_image(os.path.join(self.wd, "stall"),
+               "stall": holder_sh_image(os.path.join(self.wd, "stall"),
                                          "/bin/busybox setsid /bin/busybox stat "
                                          "/ch/data1/stall")}
         if self.vm_share:
@@ -135,16 +133,7 @@ class Churn:
         mnt = os.path.join(self.wd, f"stall-{len(self.servers)}")
         os.makedirs(mnt)
         shutil.chown(mnt, USER, USER)
-        import pwd
-        pw = pwd.getpwnam(USER)
-        server = subprocess.Popen(["/usr/bin/python3", STALLFS, mnt], user=pw.pw_uid,
-                                  group=pw.pw_gid, extra_groups=[], cwd="/",
-                                  env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir},
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                  text=True, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
-        if server.stdout.readline().strip() != "MOUNTED":
-            raise SystemExit(f"churn: the stalling FUSE server did not mount {mnt}")
+        server = stallfs.start(mnt, USER)
         self.servers.append((server, mnt))
         return mnt
 
@@ -167,9 +156,11 @@ class Churn:
     def user_steps(self) -> list[int]:
         """Children of a prolog running as the user: its steps as the user
         (proc.call_as) and what it spawns (QEMU, the holder) while it waits."""
+        # the background prolog is `python -I -c ...prolog_hook import main`
         return [p for p in pids_of(self.uid)
-                if "slurm-charlie prolog" in _cmd(_ppid(p))
-                or "slurm_charlie.cli prolog" in _cmd(_ppid(p))]
+                if any(w in _cmd(_ppid(p)) for w in (
+                    "slurm-charlie prolog", "slurm_charlie.cli prolog",
+                    "slurm_charlie.prolog_hook"))]
 
     def inject(self, jobid: str, fault: str) -> None:
         deadline = time.monotonic() + self.rng.uniform(0.05, 4)
@@ -268,22 +259,6 @@ class Churn:
                 "job_dirs": len(self.c.job_dirs()), "records": len(records),
                 "cgroups": len(cgroups), "shm": len(shm), "deleted_open": len(deleted),
                 "mounts": len(mounts), "kept_unlisted": len(unlisted)}
-
-
-def _holder_sh_image(path: str, command: str) -> str:
-    """A busybox image whose /bin/sh runs command in the background when it
-    is the holder's shell (a task's shell is in Slurm's step, which Slurm
-    ends itself)."""
-    img = build_busybox_image(path, owner=USER)
-    sh = os.path.join(img, "bin", "sh")
-    os.unlink(sh)
-    with open(sh, "w") as f:
-        f.write('#!/bin/busybox sh\ncase "$2" in *.holder*)\n'
-                f"{command} </dev/null >/dev/null 2>&1 &;;\nesac\n"
-                'exec /bin/busybox sh "$@"\n')
-    os.chmod(sh, 0o755)
-    shutil.chown(sh, USER, USER)
-    return img
 
 
 def _zombies_only(cgroup: str) -> bool:

@@ -154,6 +154,23 @@ class Cluster:
             time.sleep(0.2)
 
 
+def holder_sh_image(path: str, command: str, owner: str = USER,
+                    mount_points: bool = True) -> str:
+    """A busybox image whose /bin/sh (its author's) starts command in the
+    background when it is the holder's shell; a task's shell does not (a
+    task is in Slurm's step, which Slurm ends itself)."""
+    img = build_busybox_image(path, mount_points=mount_points, owner=owner)
+    sh = os.path.join(img, "bin", "sh")
+    os.unlink(sh)
+    with open(sh, "w") as f:
+        f.write('#!/bin/busybox sh\ncase "$2" in *.holder*)\n'
+                f"{command} </dev/null >/dev/null 2>&1 &;;\nesac\n"
+                'exec /bin/busybox sh "$@"\n')
+    os.chmod(sh, 0o755)
+    shutil.chown(sh, owner, owner)
+    return img
+
+
 def build_busybox_image(path: str, mount_points: bool = True, shell: bool = True,
                         owner: str | None = None) -> str:
     """A minimal Charliecloud image directory: static busybox, the files

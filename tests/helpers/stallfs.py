@@ -83,6 +83,22 @@ def serve(fd: int) -> None:
             pass
 
 
+def start(mountpoint: str, user: str) -> subprocess.Popen:
+    """Run this server as user on mountpoint (a directory of theirs) from a
+    test, as root; returns once it has mounted."""
+    import pwd
+    pw = pwd.getpwnam(user)
+    server = subprocess.Popen(["/usr/bin/python3", __file__, mountpoint], user=pw.pw_uid,
+                              group=pw.pw_gid, extra_groups=[], cwd="/",
+                              env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    if server.stdout.readline().strip() != "MOUNTED":
+        server.kill()
+        raise RuntimeError(f"stallfs did not mount {mountpoint}: {server.stderr.read()}")
+    return server
+
+
 def main() -> int:
     fd = mount(sys.argv[1])
     print("MOUNTED", flush=True)

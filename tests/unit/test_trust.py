@@ -309,3 +309,54 @@ def test_kill_user_processes_spares_others(nobody):
         for p in (root_proc, mine):
             p.kill()
             p.wait()
+
+
+def _step_of_a_dying_prolog(user, pid_file):
+    """A root process (the background prolog) whose step as the user writes
+    its pid and sleeps; the test kills the root process."""
+    def step():
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(300)
+    try:
+        call_as(user, step, limit=600)
+    finally:
+        os._exit(0)
+
+
+@needs_root
+def test_a_step_dies_with_the_root_process_that_started_it(nobody, run_dir):
+    """The epilog SIGKILLs a background prolog that still runs; its step as
+    the user -- stopped by the user, or waiting -- must not live on (it
+    held the job's files open and outlived the job; seen in the churn)."""
+    os.chmod(run_dir, 0o777)
+    pid_file = str(run_dir / "step.pid")
+    step = 0
+    root = os.fork()
+    if root == 0:
+        _step_of_a_dying_prolog(nobody, pid_file)
+    try:
+        end = time.monotonic() + 30
+        while not os.path.exists(pid_file) and time.monotonic() < end:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        step = int(open(pid_file).read())
+        os.kill(step, signal.SIGSTOP)  # the user's part of the attack
+        os.kill(root, signal.SIGKILL)  # the epilog's stop of the prolog
+        os.waitpid(root, 0)
+        end = time.monotonic() + 10
+        while os.path.exists(f"/proc/{step}") and time.monotonic() < end:
+            state = open(f"/proc/{step}/stat").read().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                break
+            time.sleep(0.05)
+        gone = not os.path.exists(f"/proc/{step}") or \
+            open(f"/proc/{step}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        assert gone, f"step {step} outlived the root process that started it"
+    finally:
+        for pid in (root, step):
+            try:
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
