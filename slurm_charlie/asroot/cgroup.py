@@ -438,16 +438,18 @@ class CgroupV2:
         pids = [p for p in _cgroup_pids(leaf) if not is_zombie(p)]
         if not pids:
             return []
-        try:
-            _write(os.path.join(leaf, "cgroup.kill"), "1")
-        except FileNotFoundError:
-            return _kill_users([leaf], uid)
-        def live() -> list[int]:
-            return [p for p in _cgroup_pids(leaf) if not is_zombie(p)]
         owner = uid
-        if owner <= 0:  # reconcile's sweep: v2 has no uid level
+        if owner <= 0:  # reconcile's sweep: v2 has no uid level; the job's
+            # processes are one user's (root placed none of another's there)
             owners = {_owner(p) for p in pids} - {None, 0}
             owner = owners.pop() if len(owners) == 1 else -1
+        try:
+            _write(os.path.join(leaf, "cgroup.kill"), "1")
+        except FileNotFoundError:  # Linux < 5.14
+            return _kill_users([leaf], owner) if owner > 0 else []
+
+        def live() -> list[int]:
+            return [p for p in _cgroup_pids(leaf) if not is_zombie(p)]
         # a process waiting on the user's stalled FUSE server ignores
         # SIGKILL until root aborts the connection (fuse.py)
         fuse.wait_or_abort(owner, live, 5)
