@@ -20,6 +20,7 @@
  * (as in the site config, %n = node name), conf=PATH (site config, optional).
  */
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdint.h>
@@ -165,12 +166,29 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
     return 0;
 }
 
+/* Does "CHARLIE_X=..." name one of our options (CHARLIE_TMP_SIZE for
+ * --charlie-tmp-size)?  Other CHARLIE_* variables are someone else's. */
+static int is_option_var(const char *e)
+{
+    size_t i, j;
+
+    for (i = 0; i < CHARLIE_NOPTS; i++) {
+        const char *n = charlie_opts[i].name + 8;  /* after "charlie-" */
+        for (j = 0; n[j]; j++)
+            if (e[8 + j] != (n[j] == '-' ? '_' : toupper((unsigned char)n[j])))
+                break;
+        if (n[j] == '\0' && e[8 + j] == '=')
+            return 1;
+    }
+    return 0;
+}
+
 static int env_has_charlie(void)
 {
     char **e;
 
     for (e = environ; e && *e; e++)
-        if (strncmp(*e, "CHARLIE_", 8) == 0)
+        if (strncmp(*e, "CHARLIE_", 8) == 0 && is_option_var(*e))
             return 1;
     return 0;
 }

@@ -112,8 +112,11 @@ def test_plain_job_untouched(cluster):
     q, seen = cluster.sbatch(wd, ["-N3", "-o", "seen.out", "--charlie-type=none",
                                   "--wrap", "srun true"])
     assert q.returncode == 0, q.stderr
+    # a CHARLIE_* variable that names no option (CI's CHARLIE_CHURN_JOBS
+    # made every job of the suite a charlie job once) is someone else's
     p, jobid = cluster.sbatch(wd, ["-N3", "-o", "job.out", "--wrap",
-                                   "srun sh -c 'echo x${CH_GUEST_ID}x'"])
+                                   "srun sh -c 'echo x${CH_GUEST_ID}x'"],
+                              env={"CHARLIE_CHURN_JOBS": "200", "CHARLIE_HOME": "/x"})
     assert p.returncode == 0, p.stderr
     assert open(os.path.join(wd, "job.out")).read().split() == ["xx"] * 3
     cluster.wait_done(jobid)

@@ -44,7 +44,7 @@ def test_steps_of_plain_and_charlie_jobs_return_0(cluster):
     for argv in (["srun", "-N2", "true"],
                  ["srun", "-N2", "--charlie-type=none", "true"],
                  ["salloc", "-N1", "--charlie-type=none", "srun", "true"],
-                 ["sbatch", "--wait", "-N1", "-o", "/dev/null", "--wrap", "srun true"],
+                 # one sbatch --wait: it polls the job at 2, 10, 42 s (slow)
                  ["sbatch", "--wait", "-N1", "--charlie-type=none", "-o", "/dev/null",
                   "--wrap", "srun true"]):
         p = cluster.as_user(argv, wd)
