@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from helpers.cluster import USER, build_busybox_image, holder_sh_image, make_cluster
+from helpers.cluster import USER, build_busybox_image, holder_job, holder_sh_image, make_cluster
 
 
 @pytest.fixture(scope="module")
@@ -426,12 +426,7 @@ def test_a_process_that_leaves_the_container_ends_with_the_job(cluster):
     wd = cluster.workdir("adv-escape")
     img = holder_sh_image(os.path.join(wd, "img"), "/bin/busybox setsid /bin/busybox "
                           "unshare -r -m /bin/busybox sleep 4242")
-    p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node1", f"--charlie-image={img}", "-o", "out",
-                                   "--wrap", "srun sh -c 'echo inside $(cat /MARKER)'"])
-    out = open(os.path.join(wd, "out")).read()
-    assert p.returncode == 0 and "inside inside-the-image" in out, out
-    cluster.wait_done(jobid)
-    log = open(os.path.join(cluster.sb.state, "log", "charlie-node1.log")).read()
+    jobid, log = holder_job(cluster, wd, img)
     assert re.search(rf"job {jobid}: warning: ended \d+ process\(es\) of the job that had "
                      r"left its container but not its cgroup: \d+", log), log[-3000:]
     assert not [c for c in cluster.user_processes() if "sleep 4242" in c]

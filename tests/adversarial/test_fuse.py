@@ -17,7 +17,7 @@ import time
 import pytest
 
 from helpers import stallfs as stallfs_server
-from helpers.cluster import USER, holder_sh_image
+from helpers.cluster import USER, holder_job, holder_sh_image
 from slurm_charlie import cleanup, proc
 from slurm_charlie.errors import UserError
 
@@ -78,13 +78,8 @@ def test_a_process_of_the_job_stuck_on_the_users_fuse_ends_with_the_job(cluster,
     wd, mnt = stallfs
     img = holder_sh_image(os.path.join(wd, "img"),
                           "/bin/busybox setsid /bin/busybox stat /ch/data1/stall")
-    p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node1", f"--charlie-image={img}",
-                                   f"--charlie-dir={mnt}", "-o", "out", "--wrap",
-                                   "srun sh -c 'sleep 2; echo inside $(cat /MARKER)'"])
-    out = open(os.path.join(wd, "out")).read()
-    assert p.returncode == 0 and "inside inside-the-image" in out, out
-    cluster.wait_done(jobid)
-    log = open(os.path.join(cluster.sb.state, "log", "charlie-node1.log")).read()
+    jobid, log = holder_job(cluster, wd, img, f"--charlie-dir={mnt}",
+                            task="sleep 2; echo inside $(cat /MARKER)")
     assert re.search(rf"job {jobid}: warning: aborted FUSE connection \d+ of uid \d+: "
                      r"\d+ request\(s\) had waited unanswered", log), log[-3000:]
     assert not [c for c in cluster.user_processes() if "stat /ch/data1/stall" in c]

@@ -71,7 +71,7 @@ def test_a_preparation_that_fails_fails_the_job_and_sbatch_wait(cluster):
     os.rmdir(os.path.join(wd, "vanishing"))
     cluster.run(["scontrol", "release", jobid], check=True)
     try:
-        rc = p.wait(timeout=120)
+        rc = p.wait(timeout=300)  # sbatch --wait polls at 2, 10, 42, 74 s
     finally:
         if p.poll() is None:
             p.kill()
@@ -80,7 +80,8 @@ def test_a_preparation_that_fails_fails_the_job_and_sbatch_wait(cluster):
     out = open(os.path.join(wd, "out")).read()
     assert "--charlie-dir: cannot access: No such file or directory" in out, out
     assert "should-not-run" not in out
-    assert set(cluster.wait_nodes_idle().values()) == {"idle"}
+    # the failed job's epilog: seconds here, over 30 s under tcg (the lane)
+    assert set(cluster.wait_nodes_idle(120).values()) == {"idle"}
     end = time.monotonic() + 10
     while cluster.job_dirs() and time.monotonic() < end:
         time.sleep(0.2)

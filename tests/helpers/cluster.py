@@ -154,6 +154,19 @@ class Cluster:
             time.sleep(0.2)
 
 
+def holder_job(cluster: "Cluster", wd: str, img: str, *args: str,
+               task: str = "echo inside $(cat /MARKER)") -> tuple[str, str]:
+    """A one-node job on node1 with img (and args) whose task must run in
+    the image; (job id, node1's slurm-charlie log once the job has ended)."""
+    p, jobid = cluster.sbatch(wd, ["-N1", "-w", "node1", f"--charlie-image={img}", *args,
+                                   "-o", "out", "--wrap", f"srun sh -c '{task}'"])
+    out = open(os.path.join(wd, "out")).read()
+    assert p.returncode == 0 and "inside inside-the-image" in out, out
+    cluster.wait_done(jobid)
+    with open(os.path.join(cluster.sb.state, "log", "charlie-node1.log")) as f:
+        return jobid, f.read()
+
+
 def holder_sh_image(path: str, command: str, owner: str = USER,
                     mount_points: bool = True) -> str:
     """A busybox image whose /bin/sh (its author's) starts command in the

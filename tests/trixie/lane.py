@@ -90,7 +90,9 @@ def shim() -> str:
 def why_nodes(logs: str) -> None:
     """After a failure: each node's state and reason, and what slurmctld
     said about nodes going down or draining -- CI keeps only this output."""
-    nodes = sh(["sinfo", "-N", "-h", "-o", "%N %T %E"], capture_output=True, text=True)
+    conf = os.path.join(os.path.dirname(logs), "etc", "slurm.conf")
+    nodes = sh(["sinfo", "-N", "-h", "-o", "%N %T %E"], capture_output=True, text=True,
+               env={**os.environ, "SLURM_CONF": conf})
     print(nodes.stdout, flush=True)
     for line in nodes.stdout.splitlines():
         name, state = (line.split() + ["", ""])[:2]
