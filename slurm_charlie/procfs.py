@@ -127,12 +127,25 @@ def _unescape(field: str) -> str:
 
 
 def mounts(pid: int | str = "self") -> list[dict[str, str]]:
-    """The mounts pid sees (/proc/PID/mountinfo): device ("major:minor"),
-    mount point, file system type and super block options; [] when gone.
-    Fields the user can name (paths, sources) are escaped by the kernel, so
-    a line always splits the same way."""
+    """The mounts pid sees (/proc/PID/mountinfo); [] when gone."""
+    return read_mountinfo(f"/proc/{pid}/mountinfo")
+
+
+def owner(pid: int | str) -> int | None:
+    """The uid that owns /proc/PID (the process's real owner), None when gone."""
     try:
-        with open(f"/proc/{pid}/mountinfo", errors="replace") as f:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def read_mountinfo(path: str) -> list[dict[str, str]]:
+    """A mountinfo file's mounts: device ("major:minor"), mount point, file
+    system type and super block options; [] when unreadable.  Fields the
+    user can name (paths, sources) are escaped by the kernel, so a line
+    always splits the same way."""
+    try:
+        with open(path, errors="replace") as f:
             text = f.read()
     except OSError:
         return []

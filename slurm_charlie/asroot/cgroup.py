@@ -43,7 +43,7 @@ from ..errors import NodeFault, UserError
 from ..log import log
 from ..proc import slurm_conf_keys
 from . import fuse
-from ..procfs import is_users, is_zombie, starttime
+from ..procfs import is_users, is_zombie, owner, read_mountinfo, starttime
 from .procs import _pidfd, _send
 from .records import ProcRecord
 
@@ -68,17 +68,7 @@ def slurm_cgroup_conf(environ=None) -> dict[str, str]:
 
 def mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, str]:
     """{mount point: file system type} of this mount namespace."""
-    out = {}
-    try:
-        with open(mountinfo) as f:
-            for line in f:
-                fields, _, after = line.partition(" - ")
-                parts = fields.split()
-                if len(parts) >= 5 and after:
-                    out[parts[4].replace("\\040", " ")] = after.split()[0]
-    except OSError:
-        pass
-    return out
+    return {m["mountpoint"]: m["fstype"] for m in read_mountinfo(mountinfo)}
 
 
 def filesystem(mountpoint: str = CGROUP_FS, mounted: dict[str, str] | None = None) -> str:
@@ -182,13 +172,6 @@ def _kill_until(live: Callable[[], list[int]], uid: int, killed: list[int],
                 if fd >= 0:
                     os.close(fd)
         time.sleep(0.05)
-
-
-def _owner(pid: int) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
 
 
 def _busy(path: str) -> None:
@@ -438,21 +421,21 @@ class CgroupV2:
         pids = [p for p in _cgroup_pids(leaf) if not is_zombie(p)]
         if not pids:
             return []
-        owner = uid
-        if owner <= 0:  # reconcile's sweep: v2 has no uid level; the job's
+        user = uid
+        if user <= 0:  # reconcile's sweep: v2 has no uid level; the job's
             # processes are one user's (root placed none of another's there)
-            owners = {_owner(p) for p in pids} - {None, 0}
-            owner = owners.pop() if len(owners) == 1 else -1
+            owners = {owner(p) for p in pids} - {None, 0}
+            user = owners.pop() if len(owners) == 1 else -1
         try:
             _write(os.path.join(leaf, "cgroup.kill"), "1")
         except FileNotFoundError:  # Linux < 5.14
-            return _kill_users([leaf], owner) if owner > 0 else []
+            return _kill_users([leaf], user) if user > 0 else []
 
         def live() -> list[int]:
             return [p for p in _cgroup_pids(leaf) if not is_zombie(p)]
         # a process waiting on the user's stalled FUSE server ignores
         # SIGKILL until root aborts the connection (fuse.py)
-        fuse.wait_or_abort(owner, live, 5)
+        fuse.wait_or_abort(user, live, 5)
         return pids
 
     def stale(self, running: set[str]) -> list[tuple[int, str]]:
