@@ -28,6 +28,19 @@ def _state(pid):
         return None
 
 
+def _waiting(mnt):
+    """Requests waiting on the FUSE connection mounted at mnt (fusectl)."""
+    dev = None
+    for line in open("/proc/self/mountinfo"):
+        f = line.split()
+        if f[4] == mnt:
+            dev = int(f[2].split(":")[1])
+    try:
+        return int(open(f"/sys/fs/fuse/connections/{dev}/waiting").read())
+    except (OSError, ValueError):
+        return 0
+
+
 @pytest.fixture
 def stallfs(cluster):
     """(work directory, mount point): the user's stalling FUSE file system,
@@ -84,6 +97,43 @@ def test_a_process_of_the_job_stuck_on_the_users_fuse_ends_with_the_job(cluster,
                      r"\d+ request\(s\) had waited unanswered", log), log[-3000:]
     assert not [c for c in cluster.user_processes() if "stat /ch/data1/stall" in c]
     settled_apart_from_the_server(cluster)
+
+
+def test_a_connection_another_node_aborted_first_still_frees_this_nodes_process(stallfs,
+                                                                              monkeypatch):
+    """A job on two sandbox nodes (or two jobs of one user on one node) with
+    processes stuck on the same connection: both epilogs wait, then both look
+    for stalled connections.  The first aborts it; the second found no
+    request waiting any more, aborted nothing, gave up without waiting
+    again, and drained its node ("processes did not die after SIGKILL"), while
+    its process was dying of the other's abort (seen in the 200-job churn).
+    The wait after the abort is now taken whoever aborted."""
+    from slurm_charlie.asroot import fuse
+    _, mnt = stallfs
+    uid = int(subprocess.run(["id", "-u", USER], capture_output=True, text=True).stdout)
+    stuck = subprocess.Popen(["stat", os.path.join(mnt, "stall")], user=uid, group=uid,
+                             extra_groups=[], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    victim = stuck.pid
+    try:
+        for _ in range(500):  # waits (interruptibly) for the lookup's answer
+            if _state(victim) == "S" and _waiting(mnt):
+                break
+            time.sleep(0.01)
+        os.kill(victim, 9)
+        time.sleep(0.2)
+        assert _state(victim) == "D", "SIGKILL ended the lookup: the mount does not stall"
+        real = fuse.abort_stalled
+
+        def the_other_node_first(u, pids):
+            assert real(u, pids), "the other node found nothing to abort"
+            return real(u, pids)
+        monkeypatch.setattr(fuse, "abort_stalled", the_other_node_first)
+        left = fuse.wait_or_abort(uid, lambda: [victim] if _state(victim) not in (None, "Z")
+                                  else [], 1.0)
+        assert left == []
+    finally:
+        stuck.kill()  # not waited for here: it ends when the fixture ends the server
 
 
 def settled_apart_from_the_server(cluster):
