@@ -375,8 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[0] == "prolog":
             from . import prolog_hook
             return prolog_hook.main()
-        from . import hooks
-        return hooks.epilog_main(os.environ)
+        from . import prolog_hook
+        return prolog_hook.epilog()
     parser = build_parser(validate_only=bool(argv) and argv[0] == "validate")
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -169,6 +169,13 @@ DEFAULTS: tuple[Key, ...] = (
     Key("reconcile.kept_max_days", 30, int,
         "kept VM overlays older than this many days are removed by reconcile "
         "(0: kept until removed by hand)"),
+    Key("hooks.warm", True, bool,
+        "keep a root process per node with the hook code imported that forks "
+        "each prolog and epilog (faster job start and end); false: every hook "
+        "starts Python afresh"),
+    Key("hooks.warm_idle", 600, int,
+        "seconds without a job after which the warm hook server ends",
+        rule=lambda v: None if 1 <= v <= 86400 else "not between 1 and 86400 seconds"),
     Key("commit.policy", "allow", str,
         "allow: --charlie-commit works; deny: refused at submit",
         ("allow", "deny")),

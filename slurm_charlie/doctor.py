@@ -58,6 +58,17 @@ def _background(node: str) -> Result:
     return "ok", f"{where}: the background prologs' lock files (root's, mode 0755)", None
 
 
+def _warm(cfg: config.Config, node: str) -> Result:
+    if not cfg["hooks.warm"]:
+        return "ok", "off (hooks.warm = false): every hook starts Python itself", None
+    got = asroot.warm_running(node)
+    if got is None:
+        return "ok", "not running: the next charlie job's prolog starts it (or it ended " \
+            f"after {cfg['hooks.warm_idle']} s without a job)", None
+    return "ok", f"pid {got[0]}: forks each prolog and epilog " \
+        f"({asroot.SETUP_DIR}/{node}/warm.sock)", None
+
+
 def _pidfd() -> Result:
     try:
         fd = os.pidfd_open(os.getpid())
@@ -305,6 +316,7 @@ def checks(cfg: config.Config, node: str) -> list[tuple[str, Callable[[], Result
         ("runtime_root", lambda: _runtime_root(cfg, node)),
         ("root's records", lambda: _records(cfg, node)),
         ("background prolog", lambda: _background(node)),
+        ("warm hook server", lambda: _warm(cfg, node)),
         ("pidfd", _pidfd),
         ("cgroups", lambda: _cgroups(node)),
         ("ch-run", lambda: _program(cfg, "container.runtime", "charliecloud-runtime")),

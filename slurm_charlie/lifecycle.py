@@ -56,6 +56,10 @@ class Book:
                     + (proc,))
 
 
+#: how this process started, for the "done in" lines: the warm server's
+#: children say so (asroot/warm.py)
+STARTED = "started cold"
+
 def _context(env: jobenv.Environ, at: Attempt) -> jobenv.JobEnv:
     job = jobenv.from_environ(env)
     at.cfg = config.load(env)
@@ -143,7 +147,7 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
     log.info("prolog done: type %s, guest %d of %d", opts.type, ctx.guest_id, len(nodes))
     from . import reconcile
     reconcile.from_prolog(cfg, job.node_name)
-    log.info("prolog done in %.3f s (this process's life)", process_age() or 0.0)
+    log.info("prolog done in %.3f s (this process's life, %s)", process_age() or 0.0, STARTED)
 
 
 def epilog(env: jobenv.Environ, at: Attempt,
@@ -176,5 +180,5 @@ def epilog(env: jobenv.Environ, at: Attempt,
     if not faults:
         records.remove(job.job_id)
         log.info("epilog done: job directory removed")
-    log.info("epilog done in %.3f s (this process's life)", process_age() or 0.0)
+    log.info("epilog done in %.3f s (this process's life, %s)", process_age() or 0.0, STARTED)
     return faults

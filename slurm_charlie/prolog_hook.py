@@ -1,6 +1,8 @@
-"""The prolog hook's entry point (prolog.d/50-charlie runs it straight from
-the package, ``python -I -c``): it leaves the node's preparation to a
-background child when it can (asroot.background) and returns.
+"""The hooks' entry points (prolog.d/50-charlie and epilog.d/50-charlie run
+them straight from the package, ``python -I -c``).  The prolog leaves the
+node's preparation to a background child when it can (asroot.background),
+forked by the node's warm server when one runs (asroot.warm), and returns;
+the epilog asks the warm server and runs itself when there is none.
 
 Up to the fork it imports only this module, asroot.background and jobenv
 (tests/unit/test_house.py checks it): srun's first poll for a finished
@@ -21,12 +23,18 @@ def main() -> int:
     env = os.environ
     job_id, node = ids(env)
     in_step = launched_by_slurmstepd()
-    pid = asroot.detach_prolog(node, job_id or "")
+    # the node's warm server forks the preparation when it runs (not in a
+    # job's step: the server would live in the job's cgroup)
+    ask = None if in_step else (lambda fd: asroot.warm_prolog(node, fd))
+    pid = asroot.detach_prolog(node, job_id or "", ask=ask)
     if pid == 0:  # the child: the whole prolog, then it ends here
         code = 1
         try:
             from . import hooks
             code = hooks.prolog_main(env, background=True, in_step=in_step)
+            if not in_step:
+                from . import warm_main
+                warm_main.start_if_wanted(env, node)
         finally:
             try:
                 from . import log
@@ -58,3 +66,16 @@ def launched_by_slurmstepd(pid: int | None = None) -> bool:
         if pid <= 1:
             return False
     return False
+
+
+def epilog() -> int:
+    """The epilog hook: the node's warm server runs it when it can (its
+    exit code is ours); else it runs here."""
+    from .jobenv import ids
+    env = os.environ
+    if env.get("SPANK_CHARLIE") is not None and not launched_by_slurmstepd():
+        code = asroot.warm_epilog(ids(env)[1])
+        if code is not None:
+            return code
+    from . import hooks
+    return hooks.epilog_main(env)

@@ -523,6 +523,12 @@ class Sandbox:
             except ProcessLookupError:
                 pass
         self._wait_gone(pids)
+        from . import asroot
+        for n in self.nodes_on_disk():  # the warm hook servers the prologs started
+            try:
+                asroot.stop_warm(n.removeprefix("chsbx-"))
+            except OSError:
+                pass  # killed with the rest of the netns below
         # slurmd's hooks may still be cleaning: kill what is left in our netns
         self._wait_gone(self._stepds(netns_inodes), sig=signal.SIGKILL)
         if munged:
@@ -559,6 +565,9 @@ class Sandbox:
                     "slurmctld", "slurmd", "slurmstepd", "munged",
                     "qemu-system-x86_64"):
                 out.append(f"process {d} {os.path.basename(cmd[0])}")
+            elif "slurm_charlie.warm_main" in " ".join(cmd[:3]) and len(cmd) > 3 \
+                    and re.fullmatch(r"node\d+", cmd[3]):
+                out.append(f"process {d} warm hook server of {cmd[3]}")
         out += [f"netns {n}" for n in self.nodes_on_disk()]
         for link in _run(["ip", "-o", "link", "show"]).stdout.splitlines():
             name = link.split(":")[1].strip().split("@")[0]

@@ -15,7 +15,8 @@ Rooms: records (root's own record of a job), jobdir (the job directory and
 root's other directories), procs (spawn, wait, signal, stop), cgroup (the
 job's cgroups), node (drain), fuse (stalled FUSE
 connections), jobnet (the job network), background (the
-prolog's lock file and its background child).
+prolog's lock file and its background child), warm (the node's warm hook
+server).
 
 Names are resolved when first used, so that the prolog hook, which must
 import almost nothing before it forks, pays only for what it touches.
@@ -118,6 +119,19 @@ OPERATIONS: dict[str, tuple[str, str, str]] = {
                      "(read only)"),
     "prolog_lock_unusable": ("background", "unusable", "why the lock directory cannot be used "
                              "(read only)"),
+    # the warm hook server
+    "warm_prolog": ("warm", "prolog", "hand the background prolog to the node's warm server "
+                    "(with the job's lock file)"),
+    "warm_epilog": ("warm", "epilog", "hand the epilog to the node's warm server (root's "
+                    "socket, 0600, peer uid 0 and same namespaces checked); its exit code"),
+    "start_warm": ("warm", "start", "start the node's warm server: a root process with the "
+                   "hook code imported that forks a child per prolog and epilog"),
+    "serve_warm": ("warm", "serve", "be the node's warm server: hold its lock, listen on "
+                   "its socket and fork a child per hook's request"),
+    "warm_running": ("warm", "running", "the node's warm server's pid and start time while "
+                     "it holds its lock (read only)"),
+    "stop_warm": ("warm", "stop", "end the node's warm server (SIGTERM, then SIGKILL through "
+                  "a pidfd); the children it forked are left to their hooks"),
     "SETUP_DIR": ("background", "SETUP_DIR", "name: root's directory of the lock files"),
     "prolog_lock_path": ("background", "path", "name: a job's lock file on this node"),
 }

@@ -244,12 +244,14 @@ def _yield_briefly(seconds: float) -> None:
     signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
-def detach(node: str, job_id: str, base: str = SETUP_DIR) -> int | str:
+def detach(node: str, job_id: str, base: str = SETUP_DIR, ask=None) -> int | str:
     """Make and lock the job's file and fork: in the child, returns 0 once
     the parent has recorded it (the child goes on with the prolog and must
     end with os._exit); in the parent, the child's pid.  Why not, having
     forked nothing, when the file cannot be made or locked: the caller then
-    runs the prolog itself."""
+    runs the prolog itself.  ask(fd of the locked file): the node's warm
+    server (``warm.prolog``) forks the child when it can, and this process
+    then never forks; it returns None when it cannot."""
     import fcntl
     if not (_safe_name(node) and job_id.isdigit()):
         return f"no usable node name and job id ({node!r}, {job_id!r})"
@@ -275,6 +277,19 @@ def detach(node: str, job_id: str, base: str = SETUP_DIR) -> int | str:
     except OSError as e:
         os.close(fd)
         return f"cannot lock {where}: {e.strerror or e}"
+    if ask is not None:
+        asked = ask(fd)
+        if asked is not None:
+            try:
+                os.pwrite(wfd, f"{asked.pid} {asked.start}\n".encode(), 0)
+                if asked.go():
+                    os.close(wfd)
+                    os.close(fd)
+                    asked.close()
+                    return asked.pid
+            except OSError:
+                asked.close()
+            os.ftruncate(wfd, 0)  # its child ends without "go": fork one here
     go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -293,7 +308,7 @@ def detach(node: str, job_id: str, base: str = SETUP_DIR) -> int | str:
     os.close(go_r)
     try:
         now = _proc_start(pid)
-        os.write(wfd, f"{pid} {now[1] if now else 0}\n".encode())
+        os.pwrite(wfd, f"{pid} {now[1] if now else 0}\n".encode(), 0)
         os.write(go_w, b"1")
     finally:
         os.close(go_w)

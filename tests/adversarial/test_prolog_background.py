@@ -36,9 +36,12 @@ def _hanging_image(cluster, wd):
 
 
 def _lock_files():
+    """The jobs' lock files (the warm hook server's warm.lock and warm.sock
+    live beside them)."""
     return sorted(os.path.join(SETUP_DIR, n, j) for n in os.listdir(SETUP_DIR)
                   if n.startswith("node") and os.path.isdir(os.path.join(SETUP_DIR, n))
-                  for j in os.listdir(os.path.join(SETUP_DIR, n))) \
+                  for j in os.listdir(os.path.join(SETUP_DIR, n))
+                  if j.isdigit()) \
         if os.path.isdir(SETUP_DIR) else []
 
 

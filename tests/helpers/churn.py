@@ -156,11 +156,13 @@ class Churn:
     def user_steps(self) -> list[int]:
         """Children of a prolog running as the user: its steps as the user
         (proc.call_as) and what it spawns (QEMU, the holder) while it waits."""
-        # the background prolog is `python -I -c ...prolog_hook import main`
+        # the background prolog is `python -I -c ...prolog_hook import main`,
+        # or a child of the node's warm hook server (`...warm_main import
+        # main`), whose epilogs' steps as the user are hit as well
         return [p for p in pids_of(self.uid)
                 if any(w in _cmd(_ppid(p)) for w in (
                     "slurm-charlie prolog", "slurm_charlie.cli prolog",
-                    "slurm_charlie.prolog_hook"))]
+                    "slurm_charlie.prolog_hook", "slurm_charlie.warm_main"))]
 
     def inject(self, jobid: str, fault: str) -> None:
         deadline = time.monotonic() + self.rng.uniform(0.05, 4)
