@@ -221,6 +221,8 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any,
         return fn(*args, **kwargs)
     limit = CALL_LIMIT if limit is None else limit
     what = getattr(fn, "__name__", "step")
+    libc = _libc()  # loaded here, not in the child's window between dropping
+    # root and setting its death signal
     rfd, wfd = os.pipe()
     parent = os.getpid()
     pid = os.fork()
@@ -233,7 +235,7 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any,
                 _drop(user)
             except BaseException as e:
                 raise _DropFailed(str(e)) from None
-            _die_with(parent)
+            _die_with(parent, libc)
             os.umask(0o077)
             out = {"ok": fn(*args, **kwargs)}
         except _DropFailed as e:
@@ -319,17 +321,32 @@ REAP_WAIT = 5.0
 _STUCK: list[tuple[int, int]] = []
 
 
-def _die_with(parent: int) -> None:
+_LIBC: list = []
+
+
+def _libc():
+    """The C library through ctypes (None where it cannot be loaded); once
+    per process."""
+    if not _LIBC:
+        try:
+            import ctypes
+            _LIBC.append(ctypes.CDLL(None, use_errno=True))
+        except (OSError, AttributeError, ImportError):
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def _die_with(parent: int, libc=None) -> None:
     """In a step as the user, once it is the user's: SIGKILL when root's
     process that forked it dies (the epilog kills a background prolog that
     is still running; a step it had stopped or left waiting would otherwise
     live on with the job's files open).  Set after the privileges are
     dropped, as changing them clears it (kernel: commit_creds)."""
-    import ctypes
     import signal
     PR_SET_PDEATHSIG = 1
+    libc = libc or _libc()
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # it died before the setting took

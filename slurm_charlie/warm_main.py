@@ -26,7 +26,7 @@ PRELOAD = (
     "slurm_charlie.state", "slurm_charlie.shm", "slurm_charlie.images",
     "slurm_charlie.unpack", "slurm_charlie.backends", "slurm_charlie.backends.container",
     "slurm_charlie.backends.vm", "slurm_charlie.procfs", "slurm_charlie.proc",
-    "logging.handlers", "filelock", "jinja2",
+    "logging.handlers", "filelock", "jinja2", "ctypes",
 )
 
 

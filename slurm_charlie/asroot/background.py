@@ -157,12 +157,14 @@ def _stop(fd: int, timeout: float) -> bool:
             return False  # ended (the pid may be another process's now)
         import signal
         try:
-            if pidfd >= 0:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
+            # frozen first, so that it starts nothing more while its children
+            # are looked up; SIGKILL ends a stopped process as well
+            _signal(pid, pidfd, signal.SIGSTOP)
+            steps = _children(pid)
+            _signal(pid, pidfd, signal.SIGKILL)
         except ProcessLookupError:
             return False
+        _end_steps(steps)
         import select
         import time
         deadline = time.monotonic() + timeout
@@ -179,6 +181,79 @@ def _stop(fd: int, timeout: float) -> bool:
     finally:
         if pidfd >= 0:
             os.close(pidfd)
+
+
+def _signal(pid: int, pidfd: int, sig: int) -> None:
+    import signal
+    if pidfd >= 0:
+        signal.pidfd_send_signal(pidfd, sig)
+    else:
+        os.kill(pid, sig)
+
+
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[tuple[int, int, int]]:
+    """(pid, start time, pidfd or -1) of pid's forked children that run no
+    other program (its command line): its steps as the user and spawns
+    not yet started.  What it started (the holder, QEMU) is left to the
+    epilog's undo, which ends it the way it must (a guest is powered off
+    before its disk is committed)."""
+    out: list[tuple[int, int, int]] = []
+    mine = _cmdline(pid)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                kids = [int(k) for k in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for kid in kids:
+            st = _proc_start(kid)
+            if st is None or mine is None or _cmdline(kid) != mine:
+                continue
+            try:
+                fd = os.pidfd_open(kid)
+            except OSError:
+                fd = -1
+            out.append((kid, st[1], fd))
+    return out
+
+
+def _end_steps(steps: list[tuple[int, int, int]]) -> None:
+    """SIGKILL the background prolog's steps as the user, each with its
+    process group when it leads one (proc.call_as starts a session): a
+    step sets its death signal only after dropping root, so one the user
+    stopped in between would outlive the prolog.  Checked by start time
+    (and pidfd) that each is still the process seen before the prolog
+    died."""
+    import signal
+    for kid, start, fd in steps:
+        try:
+            now = _proc_start(kid)
+            if now is None or now[1] != start or now[0] == "Z":
+                continue
+            try:
+                if os.getpgid(kid) == kid:
+                    os.killpg(kid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                _signal(kid, fd, signal.SIGKILL)
+            except OSError:
+                pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 def _is_it(pid: int, start: int) -> bool:

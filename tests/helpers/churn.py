@@ -284,11 +284,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=int(time.time()))
     args = ap.parse_args(argv)
     churn = Churn(args.jobs, args.seed)
+    logs = [os.path.join(churn.c.sb.state, "log", f"charlie-{n.name}.log")
+            for n in churn.c.sb.nodes]
+    sizes = {f: os.path.getsize(f) if os.path.exists(f) else 0 for f in logs}
     counts = churn.run()
     print(f"churn: {args.jobs} jobs (seed {args.seed}): " + ", ".join(
         f"{k} {v}" for k, v in sorted(churn.kinds.items())))
     print("faults injected: " + ", ".join(f"{k} {v}" for k, v in churn.faults.items())
           + f", slurmd restarts {churn.restarts}")
+    how: dict[str, int] = {}
+    for f, start in sizes.items():
+        with open(f, errors="replace") as log:
+            log.seek(start)
+            for line in log:
+                for hook in ("prolog", "epilog"):
+                    for way in ("warm", "cold"):
+                        if f"{hook} done in" in line and f" {way})" in line:
+                            how[f"{hook} {way}"] = how.get(f"{hook} {way}", 0) + 1
+    print("hooks that ended: " + ", ".join(f"{k} {v}" for k, v in sorted(how.items())))
     print("left behind: " + ", ".join(f"{k} {v}" for k, v in counts.items()
                                       if k != "seconds") + f" ({counts['seconds']} s)")
     bad = {k: v for k, v in counts.items() if k != "seconds" and v}

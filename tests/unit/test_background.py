@@ -79,6 +79,65 @@ def test_stop_kills_a_running_child_and_waits_for_it(base):
     assert background.job_ids("nodeA", base) == []
 
 
+def _state(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def test_stop_also_ends_a_step_as_the_user_stopped_before_it_could_die_with_it(base):
+    """A step as the user (proc.call_as) is the user's from the moment it
+    drops root, but sets its death signal only after that (a change of
+    credentials clears it).  The 200-job churn SIGSTOPped one in between;
+    the epilog then killed the background prolog, and the stopped step was
+    left for ever, holding the job's files.  stop() now freezes the prolog,
+    then kills it and every child it had, with the child's process group."""
+    r, w = os.pipe()
+    pid = background.detach("nodeA", "42", base)
+    if pid == 0:  # the background prolog
+        os.close(r)
+        step = os.fork()
+        if step == 0:  # its step as the user, stopped before its death signal
+            os.setsid()
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            if os.fork() == 0:  # something the step started, in its group
+                os.kill(os.getpid(), signal.SIGSTOP)
+                os._exit(0)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            os._exit(0)
+        os.write(w, f"{step}\n".encode())
+        time.sleep(60)
+        os._exit(0)
+    os.close(w)
+    step = int(os.read(r, 64))
+    os.close(r)
+    group = []
+    for _ in range(500):
+        group = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                 and _state(int(p)) == "T" and os.getpgid(int(p)) == step]
+        if len(group) == 2:
+            break
+        time.sleep(0.01)
+    try:
+        assert len(group) == 2, group
+        assert background.stop("nodeA", "42", 5, base) is True
+        assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+        for _ in range(500):  # orphans: this machine's PID 1 may never reap them
+            if all(_state(p) in (None, "Z") for p in group):
+                break
+            time.sleep(0.01)
+        assert [p for p in group if _state(p) not in (None, "Z")] == []
+    finally:  # whatever failed, nothing stopped stays (it would hold the test's output)
+        for p in group:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_second_detach_of_the_same_job_stops_the_first(base):
     first = _detached(base, 60)
     second = _detached(base, 0.2)
