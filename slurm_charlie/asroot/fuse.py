@@ -139,14 +139,15 @@ def abort_stalled(uid: int, pids: list[int]) -> list[int]:
 
 def wait_or_abort(uid: int, alive: Callable[[], list[int]], wait: float) -> list[int]:
     """Wait up to `wait` seconds for alive() (the pids root killed that
-    still live) to become empty; when some are left and see FUSE
-    connections of uid, abort the stalled ones and wait as long again.  The
-    wait is taken even when nothing was left to abort here: another hook
-    (the job's epilog on another sandbox node, another job of the user's
-    on this one) may have aborted the same connection a moment before, and
-    the processes are then dying.  The pids left."""
+    still live) to become empty; when some are left, abort the stalled
+    FUSE connections of uid they see and wait as long again.  The second
+    wait is taken whatever was aborted here: another hook (the job's epilog
+    on another sandbox node, another job of the user's on this one) may
+    have aborted the same connection a moment before, and the processes
+    are then dying -- one that is exiting no longer even shows its mounts.
+    The pids left."""
     left = _wait_empty(alive, wait)
-    if left and users_connections(uid, left):
+    if left:
         abort_stalled(uid, left)
         left = _wait_empty(alive, wait)
     return left

@@ -136,6 +136,45 @@ def test_a_connection_another_node_aborted_first_still_frees_this_nodes_process(
         stuck.kill()  # not waited for here: it ends when the fixture ends the server
 
 
+def test_a_process_dying_of_another_nodes_abort_is_waited_for(stallfs, monkeypatch):
+    """The same race a moment later (seen in the churn again): the other
+    node's abort came as this node looked, the process was exiting and
+    showed no mounts any more, so this node saw no FUSE connection of the
+    user's, skipped its second wait and drained its node."""
+    from slurm_charlie.asroot import fuse
+    _, mnt = stallfs
+    uid = int(subprocess.run(["id", "-u", USER], capture_output=True, text=True).stdout)
+    stuck = subprocess.Popen(["stat", os.path.join(mnt, "stall")], user=uid, group=uid,
+                             extra_groups=[], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    victim = stuck.pid
+    try:
+        for _ in range(500):
+            if _state(victim) == "S" and _waiting(mnt):
+                break
+            time.sleep(0.01)
+        os.kill(victim, 9)
+        time.sleep(0.2)
+        assert _state(victim) == "D"
+        real_abort, real_seen = fuse.abort_stalled, fuse.users_connections
+        other_node: list = []
+        looked = []
+
+        def exiting_as_looked_at(u, pids):
+            if looked:
+                return real_seen(u, pids)
+            looked.append(1)  # the other node aborts now; this one sees nothing left
+            other_node.append(real_abort(u, pids))
+            return []
+        monkeypatch.setattr(fuse, "users_connections", exiting_as_looked_at)
+        left = fuse.wait_or_abort(uid, lambda: [victim] if _state(victim) not in (None, "Z")
+                                  else [], 1.0)
+        assert other_node and other_node[0], "the other node aborted nothing"
+        assert left == []
+    finally:
+        stuck.kill()  # not waited for here: it ends when the fixture ends the server
+
+
 def settled_apart_from_the_server(cluster):
     """settled(), the stalling server aside (the fixture ends it)."""
     end = time.monotonic() + 30

@@ -61,6 +61,11 @@ class Churn:
         self.jobs = jobs
         self.vm_share = vm_share if self.c.sb.guest_dir else 0.0
         self.uid = int(self.c.run(["id", "-u", USER]).stdout)
+        # an interrupted run's stalling mounts would keep its directory
+        for line in open("/proc/self/mountinfo").read().splitlines():
+            point = line.split()[4]
+            if "/charlie-tests/churn/stall-" in point:
+                subprocess.run(["umount", "-l", point], capture_output=True)
         self.wd = self.c.workdir("churn")
         self.faults: dict[str, int] = {f: 0 for f in FAULTS}
         self.kinds: dict[str, int] = {}
