@@ -167,19 +167,31 @@ def test_a_user_cannot_reach_the_server(base):
     assert p.stdout.strip() in ("REPLY b''", "RESET"), p.stdout + p.stderr  # closed unanswered
 
 
-def test_stale_code_is_refused_and_the_server_leaves(base):
-    server = start(base)
-    victim = os.path.join(PKG, "slurm_charlie", "warm_main.py")
-    st = os.stat(victim)
-    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    try:
-        assert warm.ask("epilog", NODE, [0, 1, 2], base) is None
-    finally:
-        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+def test_stale_code_is_refused_and_the_server_leaves(base, tmp_path):
+    """An upgrade changes the package on disk: the server refuses and goes.
+    It runs from a copy here, which the test then changes (the checkout may
+    be read-only, as in the Debian 13 lane)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(os.path.join(PKG, "slurm_charlie"), copy / "slurm_charlie",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from slurm_charlie.warm_main import main; sys.exit(main(sys.argv[2:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(copy), NODE, base, "300"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            start_new_session=True)
     for _ in range(500):
-        if ppid(server) is None:
+        if os.path.exists(warm.paths(NODE, base)[0]) and warm.running(NODE, base):
             break
-        time.sleep(0.01)
+        time.sleep(0.02)
+    server = warm.running(NODE, base)[0]
+    assert server == proc.pid
+    asked = warm.ask("epilog", NODE, [0, 1, 2], base)  # current: it serves
+    assert asked is not None
+    asked.close()
+    victim = copy / "slurm_charlie" / "warm_main.py"
+    victim.write_text(victim.read_text() + "\n# upgraded\n")
+    assert warm.ask("epilog", NODE, [0, 1, 2], base) is None
+    assert proc.wait(timeout=30) == 0
     assert warm.running(NODE, base) is None
     assert not os.path.exists(warm.paths(NODE, base)[0])
 
