@@ -526,9 +526,14 @@ class ContainerBackend(Backend):
             # a squashfs image: ch-run stays as the FUSE server and the
             # holder's sh is its child, in namespaces of its own
             holder = _only_child(proc.pid) if image.get("squashfs_mount") else proc.pid
-            mnt = ns_inode(holder, "mnt") if holder else None
+            if not holder or not _in_read(holder):
+                return False
+            # read only now: before the image's sh opened the FIFO the same
+            # pid was unshare's or ch-run's, in a namespace it then left (a
+            # stale one recorded made the shim refuse every task)
+            mnt = ns_inode(holder, "mnt")
             found.update(holder=holder, mnt=mnt)
-            return bool(holder and mnt and mnt != host_mnt and _in_read(holder))
+            return bool(mnt and mnt != host_mnt)
 
         # the overlay's squashfuse: stopped, ch-run would wait on it
         outcome = asroot.wait_until_ready(

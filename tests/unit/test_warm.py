@@ -153,9 +153,10 @@ def test_a_user_cannot_reach_the_server(base):
             "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('EACCES')\n"
             "    sys.exit()\n"
             "s.settimeout(5)\n"
-            "s.send(b'charlie-warm/1\\0epilog\\0022\\0/')\n"
-            "try:\n    print('REPLY', repr(s.recv(64)))\n"
-            "except ConnectionResetError:\n    print('RESET')\n")
+            "try:\n"
+            "    s.send(b'charlie-warm/1\\0epilog\\0022\\0/')\n"
+            "    print('REPLY', repr(s.recv(64)))\n"
+            "except (ConnectionResetError, BrokenPipeError):\n    print('RESET')\n")
     as_nobody = dict(user="nobody", group="nogroup", extra_groups=[], capture_output=True,
                      text=True, timeout=30)
     p = subprocess.run([sys.executable, "-I", "-c", code, sock], **as_nobody)
