@@ -5,6 +5,7 @@ at the next job, with the hooks then starting Python themselves."""
 
 import os
 import re
+import time
 
 import pytest
 
@@ -19,15 +20,21 @@ def node_log(cluster, node):
     return open(os.path.join(cluster.sb.state, "log", f"charlie-{node}.log")).read()
 
 
-def how_hooks_ran(cluster, jobid):
-    """{(node, prolog|epilog): 'forked warm' | 'started cold'} for one job."""
-    out = {}
-    for n in NODES:
-        for hook, how in re.findall(rf"job {jobid}: info: (prolog|epilog) done in [\d.]+ s "
-                                    r"\(this process's life, (forked warm|started cold)\)",
-                                    node_log(cluster, n)):
-            out[(n, hook)] = how
-    return out
+def how_hooks_ran(cluster, jobid, timeout=60):
+    """{(node, prolog|epilog): 'forked warm' | 'started cold'} for one job,
+    once every node's log has both lines (24.11 may show a node idle a
+    moment before its epilog's last line is written)."""
+    end = time.monotonic() + timeout
+    while True:
+        out = {}
+        for n in NODES:
+            for hook, how in re.findall(rf"job {jobid}: info: (prolog|epilog) done in [\d.]+ s "
+                                        r"\(this process's life, (forked warm|started cold)\)",
+                                        node_log(cluster, n)):
+                out[(n, hook)] = how
+        if len(out) == 2 * len(NODES) or time.monotonic() > end:
+            return out
+        time.sleep(0.2)
 
 
 def job(cluster, wd, image):
