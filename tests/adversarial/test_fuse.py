@@ -16,16 +16,13 @@ import time
 
 import pytest
 
+from helpers.procs import state as _state
+
 from helpers import stallfs as stallfs_server
 from helpers.cluster import USER, holder_job, holder_sh_image
 from slurm_charlie import cleanup, proc
 from slurm_charlie.errors import UserError
 
-def _state(pid):
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 def _waiting(mnt):
@@ -39,6 +36,24 @@ def _waiting(mnt):
         return int(open(f"/sys/fs/fuse/connections/{dev}/waiting").read())
     except (OSError, ValueError):
         return 0
+
+
+def _killed_but_stuck(mnt):
+    """(uid, Popen): the user's process looking `stall` up in the stalled
+    mount, SIGKILLed and still there (uninterruptible until the connection
+    ends)."""
+    uid = int(subprocess.run(["id", "-u", USER], capture_output=True, text=True).stdout)
+    stuck = subprocess.Popen(["stat", os.path.join(mnt, "stall")], user=uid, group=uid,
+                             extra_groups=[], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(500):  # waits (interruptibly) for the lookup's answer
+        if _state(stuck.pid) == "S" and _waiting(mnt):
+            break
+        time.sleep(0.01)
+    os.kill(stuck.pid, 9)
+    time.sleep(0.2)
+    assert _state(stuck.pid) == "D", "SIGKILL ended the lookup: the mount does not stall"
+    return uid, stuck
 
 
 @pytest.fixture
@@ -110,19 +125,9 @@ def test_a_connection_another_node_aborted_first_still_frees_this_nodes_process(
     The wait after the abort is now taken whoever aborted."""
     from slurm_charlie.asroot import fuse
     _, mnt = stallfs
-    uid = int(subprocess.run(["id", "-u", USER], capture_output=True, text=True).stdout)
-    stuck = subprocess.Popen(["stat", os.path.join(mnt, "stall")], user=uid, group=uid,
-                             extra_groups=[], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    uid, stuck = _killed_but_stuck(mnt)
     victim = stuck.pid
     try:
-        for _ in range(500):  # waits (interruptibly) for the lookup's answer
-            if _state(victim) == "S" and _waiting(mnt):
-                break
-            time.sleep(0.01)
-        os.kill(victim, 9)
-        time.sleep(0.2)
-        assert _state(victim) == "D", "SIGKILL ended the lookup: the mount does not stall"
         real = fuse.abort_stalled
 
         def the_other_node_first(u, pids):
@@ -143,19 +148,9 @@ def test_a_process_dying_of_another_nodes_abort_is_waited_for(stallfs, monkeypat
     user's, skipped its second wait and drained its node."""
     from slurm_charlie.asroot import fuse
     _, mnt = stallfs
-    uid = int(subprocess.run(["id", "-u", USER], capture_output=True, text=True).stdout)
-    stuck = subprocess.Popen(["stat", os.path.join(mnt, "stall")], user=uid, group=uid,
-                             extra_groups=[], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    uid, stuck = _killed_but_stuck(mnt)
     victim = stuck.pid
     try:
-        for _ in range(500):
-            if _state(victim) == "S" and _waiting(mnt):
-                break
-            time.sleep(0.01)
-        os.kill(victim, 9)
-        time.sleep(0.2)
-        assert _state(victim) == "D"
         real_abort, real_seen = fuse.abort_stalled, fuse.users_connections
         other_node: list = []
         looked = []

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from helpers.procs import state as _state
+
 from slurm_charlie.asroot import background
 
 pytestmark = pytest.mark.root  # the hooks run as root: a failure in CI, never a skip
@@ -79,11 +81,6 @@ def test_stop_kills_a_running_child_and_waits_for_it(base):
     assert background.job_ids("nodeA", base) == []
 
 
-def _state(pid):
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 def test_stop_also_ends_a_step_as_the_user_stopped_before_it_could_die_with_it(base):

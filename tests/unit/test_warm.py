@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from helpers.procs import state
+
 from slurm_charlie.asroot import background, warm
 
 pytestmark = pytest.mark.root  # root's directories, a socket only root may use
@@ -56,12 +58,6 @@ def ppid(pid):
         return None
 
 
-def state(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 def children(pid):
