@@ -239,8 +239,8 @@ def running(node: str, base: str = SETUP_DIR) -> tuple[int, int] | None:
 def stop(node: str, base: str = SETUP_DIR, timeout: float = 10.0) -> bool:
     """End the node's server (SIGTERM, then SIGKILL): True when one ran.
     Children it forked for hooks are not touched: each is a hook's work."""
+    import select
     import signal
-    import time
     rec = running(node, base)
     if rec is None:
         return False
@@ -258,10 +258,8 @@ def stop(node: str, base: str = SETUP_DIR, timeout: float = 10.0) -> bool:
                 signal.pidfd_send_signal(pidfd, sig)
             except ProcessLookupError:
                 return True
-            import select
             if select.select([pidfd], [], [], wait)[0]:
                 return True
-            time.sleep(0)
         raise OSError(f"the warm hook server (pid {pid}) does not end after SIGKILL")
     finally:
         os.close(pidfd)
