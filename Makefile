@@ -108,11 +108,13 @@ demo: sandbox-up
 # the result (CI must stop what it started).
 # the Debian 13 lane first (it has the machine to itself), then this host's
 test: all shim-other-slurm guest trixie-node
-	@lane=0; $(PYTHON_SYS) tests/trixie/run.py $(TRIXIE) $(TRIXIE_ARGS) || lane=$$?; \
+	@lane=0; rm -f $(CACHE)/lane-summary; \
+	CHARLIE_TRIXIE_SUMMARY=$(CACHE)/lane-summary $(PYTHON_SYS) tests/trixie/run.py $(TRIXIE) $(TRIXIE_ARGS) || lane=$$?; \
 	rc=0; $(SB) sandbox up --nodes 3 --guest-dir $(VMC) && $(SEED) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then $(VENV)/bin/python -m pytest -ra --durations=25 $(PYTEST_ARGS) tests/unit tests/cluster tests/adversarial tests/vm || rc=$$?; fi; \
 	$(SB) sandbox down || true; \
-	if [ $$lane -ne 0 ]; then echo "make test: the Debian 13 lane failed (its summary is above)"; fi; \
+	if [ $$lane -ne 0 ]; then echo "make test: the Debian 13 lane failed (its log is above):"; \
+		cat $(CACHE)/lane-summary 2>/dev/null; fi; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$lane
 
 unit: venv

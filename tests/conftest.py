@@ -45,3 +45,19 @@ def pytest_runtest_setup(item):
         if os.environ.get("CI"):
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)
+
+
+def pytest_runtest_logreport(report):
+    """With CHARLIE_TEST_FAILLOG set (the Debian 13 lane), each failure's
+    report is appended to that file the moment it happens: a lane that runs
+    out of time still says which tests failed, and why."""
+    path = os.environ.get("CHARLIE_TEST_FAILLOG")
+    if not path or not report.failed:
+        return
+    with open(path, "a") as f:
+        f.write(f"===== {report.nodeid} ({report.when}, {report.duration:.0f} s)\n")
+        f.write(report.longreprtext[-6000:] + "\n")
+        if report.capstderr:
+            f.write("--- stderr\n" + report.capstderr[-2000:] + "\n")
+        f.flush()
+        os.fsync(f.fileno())

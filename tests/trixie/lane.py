@@ -7,6 +7,7 @@ site packages and a .pth for /src stands in for `pip install -e`, which
 would write into the read-only checkout."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +52,33 @@ DEFAULT_TESTS = ["tests/trixie/test_v2.py", "tests/trixie/test_demo.py",
 def sh(argv, **kw):
     print("+", " ".join(argv), flush=True)
     return subprocess.run(argv, **kw)
+
+
+def pytest(argv, env, t0: float) -> int:
+    """Run the tests; interrupt them (SIGINT: pytest still writes its
+    summary and junit.xml) when the host's time for the lane
+    (tests/trixie/run.py writes it to /out/budget) is about to run out, so
+    that the logs are still copied and the sandbox stopped."""
+    try:
+        budget = float(open(os.path.join(OUT, "budget")).read())
+    except (OSError, ValueError):
+        budget = None
+    # the boot before t0, copying logs and `sandbox down` after: 4 minutes
+    left = None if budget is None else max(60.0, budget - 240 - (time.monotonic() - t0))
+    print("+", " ".join(argv), flush=True)
+    proc = subprocess.Popen(argv, cwd=SRC, env=env)
+    try:
+        return proc.wait(timeout=left)
+    except subprocess.TimeoutExpired:
+        print(f"lane: the tests ran out of the lane's time ({budget:.0f} s): "
+              "interrupting them", flush=True)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return 124
 
 
 def venv() -> str:
@@ -134,9 +162,10 @@ def main() -> int:
         # Open MPI's repeat count: tests/cluster/test_container.py, OMPI_RUNS
         env = {**os.environ, "PYTHONPATH": os.path.join(SRC, "tests"),
                "CHARLIE_TEST_OMPI_RUNS": "3"}
-        rc = sh([os.path.join(VENV, "bin", "python3"), "-m", "pytest", "-p",
-                 "no:cacheprovider", "-ra", "--durations=15",
-                 f"--junitxml={OUT}/junit.xml", *args], cwd=SRC, env=env).returncode
+        env["CHARLIE_TEST_FAILLOG"] = os.path.join(OUT, "failures.log")
+        rc = pytest([os.path.join(VENV, "bin", "python3"), "-m", "pytest", "-p",
+                     "no:cacheprovider", "-ra", "--durations=15",
+                     f"--junitxml={OUT}/junit.xml", *args], env, t0)
     logs = os.path.join(state, "log")
     if rc != 0 and up.returncode == 0:
         why_nodes(logs)

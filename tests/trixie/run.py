@@ -45,6 +45,8 @@ def main(argv: list[str]) -> int:
     if pytest_args:
         with open(os.path.join(out, "pytest-args"), "w") as f:
             f.write("\n".join(pytest_args) + "\n")
+    with open(os.path.join(out, "budget"), "w") as f:
+        f.write(f"{TIMEOUT}\n")  # lane.py interrupts its tests before it runs out
     console = os.path.join(out, "console.log")
     cmd = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
            "-no-reboot", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "6G",
@@ -73,14 +75,23 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError):
         rc = None
     counts, failed = summary(os.path.join(out, "junit.xml"))
-    for name in failed:
-        print(f"trixie lane FAILED: {name}")
+    faillog = os.path.join(out, "failures.log")
+    if rc is None and os.path.exists(faillog):
+        # no summary from pytest: what each failed test reported as it failed
+        print("trixie lane: the failures so far (failures.log):")
+        print(open(faillog, errors="replace").read()[-30000:])
+    lines = [f"trixie lane FAILED: {name}" for name in failed]
+    print("\n".join(lines), flush=True)
     if rc is None:
         print(f"trixie lane: the node did not finish (QEMU: {qrc}); console tail:")
         print("".join(open(console, errors="replace").readlines()[-30:]))
-    print(f"trixie lane: {counts['passed']} passed, {counts['failed']} failed, "
-          f"{counts['skipped']} skipped in {took:.0f} s (rc={rc}; logs in {out})",
-          flush=True)
+    lines.append(f"trixie lane: {counts['passed']} passed, {counts['failed']} failed, "
+                 f"{counts['skipped']} skipped in {took:.0f} s (rc={rc}; logs in {out})")
+    print(lines[-1], flush=True)
+    if os.environ.get("CHARLIE_TRIXIE_SUMMARY"):
+        # make test repeats it after the host's suite, where CI's log ends
+        with open(os.environ["CHARLIE_TRIXIE_SUMMARY"], "w") as f:
+            f.write("\n".join(lines) + "\n")
     ok = rc == 0 and counts["passed"] > 0 and not counts["failed"]
     if ok and not os.environ.get("CHARLIE_TRIXIE_KEEP"):
         shutil.rmtree(out, ignore_errors=True)
