@@ -72,7 +72,8 @@ def prepare_as_user(ctx: backends.Context, raw: options.Options,
     state.write(p.state, {"job_id": ctx.job_id, "node": ctx.node,
                           "type": opts.type, "phase": "prepared",
                           "guest_id": ctx.guest_id})
-    return {"opts": options.to_env(opts), "warnings": warnings}
+    look = backends.get(opts.type).look_as_user(ctx, opts)
+    return {"opts": options.to_env(opts), "warnings": warnings, "look": look}
 
 
 def record_error(path: str, text: str) -> None:
@@ -88,7 +89,8 @@ def _task_env_lines(pairs: list[tuple[str, str]]) -> bytes:
 
 
 def finish_as_user(ctx: backends.Context, task_env: list[tuple[str, str]],
-                   started: dict[str, Any], notices: list[str]) -> None:
+                   started: dict[str, Any], notices: list[str],
+                   user_files: list[tuple[str, str]] = ()) -> None:
     if notices:  # the shim copies these to the batch script's stderr
         files.write_file(ctx.paths.notice, "".join(n + "\n" for n in notices).encode(), 0o600)
     else:
@@ -96,5 +98,8 @@ def finish_as_user(ctx: backends.Context, task_env: list[tuple[str, str]],
             os.unlink(ctx.paths.notice)
         except FileNotFoundError:
             pass
+    for name, text in user_files:
+        # names are the back end's (layout's run/ files), never the user's
+        files.write_file(os.path.join(ctx.paths.run, os.path.basename(name)), text, 0o600)
     files.write_file(ctx.paths.task_env, _task_env_lines(task_env), 0o600)
     state.update(ctx.paths.state, phase="started", backend=started)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 # jobnet and sshkey (socket, hashlib) are VM-only: imported where used, as
 # every import here is paid by each prolog and epilog on every node
-from . import asroot, backends, cleanup, config, hostlist, jobenv, layout, options
+from . import asroot, backends, cleanup, config, hostlist, jobenv, layout, options, proc
 from . import log as logmod
 from .errors import NodeFault, UserError
 from .proc import User, call_as
@@ -75,6 +75,7 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
     cfg, paths = at.cfg, at.paths
     assert cfg is not None and paths is not None
     setup_logging(cfg, job.job_id, job.node_name)
+    proc.steps_as_user.clear()  # this prolog's own, for its last log line
     if at.in_step:
         raise NodeFault("PrologFlags", "RunInJob runs the prolog inside the job's "
                         "extern step, whose end kills what it starts before the "
@@ -127,12 +128,14 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
     warnings = list(prepared["warnings"])
     # what the user's step resolved, checked again as hostile input
     opts = options.from_pairs(prepared["opts"])
-    ctx = dataclasses.replace(ctx, opts=opts)
+    look = prepared.get("look")
+    ctx = dataclasses.replace(ctx, opts=opts, look=look if isinstance(look, dict) else None)
     backend = backends.get(opts.type)
     book.update(type=opts.type)
     started = backend.start(ctx)
     warnings += started.pop("warnings", [])
     notes = started.pop("notes", [])
+    user_files = started.pop("user_files", [])
     book.update(phase="started", facts=started)
     for w in warnings:
         log.warning("%s", w)
@@ -143,8 +146,9 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
                 ("CH_GUEST_ID", str(ctx.guest_id)),
                 ("CH_GUEST_COUNT", str(len(nodes))),
                 ("CH_JOB_DIR", paths.job_dir)] + backend.task_env(ctx)
-    call_as(user, asuser.finish_as_user, ctx, task_env, started, notices)
-    log.info("prolog done: type %s, guest %d of %d", opts.type, ctx.guest_id, len(nodes))
+    call_as(user, asuser.finish_as_user, ctx, task_env, started, notices, user_files)
+    log.info("prolog done: type %s, guest %d of %d; steps as the user: %s", opts.type,
+             ctx.guest_id, len(nodes), " ".join(proc.steps_as_user))
     from . import reconcile
     reconcile.from_prolog(cfg, job.node_name)
     log.info("prolog done in %.3f s (this process's life, %s)", process_age() or 0.0, STARTED)

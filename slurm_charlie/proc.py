@@ -206,6 +206,11 @@ def run_attached(argv: Sequence[str]) -> int:
         raise NodeFault(argv[0], "program not found (exit 127)") from None
 
 
+#: steps as the user this process has forked (each costs a hook a fork and
+#: a drop: the prolog's log names the count, tests hold it to a number)
+steps_as_user: list[str] = []
+
+
 def call_as(user: User, fn: Callable[..., Any], *args: Any,
             limit: float | None = None, **kwargs: Any) -> Any:
     """Run fn(*args, **kwargs) as user in a forked child; return its result.
@@ -221,6 +226,7 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any,
         return fn(*args, **kwargs)
     limit = CALL_LIMIT if limit is None else limit
     what = getattr(fn, "__name__", "step")
+    steps_as_user.append(what)
     libc = _libc()  # loaded here, not in the child's window between dropping
     # root and setting its death signal
     rfd, wfd = os.pipe()

@@ -25,6 +25,9 @@ class Context:
     cpus: int = 1                  # CPUs of the job on this node
     work_dir: str | None = None    # the job's working directory (user path)
     mem_mib: int | None = None     # VM: guest memory chosen by the prolog
+    #: what the user's first step already looked at for the back end
+    #: (Backend.look_as_user), as untrusted as any answer from the user's side
+    look: dict[str, Any] | None = None
     #: root's bookkeeping: called with each ProcRecord as soon as it exists
     on_spawn: Callable[[Any], None] | None = None
 
@@ -53,7 +56,17 @@ class Backend:
     def check(self, opts: Options, cfg: Config) -> None:
         pass
 
+    def look_as_user(self, ctx: Context, opts: Options) -> dict[str, Any] | None:
+        """Run as the job user inside the prolog's first step (which must
+        fork anyway): a first look at the user's input that start() would
+        otherwise fork another step as the user for.  start() uses it only
+        when it matches what start() would have asked."""
+        return None
+
     def start(self, ctx: Context) -> dict[str, Any]:
+        """Start the job's guest on this node.  The answer is root's record
+        of it (facts); under "user_files" it may list (name in run/, text)
+        pairs that the prolog's last step as the user writes."""
         return {}
 
     def task_env(self, ctx: Context) -> list[tuple[str, str]]:

@@ -120,7 +120,7 @@ def first_look(source: str, ndirs: int, extra: tuple[str, ...], fifo: str
     return out
 
 
-def node_tmpdir(cfg: Config, node: str) -> str | None:
+def node_tmpdir(cfg: Config, node: str, quiet: bool = False) -> str | None:
     """container.tmpdir for this node, when it is an existing directory."""
     path = config.expand_node(cfg["container.tmpdir"], node) if cfg["container.tmpdir"] else ""
     if not path.startswith("/") or path == "/":
@@ -128,7 +128,8 @@ def node_tmpdir(cfg: Config, node: str) -> str | None:
     try:
         st = os.stat(path)
     except OSError:
-        log.warning("container.tmpdir %s: missing on this node; not bound", path)
+        if not quiet:
+            log.warning("container.tmpdir %s: missing on this node; not bound", path)
         return None
     return path if stat.S_ISDIR(st.st_mode) else None
 
@@ -348,6 +349,18 @@ class ContainerBackend(Backend):
                             hint="unpack it yourself and pass the directory")
         # archives are checked member by member when the prolog unpacks them
 
+    def look_as_user(self, ctx: Context, opts: Options) -> dict[str, Any] | None:
+        """As the user, in the prolog's first step: first_look() at an
+        image that is already on the node (not a registry reference, which
+        is pulled first)."""
+        if not opts.image or images.is_registry_ref(opts.image):
+            return None
+        tmp = node_tmpdir(ctx.cfg, ctx.node, quiet=True)
+        extra = (tmp.lstrip("/"),) if tmp else ()
+        fifo = os.path.join(ctx.paths.meta, HOLDER_FIFO)
+        seen = first_look(opts.image, len(opts.dir), extra, fifo)
+        return {"key": [opts.image, len(opts.dir), list(extra), fifo], **seen}
+
     def task_env(self, ctx: Context) -> list[tuple[str, str]]:
         """CH_* (always set) and, as defaults a task's own setting wins
         over, SLURM_MPI_TYPE and the site's container.env."""
@@ -375,8 +388,12 @@ class ContainerBackend(Backend):
             notes = [note] if note else []
         tmp = node_tmpdir(ctx.cfg, ctx.node)
         extra = (tmp.lstrip("/"),) if tmp else ()
-        seen = call_as(ctx.user, first_look, source, len(ctx.opts.dir), extra,
-                       os.path.join(ctx.paths.meta, HOLDER_FIFO))
+        fifo = os.path.join(ctx.paths.meta, HOLDER_FIFO)
+        key = [source, len(ctx.opts.dir), list(extra), fifo]
+        if ctx.look is not None and ctx.look.get("key") == key:
+            seen = ctx.look  # the prolog's first step took it: one fork fewer
+        else:
+            seen = call_as(ctx.user, first_look, source, len(ctx.opts.dir), extra, fifo)
         fmt = seen["fmt"]
         if fmt == "directory":
             return {"image_dir": source, "notes": notes, "tmpdir": tmp,
@@ -576,8 +593,9 @@ class ContainerBackend(Backend):
             log.info("holder in the job's cgroups %s", " ".join(joined))
         info = {"holder_mntns": mnt, "holder_userns": ns_inode(holder, "user"),
                 **image}  # "warnings" is taken out by the prolog
-        call_as(ctx.user, files.write_file, ctx.paths.holder,
-                f"{holder} {rec.start} {mnt}\n", 0o600)
+        # written by the prolog's last step as the user (one fork fewer);
+        # the tasks wait for the whole prolog anyway
+        info["user_files"] = [(layout.SHIM_FILES["holder"], f"{holder} {rec.start} {mnt}\n")]
         return info
 
     # -- epilog ---------------------------------------------------------------

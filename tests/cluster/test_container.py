@@ -89,6 +89,24 @@ def _wait_for_sleeps(cluster, n: int) -> None:
     assert sleeps() == n, cluster.user_processes(timeout=0)
 
 
+def test_a_directory_images_prolog_forks_two_steps_as_the_user(cluster, images):
+    """Each step as the user costs the prolog a fork and a drop (issue 23):
+    for an image directory the image's first look is taken inside the
+    first step and the holder's record written by the last, so the whole
+    user side is two steps.  The prolog's log line names them."""
+    wd = cluster.workdir("container-steps")
+    p = cluster.as_user(["sbatch", "--parsable", "--wait", "-N1", "-w", "node2",
+                         f"--charlie-image={images['bb']}", "-o", "job.out",
+                         "--wrap", "srun cat /MARKER"], wd)
+    assert p.returncode == 0, p.stderr
+    jobid = p.stdout.strip()
+    assert open(os.path.join(wd, "job.out")).read().strip() == "inside-the-image"
+    log = open(os.path.join(cluster.sb.state, "log", "charlie-node2.log")).read()
+    steps = re.findall(rf"job {jobid}: info: prolog done: type container, guest 0 of 1; "
+                       r"steps as the user: (.*)", log)
+    assert steps == ["prepare_as_user finish_as_user"], steps
+
+
 def test_scancel_leaves_nothing(cluster, images):
     wd = cluster.workdir("container-scancel")
     p = cluster.as_user(["sbatch", "--parsable", "-N3", f"--charlie-image={images['bb']}",
