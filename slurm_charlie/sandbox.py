@@ -144,6 +144,25 @@ class Sandbox:
             raise NodeFault("sandbox", "programs missing", " ".join(missing),
                             hint="run `make deps` (installs Debian's slurmctld, "
                                  "slurmd, munge, iproute2, util-linux)")
+        self.check_own_name()
+
+    @staticmethod
+    def check_own_name() -> None:
+        """srun runs on this machine: at each job's end slurmctld looks up
+        srun's host by name, retrying for 10 s when it does not resolve,
+        and meanwhile the steps' completion messages time out; their nodes
+        then drain ("Kill task failed").  Seen in the Debian 13 lane, whose
+        node had no /etc/hosts line for its name."""
+        import socket
+        name = socket.gethostname()
+        try:
+            socket.getaddrinfo(name, None)
+        except OSError as e:
+            raise NodeFault("sandbox", f"this machine's name {name!r} does not resolve "
+                            f"({e.strerror or e}): slurmctld looks srun's host up at the end of "
+                            "every job, waits 10 s when it fails, and nodes then drain "
+                            "('Kill task failed')",
+                            hint=f"add a line '127.0.1.1 {name}' to /etc/hosts") from None
 
     def ensure_user(self) -> None:
         try:

@@ -16,6 +16,10 @@ done
 mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out /out
 hostname charlie-trixie
+# the name must resolve: slurmctld looks up srun's host at every job's end
+# and, when that fails, waits 10 s while steps' completion messages time
+# out and nodes drain (`sandbox up` refuses a machine without it)
+grep -qw charlie-trixie /etc/hosts || echo "127.0.1.1 charlie-trixie" >> /etc/hosts
 ip link set lo up
 ulimit -n 65536
 python3 /src/tests/trixie/lane.py > /out/lane.log 2>&1
