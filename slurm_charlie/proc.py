@@ -226,7 +226,8 @@ def call_as(user: User, fn: Callable[..., Any], *args: Any,
         return fn(*args, **kwargs)
     limit = CALL_LIMIT if limit is None else limit
     what = getattr(fn, "__name__", "step")
-    steps_as_user.append(what)
+    if len(steps_as_user) < 64:  # a long-lived caller does not grow it forever
+        steps_as_user.append(what)
     libc = _libc()  # loaded here, not in the child's window between dropping
     # root and setting its death signal
     rfd, wfd = os.pipe()
