@@ -456,9 +456,18 @@ class Sandbox:
     def _env(self) -> dict[str, str]:
         return {**os.environ, **self.env()}
 
-    def node_states(self) -> dict[str, str]:
-        r = _run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False, env=self._env())
-        return dict(l.split() for l in r.stdout.splitlines() if len(l.split()) == 2)
+    def node_states(self, reasons: bool = False) -> dict[str, str]:
+        """{node: Slurm's state}; with reasons, a drained or down node's
+        state carries Slurm's reason ("drained: Kill task failed")."""
+        r = _run(["sinfo", "-h", "-N", "-o", "%N|%T|%E"], check=False, env=self._env())
+        states = {}
+        for line in r.stdout.splitlines():
+            node, state, reason = (line.split("|", 2) + ["", ""])[:3]
+            if not node or not state:
+                continue
+            states[node] = state if not reasons or state == "idle" \
+                or reason in ("", "none") else f"{state}: {reason}"
+        return states
 
     def _all_idle(self) -> bool:
         states = self.node_states()

@@ -120,6 +120,18 @@ def first_look(source: str, ndirs: int, extra: tuple[str, ...], fifo: str
     return out
 
 
+def _look_question(ctx: Context, source: str, ndirs: int, quiet: bool = False
+                   ) -> tuple[str | None, tuple[str, ...], str, list[Any]]:
+    """What first_look() is asked about source: (node tmpdir, extra mount
+    points, holder FIFO, and the key that names the question).  The user's
+    first step and root both ask through here, so an answer is reused only
+    for the very question root would ask."""
+    tmp = node_tmpdir(ctx.cfg, ctx.node, quiet=quiet)
+    extra = (tmp.lstrip("/"),) if tmp else ()
+    fifo = os.path.join(ctx.paths.meta, HOLDER_FIFO)
+    return tmp, extra, fifo, [source, ndirs, list(extra), fifo]
+
+
 def node_tmpdir(cfg: Config, node: str, quiet: bool = False) -> str | None:
     """container.tmpdir for this node, when it is an existing directory."""
     path = config.expand_node(cfg["container.tmpdir"], node) if cfg["container.tmpdir"] else ""
@@ -355,11 +367,8 @@ class ContainerBackend(Backend):
         is pulled first)."""
         if not opts.image or images.is_registry_ref(opts.image):
             return None
-        tmp = node_tmpdir(ctx.cfg, ctx.node, quiet=True)
-        extra = (tmp.lstrip("/"),) if tmp else ()
-        fifo = os.path.join(ctx.paths.meta, HOLDER_FIFO)
-        seen = first_look(opts.image, len(opts.dir), extra, fifo)
-        return {"key": [opts.image, len(opts.dir), list(extra), fifo], **seen}
+        _, extra, fifo, key = _look_question(ctx, opts.image, len(opts.dir), quiet=True)
+        return {"key": key, **first_look(opts.image, len(opts.dir), extra, fifo)}
 
     def task_env(self, ctx: Context) -> list[tuple[str, str]]:
         """CH_* (always set) and, as defaults a task's own setting wins
@@ -386,10 +395,7 @@ class ContainerBackend(Backend):
         if images.is_registry_ref(source):
             source, note = self._pulled(ctx)
             notes = [note] if note else []
-        tmp = node_tmpdir(ctx.cfg, ctx.node)
-        extra = (tmp.lstrip("/"),) if tmp else ()
-        fifo = os.path.join(ctx.paths.meta, HOLDER_FIFO)
-        key = [source, len(ctx.opts.dir), list(extra), fifo]
+        tmp, extra, fifo, key = _look_question(ctx, source, len(ctx.opts.dir))
         if ctx.look is not None and ctx.look.get("key") == key:
             seen = ctx.look  # the prolog's first step took it: one fork fewer
         else:

@@ -106,15 +106,8 @@ class Cluster:
             if all(s == "idle" for s in states.values()):
                 return states
             time.sleep(0.2)
-        # still not idle: a drained or down node's state carries Slurm's
-        # reason ("drained: ..."), for the failing test's message
-        r = self.run(["sinfo", "-h", "-N", "-o", "%N|%T|%E"])
-        states = {}
-        for line in r.stdout.splitlines():
-            node, state, reason = (line.split("|", 2) + ["", ""])[:3]
-            states[node] = state if state == "idle" or reason in ("", "none") \
-                else f"{state}: {reason}"
-        return states
+        # still not idle: a drained node's reason goes into the test's message
+        return self.sb.node_states(reasons=True)
 
     def resume_until_stable(self, node: str, quiet: float = 3, timeout: float = 90) -> None:
         """Resume node and keep it resumed.  After a failed prolog, slurmd

@@ -81,7 +81,8 @@ def main(argv: list[str]) -> int:
         print("trixie lane: the failures so far (failures.log):")
         print(open(faillog, errors="replace").read()[-30000:])
     lines = [f"trixie lane FAILED: {name}" for name in failed]
-    print("\n".join(lines), flush=True)
+    for line in lines:
+        print(line, flush=True)
     if rc is None:
         print(f"trixie lane: the node did not finish (QEMU: {qrc}); console tail:")
         print("".join(open(console, errors="replace").readlines()[-30:]))

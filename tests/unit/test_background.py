@@ -81,8 +81,6 @@ def test_stop_kills_a_running_child_and_waits_for_it(base):
     assert background.job_ids("nodeA", base) == []
 
 
-
-
 def test_stop_also_ends_a_step_as_the_user_stopped_before_it_could_die_with_it(base):
     """A step as the user (proc.call_as) is the user's from the moment it
     drops root, but sets its death signal only after that (a change of
