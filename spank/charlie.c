@@ -421,8 +421,9 @@ static unsigned long long proc_starttime(long pid)
 }
 
 /* Join the container holder's user and mount namespaces (run/holder:
- * "PID STARTTIME MNTNS").  Returns 0 when there is no holder. */
-static int join_holder(spank_t sp)
+ * "PID STARTTIME MNTNS").  Returns 0 when there is no holder and none is
+ * needed; a container job (needed) never runs a task on the host instead. */
+static int join_holder(spank_t sp, int needed)
 {
     char path[PATH_MAX], cwd[PATH_MAX], nspath[64];
     unsigned long long start = 0, mntns = 0;
@@ -435,8 +436,17 @@ static int join_holder(spank_t sp)
     if (is_batch_step(sp))
         return 0;
     if (job_file(sp, CHARLIE_RUN_HOLDER, path, sizeof(path)) < 0 ||
-        (f = fopen(path, "re")) == NULL)
-        return 0;
+        (f = fopen(path, "re")) == NULL) {
+        uint32_t step = 0;
+        if (!needed || (spank_get_item(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS &&
+                        step == SLURM_EXTERN_CONT))
+            return 0;
+        fprintf(stderr, PFX ": error: container: the job's container record %s "
+                "cannot be read (%s); the task is not run outside the container\n"
+                PFX ": hint: the node's slurm-charlie log says what its prolog did\n",
+                path, strerror(errno));
+        return -1;
+    }
     if (fscanf(f, "%ld %llu %llu", &pid, &start, &mntns) != 3 || pid <= 1) {
         fclose(f);
         fprintf(stderr, PFX ": error: container: bad holder record: %s\n", path);
@@ -588,7 +598,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
     char path[PATH_MAX], line[8192];
     FILE *f;
-    int rv = 0;
+    int rv = 0, container = 0;
 
     (void)ac;
     (void)av;
@@ -622,6 +632,8 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
                 "abcdefghijklmnopqrstuvwxyz0123456789_") != (size_t)(eq - line))
             continue;
         *eq = '\0';
+        if (strcmp(line, "CH_TYPE") == 0 && strcmp(eq + 1, "container") == 0)
+            container = 1;
         /* CH_* are ours and always set; anything else is a default (site
          * container.env, SLURM_MPI_TYPE) that the task's own value beats */
         if (spank_setenv(sp, line, eq + 1, strncmp(line, "CH_", 3) == 0) != ESPANK_SUCCESS &&
@@ -631,7 +643,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         }
     }
     fclose(f);
-    if (rv == 0 && join_holder(sp) < 0)
+    if (rv == 0 && join_holder(sp, container) < 0)
         rv = -1;
     if (rv == 0 && is_batch_step(sp))
         rv = guest_wait(sp);

@@ -107,6 +107,25 @@ def test_a_directory_images_prolog_forks_two_steps_as_the_user(cluster, images):
     assert steps == ["prepare_as_user finish_as_user"], steps
 
 
+def test_a_task_never_runs_on_the_host_when_the_containers_record_is_gone(cluster, images):
+    """run/holder is the job user's file, so they can remove it: the next
+    step's tasks then fail and say why instead of running on the host as
+    if the job were a plain one; the node stays in service."""
+    wd = cluster.workdir("container-no-record")
+    p = cluster.as_user(["sbatch", "--parsable", "--wait", "-N1", "-w", "node2",
+                         f"--charlie-image={images['bb']}", "-o", "job.out", "--wrap",
+                         'srun cat /MARKER; rm "$CH_JOB_DIR/run/holder"; '
+                         'srun cat /MARKER; echo "second step: $?"'], wd)
+    out = open(os.path.join(wd, "job.out")).read()
+    assert p.returncode == 0, (p.stderr, out)
+    assert out.count("inside-the-image") == 1, out
+    assert "error: container: the job's container record" in out, out
+    assert "the task is not run outside the container" in out, out
+    assert "second step: 0" not in out and "second step: " in out, out
+    assert "No such file" not in out.replace("(No such file or directory)", ""), out
+    cluster.wait_nodes_idle()
+
+
 def test_scancel_leaves_nothing(cluster, images):
     wd = cluster.workdir("container-scancel")
     p = cluster.as_user(["sbatch", "--parsable", "-N3", f"--charlie-image={images['bb']}",
