@@ -42,7 +42,11 @@ def job(cluster, wd, image):
                          "echo $SLURM_JOB_ID $(wc -l < /ch/meta/hosts)"], wd)
     assert p.returncode == 0, p.stderr
     lines = {tuple(line.split()) for line in p.stdout.splitlines()}
-    assert len(lines) == 1 and len(p.stdout.splitlines()) == 3, p.stdout
+    if not (len(lines) == 1 and len(p.stdout.splitlines()) == 3):
+        ids = {line[0] for line in lines if line}
+        said = "".join(line + "\n" for n in NODES for line in node_log(cluster, n).splitlines()
+                       if any(f"job {i}:" in line for i in ids))
+        pytest.fail(f"stdout:\n{p.stdout}stderr:\n{p.stderr}the nodes' logs:\n{said}")
     jobid, hosts = lines.pop()
     assert hosts == "7"  # the meta directory is there on each node
     cluster.wait_nodes_idle()

@@ -38,6 +38,10 @@ DEFAULT_TESTS = ["tests/trixie/test_v2.py", "tests/trixie/test_demo.py",
                  # the shim under 24.11's SPANK rules (failed callbacks fail
                  # the step; options with --export=NONE)
                  "tests/cluster/test_spank.py", _C,
+                 # the tasks of a job whose preparation died fail, and say so
+                 # (the shim finds SLURM_SPANK_CHARLIE under 24.11 too)
+                 "tests/adversarial/test_prolog_background.py::"
+                 "test_a_killed_background_prolog_fails_the_job_at_once",
                  *[a for t in LEFT_OUT for a in ("--deselect", t)],
                  # what root ends on v2 (cgroup.kill; a stalled FUSE server)
                  "tests/adversarial/test_fuse.py",
