@@ -91,6 +91,15 @@ DEFAULTS: tuple[Key, ...] = (
         "SLURM_MPI_TYPE for container jobs whose user did not choose one: 'auto' "
         "(pmix for an image with Open MPI and no MPICH, else pmi2), a plugin name "
         "(used for every image), or empty (leave Slurm's MpiDefault)"),
+    Key("gpu.driver_table", "/proc/driver/nvidia/gpus", str,
+        "the GPU driver's table (a directory per GPU with an 'information' file "
+        "giving its GPU UUID, Bus Location and Device Minor, as NVIDIA's driver "
+        "writes it): how Slurm's GPU indices become devices; %n is the node name",
+        rule=_absolute),
+    Key("gpu.cdi_kind", "nvidia.com/gpu", str,
+        "the CDI kind (VENDOR/CLASS) whose devices, named by UUID, are the GPUs",
+        rule=lambda v: None if re.fullmatch(r"[a-z0-9.-]+/[A-Za-z0-9_.-]+", v)
+        else "not VENDOR/CLASS, e.g. nvidia.com/gpu"),
     Key("vm.qemu", "qemu-system-x86_64", str, "QEMU system emulator"),
     Key("vm.qemu_img", "qemu-img", str, "qemu-img binary"),
     Key("vm.accel", "kvm", str, "kvm or tcg (tcg: full emulation, slow)",

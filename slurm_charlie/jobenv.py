@@ -24,12 +24,16 @@ VARIABLES: dict[str, tuple[str, bool]] = {
     "cpus_per_node": ("SLURM_JOB_CPUS_PER_NODE", False),
     "node_name": ("SLURMD_NODENAME", True),
     "work_dir": ("SLURM_JOB_WORK_DIR", False),
+    #: the job's GPUs on this node: Slurm's gres indices ("0,2"), in
+    #: gres.conf's order for the node (gpus.py maps them to devices)
+    "gpus": ("SLURM_JOB_GPUS", False),
 }
 
 
 class JobEnv:
     """What Slurm says about the job (read only)."""
-    __slots__ = ("job_id", "uid", "gid", "nodelist", "cpus_per_node", "node_name", "work_dir")
+    __slots__ = ("job_id", "uid", "gid", "nodelist", "cpus_per_node", "node_name", "work_dir",
+                 "gpus")
     job_id: str
     uid: int
     gid: int | None
@@ -37,12 +41,15 @@ class JobEnv:
     cpus_per_node: str
     node_name: str
     work_dir: str | None
+    gpus: str
 
     def __init__(self, *, job_id: str, uid: int, gid: int | None, nodelist: str,
-                 cpus_per_node: str, node_name: str, work_dir: str | None) -> None:
+                 cpus_per_node: str, node_name: str, work_dir: str | None,
+                 gpus: str = "") -> None:
         for name, value in (("job_id", job_id), ("uid", uid), ("gid", gid),
                             ("nodelist", nodelist), ("cpus_per_node", cpus_per_node),
-                            ("node_name", node_name), ("work_dir", work_dir)):
+                            ("node_name", node_name), ("work_dir", work_dir),
+                            ("gpus", gpus)):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -84,4 +91,5 @@ def from_environ(environ: Environ) -> JobEnv:
     except ValueError as e:
         raise NodeFault("environment", "bad number from Slurm", str(e)) from None
     return JobEnv(uid=uid, gid=gid, nodelist=nodelist or "",
-                  cpus_per_node=raw.pop("cpus_per_node") or "", **raw)  # type: ignore[arg-type]
+                  cpus_per_node=raw.pop("cpus_per_node") or "", gpus=raw.pop("gpus") or "",
+                  **raw)  # type: ignore[arg-type]

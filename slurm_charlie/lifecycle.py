@@ -67,6 +67,19 @@ def _context(env: jobenv.Environ, at: Attempt) -> jobenv.JobEnv:
     return job
 
 
+def _gpus(env: jobenv.Environ, job: jobenv.JobEnv, cfg: config.Config) -> list:
+    """The job's GPUs on this node (gpus.py), logged; [] without GPU gres."""
+    if not job.gpus:
+        return []
+    from . import gpus
+    found = gpus.for_prolog(job.gpus, job.node_name,
+                            config.expand_node(cfg["gpu.driver_table"], job.node_name),
+                            env.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
+    for g in found:
+        log.info("the job's %s", g.line())
+    return found
+
+
 def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | None,
            at: Attempt, setup_logging: Callable[[config.Config, str, str], None]) -> None:
     """Prepare the job on this node and start its container or guest.
@@ -97,6 +110,7 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
         at.user = None
         raise UserError("job user", "charlie jobs do not run as root", user,
                         hint="submit as an ordinary user")
+    gpus = _gpus(env, job, cfg)
     records = asroot.Records(paths.root)
     old = records.read(job.job_id)
     if old is not None:  # an earlier prolog of this id: undo it first
@@ -111,7 +125,8 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
     ctx = backends.Context(opts=raw or options.Options(), cfg=cfg, paths=paths,
                            user=user, job_id=job.job_id, node=job.node_name,
                            guest_id=guest_id, nodes=nodes, cpus=cpus[guest_id],
-                           work_dir=job.work_dir or None, on_spawn=book.add_proc)
+                           work_dir=job.work_dir or None, gpus=tuple(gpus),
+                           on_spawn=book.add_proc)
     if early is not None:
         raise early
     from . import asuser  # the user's side of the prolog (meta, validate): not the epilog's

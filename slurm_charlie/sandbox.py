@@ -38,6 +38,12 @@ REGISTRY = f"{CTL_ADDR}:5000"  # a local image registry (docker-registry), no TL
 CTL_NAME = "chsbx-ctl"
 USER = "chuser"            # unprivileged user jobs run as
 CTL_PORT, SLURMD_PORT = 6817, 6818
+#: fake GPUs per node where Slurm can confine devices here (cgroup v1):
+#: character devices with NVIDIA's numbers (major 195, minor = index) and
+#: no driver behind them, so opening one says ENXIO where the job may and
+#: EPERM where Slurm's device cgroup forbids it (docs/sandbox.rst, "GPUs")
+FAKE_GPUS = 2
+GPU_MAJOR = 195
 NEEDED = ("slurmctld", "slurmd", "munged", "ip", "nsenter", "unshare",
           "scontrol", "sinfo", "runuser")
 
@@ -185,9 +191,10 @@ class Sandbox:
                        ctl_port=CTL_PORT, slurmd_port=SLURMD_PORT,
                        munge_socket=self.munge_socket, state=self.state,
                        hooks=hooks, hook_dir=self.hook_dir, nodes=self.nodes,
-                       cpus=2, cgroups=self.cgroups,
+                       cpus=2, cgroups=self.cgroups, gpus=self.gpus_per_node,
                        prolog_flags=self.default_prolog_flags())
         self._write(self.conf, text)
+        self._write(os.path.join(os.path.dirname(self.conf), "gres.conf"), self._write_gpus())
         if self.cgroups:
             self._write(os.path.join(os.path.dirname(self.conf), "cgroup.conf"),
                         self._cgroup_conf())
@@ -199,7 +206,7 @@ class Sandbox:
                     f'log_file = "{self._p("log", "charlie-%n.log")}"\n'
                     "syslog = false\n"
                     'log_level = "debug"\n'
-                    + self._vm_conf() +
+                    + self._vm_conf() + self._gpu_conf() +
                     "[container]\n"
                     f'cache_dir = "{self._p("cache", "%n")}"\n'
                     f'registry_insecure = ["{CTL_ADDR}"]\n'
@@ -242,6 +249,72 @@ class Sandbox:
         self._check_user_can_run()
 
     @property
+    def gpus_per_node(self) -> int:
+        """Fake GPUs each node declares: FAKE_GPUS where Slurm's cgroup v1
+        devices controller can confine them (this machine), none elsewhere
+        (the Debian 13 lane: v2's device filter is not set up there yet)."""
+        if self.cgroup_mode == "v1" and os.access("/sys/fs/cgroup/devices/cgroup.procs",
+                                                  os.W_OK):
+            return FAKE_GPUS
+        return 0
+
+    def gpu_device(self, node: str, index: int) -> str:
+        return self._p("dev", node, f"nvidia{index}")
+
+    def gpu_table(self, node: str) -> str:
+        """The fake driver's table of a node's GPUs, laid out as NVIDIA's
+        /proc/driver/nvidia/gpus (one directory per PCI address with an
+        "information" file naming the UUID and the device minor)."""
+        return self._p("fakegpu", node, "gpus")
+
+    @staticmethod
+    def gpu_facts(node: str, index: int) -> tuple[str, str]:
+        """(UUID, PCI address) of a node's fake GPU: stable, and in PCI order
+        the other way round from the device minors, as on real machines
+        where the two orders differ."""
+        import uuid
+        u = uuid.uuid5(uuid.NAMESPACE_URL, f"slurm-charlie-sandbox/{node}/gpu{index}")
+        return f"GPU-{u}", f"0000:{0x81 - 0x40 * index:02x}:00.0"
+
+    def _write_gpus(self) -> str:
+        """Device files and driver tables of the fake GPUs; gres.conf's text."""
+        lines = ["# slurm-charlie sandbox: fake GPUs (docs/sandbox.rst, \"GPUs\")"]
+        shutil.rmtree(self._p("fakegpu"), ignore_errors=True)
+        for n in self.nodes:
+            os.makedirs(self._p("dev", n.name), mode=0o755, exist_ok=True)
+            for i in range(self.gpus_per_node):
+                dev = self.gpu_device(n.name, i)
+                try:
+                    st = os.lstat(dev)
+                    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(GPU_MAJOR, i):
+                        os.unlink(dev)
+                        raise FileNotFoundError
+                except FileNotFoundError:
+                    os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(GPU_MAJOR, i))
+                os.chmod(dev, 0o666)
+                uuid, pci = self.gpu_facts(n.name, i)
+                info = os.path.join(self.gpu_table(n.name), pci)
+                os.makedirs(info, mode=0o755, exist_ok=True)
+                self._write(os.path.join(info, "information"),
+                            "Model: \t\t slurm-charlie sandbox GPU\n"
+                            f"GPU UUID: \t {uuid}\n"
+                            "Bus Type: \t PCIe\n"
+                            f"Bus Location: \t {pci}\n"
+                            f"Device Minor: \t {i}\n")
+            if self.gpus_per_node:
+                last = self.gpus_per_node - 1
+                lines.append(f"NodeName={n.name} Name=gpu File="
+                             + self._p("dev", n.name, f"nvidia[0-{last}]"))
+        return "\n".join(lines) + "\n"
+
+    def _gpu_conf(self) -> str:
+        if not self.gpus_per_node:
+            return ""
+        return ("[gpu]\n# the sandbox's fake GPUs: their driver's table, their CDI vendor\n"
+                f'driver_table = "{self._p("fakegpu", "%n", "gpus")}"\n'
+                'cdi_kind = "example.com/gpu"\n')
+
+    @property
     def cgroup_mode(self) -> str | None:
         """"v2" where /sys/fs/cgroup is a writable cgroup2 with the memory
         controller (Debian 13, most clusters), "v1" where this machine has
@@ -274,7 +347,9 @@ class Sandbox:
                 "CgroupMountpoint=/sys/fs/cgroup\n")
         if self.cgroup_mode == "v1":
             return head + "# <controller>/slurm_<node>/uid_U/job_J/step_S\n" \
-                "CgroupPlugin=cgroup/v1\n"
+                "CgroupPlugin=cgroup/v1\n" + (
+                    "# a job opens only its own GPUs (the fake ones in gres.conf)\n"
+                    "ConstrainDevices=yes\n" if self.gpus_per_node else "")
         text = head + "# system.slice/<node>_slurmstepd.scope/job_J/step_S/user/task_T\n" \
             "CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\n"
         return text + ("EnableControllers=yes\n" if slurm_version() >= (23, 2)

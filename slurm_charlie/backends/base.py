@@ -28,6 +28,8 @@ class Context:
     #: what the user's first step already looked at for the back end
     #: (Backend.look_as_user), as untrusted as any answer from the user's side
     look: dict[str, Any] | None = None
+    #: the job's GPUs on this node (gpus.Gpu), from what Slurm allotted
+    gpus: tuple[Any, ...] = ()
     #: root's bookkeeping: called with each ProcRecord as soon as it exists
     on_spawn: Callable[[Any], None] | None = None
 

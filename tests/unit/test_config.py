@@ -28,7 +28,7 @@ def test_values_and_sources():
 @pytest.mark.parametrize("text,message", [
     ("bogus = 1", "unknown key: bogus"),
     ("[vm]\nacel = 'kvm'", "unknown key: vm.acel"),
-    ("[gpu]\nx = 1", "unknown section: [gpu]"),
+    ("[fpga]\nx = 1", "unknown section: [fpga]"),
     ("runtime_root = 5", "runtime_root: wrong type, want str"),
     ("syslog = 'yes'", "syslog: wrong type, want bool"),
     ("[timeouts]\nboot = true", "timeouts.boot: wrong type, want int"),

@@ -1,0 +1,178 @@
+"""A job's GPUs on this node: what Slurm allotted, mapped to the devices and
+to what the driver says of them.
+
+Slurm gives the prolog the job's GPUs as gres indices (``SLURM_JOB_GPUS``,
+e.g. ``0,2``; ``CUDA_VISIBLE_DEVICES`` holds the same numbers).  Index i is
+the i-th GPU device file of this node in gres.conf's ``Name=gpu File=...``
+lines, in their order.  The device file's minor number finds the GPU in the
+driver's own table (NVIDIA's ``/proc/driver/nvidia/gpus/<PCI>/information``:
+``GPU UUID``, ``Bus Location``, ``Device Minor``), never the order of device
+files or of PCI addresses, which differ on real machines.  The UUID is what
+a CDI spec names the device by.
+
+Root reads gres.conf and the driver's table (both root's); nothing here
+touches a user's file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import stat
+
+from . import hostlist
+from .jobenv import VARIABLES
+from .errors import NodeFault
+
+#: where NVIDIA's driver lists its GPUs (gpu.driver_table in the site config)
+NVIDIA_TABLE = "/proc/driver/nvidia/gpus"
+_UUID = re.compile(r"(GPU|MIG)-[0-9A-Za-z-]{1,80}")
+_PCI = re.compile(r"[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    index: int           # Slurm's gres index on this node
+    device: str          # the device file gres.conf names
+    major: int
+    minor: int
+    uuid: str            # from the driver's table
+    pci: str
+
+    def line(self) -> str:
+        return (f"gpu {self.index}: {self.device} ({self.major}:{self.minor}), "
+                f"{self.uuid} at {self.pci}")
+
+
+def parse_indices(text: str) -> list[int]:
+    """SLURM_JOB_GPUS ("0,2", "" for none) -> [0, 2]; a NodeFault when it is
+    not that (Slurm wrote it: a mistake there is the node's to fix)."""
+    text = text.strip()
+    if not text:
+        return []
+    out = []
+    for word in text.split(","):
+        if not (word.isascii() and word.isdigit() and len(word) <= 6):
+            raise NodeFault(VARIABLES["gpus"][0], "not a list of GPU indices", repr(text[:80]),
+                            hint="the GPUs come from Slurm's gres gpu; check gres.conf")
+        if int(word) not in out:
+            out.append(int(word))
+    return out
+
+
+def gres_files(text: str, node: str, path: str = "gres.conf") -> list[str]:
+    """The GPU device files of this node, in gres.conf's order: every
+    ``Name=gpu`` line for the node (no ``NodeName=``: every node) with its
+    ``File=`` expanded (``/dev/nvidia[0-3]``).  A GPU line without File= (the
+    devices left to AutoDetect) cannot be mapped: a NodeFault that says so."""
+    files: list[str] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        words: dict[str, str] = {}
+        for word in line.split():
+            key, eq, value = word.partition("=")
+            if eq:
+                words[key.lower()] = value
+        names = words.get("nodename")
+        if names is not None and node not in hostlist.expand(names):
+            continue
+        if words.get("name", "").lower() != "gpu":
+            continue
+        file = words.get("file") or words.get("files")
+        if not file:
+            raise NodeFault(f"{path} line {number}", "a GPU line without File=", raw.strip(),
+                            hint="slurm-charlie maps Slurm's GPU indices to devices "
+                            "through gres.conf's File= (docs/admin.rst, \"GPUs\")")
+        files += hostlist.expand(file)
+    return files
+
+
+def read_table(root: str) -> dict[int, tuple[str, str]]:
+    """The driver's table: {device minor: (UUID, PCI address)}."""
+    out: dict[int, tuple[str, str]] = {}
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError as e:
+        raise NodeFault("gpu.driver_table", "cannot list", f"{root}: {e.strerror}",
+                        hint="is the GPU driver loaded? (gpu.driver_table in the site "
+                        "config names its table)") from None
+    for pci in entries:
+        info = os.path.join(root, pci, "information")
+        try:
+            with open(info, errors="replace") as f:
+                text = f.read(65536)
+        except OSError:
+            continue
+        fields = {}
+        for line in text.splitlines():
+            key, colon, value = line.partition(":")
+            if colon:
+                fields[key.strip().lower()] = value.strip()
+        uuid, minor = fields.get("gpu uuid", ""), fields.get("device minor", "")
+        bus = fields.get("bus location", pci)
+        if not (_UUID.fullmatch(uuid) and minor.isascii() and minor.isdigit()
+                and _PCI.fullmatch(bus)):
+            raise NodeFault("gpu.driver_table", "an entry without GPU UUID, Bus Location "
+                            "and Device Minor", info, hint="is gpu.driver_table the "
+                            "driver's table of GPUs?")
+        if int(minor) in out:
+            raise NodeFault("gpu.driver_table", f"two GPUs with device minor {minor}", info)
+        out[int(minor)] = (uuid, bus.lower())
+    return out
+
+
+def job_gpus(indices: list[int], gres_text: str, node: str, table_root: str,
+             gres_path: str = "gres.conf") -> list[Gpu]:
+    """The job's GPUs on this node, each with its device and identity."""
+    if not indices:
+        return []
+    files = gres_files(gres_text, node, gres_path)
+    table = read_table(table_root)
+    out = []
+    for i in indices:
+        if i >= len(files):
+            raise NodeFault(VARIABLES["gpus"][0], f"GPU index {i}, but {gres_path} gives this "
+                            f"node {len(files)} GPU device file(s)",
+                            hint="gres.conf and the node's Gres= in slurm.conf disagree")
+        dev = files[i]
+        try:
+            st = os.stat(dev)
+        except OSError as e:
+            raise NodeFault(gres_path, "GPU device file missing", f"{dev}: {e.strerror}") \
+                from None
+        if not stat.S_ISCHR(st.st_mode):
+            raise NodeFault(gres_path, "GPU device file is not a character device", dev)
+        minor = os.minor(st.st_rdev)
+        if minor not in table:
+            raise NodeFault("gpu.driver_table", f"no GPU with device minor {minor} "
+                            f"({dev})", table_root, hint="the driver's table and gres.conf "
+                            "disagree")
+        uuid, pci = table[minor]
+        out.append(Gpu(i, dev, os.major(st.st_rdev), minor, uuid, pci))
+    return out
+
+
+def cdi_names(gpus: list[Gpu], kind: str) -> list[str]:
+    """The CDI device names of the job's GPUs (by UUID)."""
+    return [f"{kind}={g.uuid}" for g in gpus]
+
+
+def for_prolog(slurm_gpus: str, node: str, table: str, slurm_conf: str) -> list[Gpu]:
+    """The prolog's question: the job's GPUs here ([] without GPU gres),
+    from SLURM_JOB_GPUS, the gres.conf beside slurm.conf and the driver's
+    table."""
+    indices = parse_indices(slurm_gpus)
+    if not indices:
+        return []
+    gres = os.path.join(os.path.dirname(slurm_conf), "gres.conf")
+    try:
+        with open(gres, errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError as e:
+        raise NodeFault("gres.conf", "cannot read", f"{gres}: {e.strerror}",
+                        hint="the job has GPUs: slurm-charlie reads gres.conf beside "
+                        "slurm.conf to find their devices") from None
+    return job_gpus(indices, text, node, table, gres)

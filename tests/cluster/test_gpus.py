@@ -1,0 +1,97 @@
+"""GPUs on the sandbox (issue 21): each node declares two fake GPUs in
+gres.conf (character devices with NVIDIA's numbers and no driver, so
+opening one says ENXIO where the job's device cgroup allows it and EPERM
+where it does not), with a driver's table giving each a UUID and a PCI
+address in the other order from its minor.  Slurm allots and confines them;
+the prolog maps the job's to devices and UUIDs."""
+
+import os
+import re
+import time
+
+import pytest
+
+from helpers.cluster import build_busybox_image
+
+OPEN = ("import errno, os, sys\n"
+        "for d in sys.argv[1:]:\n"
+        "    try:\n"
+        "        os.close(os.open(d, os.O_RDWR))\n"
+        "        print(d, 'opened')\n"
+        "    except OSError as e:\n"
+        "        print(d, errno.errorcode[e.errno])\n")
+
+
+@pytest.fixture(autouse=True)
+def gpus(cluster):
+    if not cluster.sb.gpus_per_node:
+        pytest.fail("the sandbox declares no GPUs here: it needs Slurm's cgroup v1 "
+                    "devices controller (docs/sandbox.rst, \"GPUs\")")
+    return cluster.sb.gpus_per_node
+
+
+def node_log(cluster, node):
+    try:  # a fresh sandbox's node has no log before its first charlie job
+        return open(os.path.join(cluster.sb.state, "log", f"charlie-{node}.log")).read()
+    except FileNotFoundError:
+        return ""
+
+
+def test_slurm_confines_a_job_to_its_allotted_gpu(cluster):
+    """The sandbox itself, as a GPU site: Slurm's ConstrainDevices lets a
+    job with one GPU open only that one; a job with none opens none."""
+    wd = cluster.workdir("gpus-slurm")
+    devs = [cluster.sb.gpu_device("node1", i) for i in range(2)]
+    p = cluster.as_user(["srun", "-N1", "-w", "node1", "--gres=gpu:1", "sh", "-c",
+                         'echo "visible=$CUDA_VISIBLE_DEVICES"; python3 -c "$0" "$@"', OPEN,
+                         *devs], wd)
+    assert p.returncode == 0, p.stderr
+    assert "visible=0" in p.stdout, p.stdout
+    assert f"{devs[0]} ENXIO" in p.stdout and f"{devs[1]} EPERM" in p.stdout, p.stdout
+    p = cluster.as_user(["srun", "-N1", "-w", "node1", "python3", "-c", OPEN, *devs], wd)
+    assert p.returncode == 0, p.stderr
+    assert f"{devs[0]} EPERM" in p.stdout and f"{devs[1]} EPERM" in p.stdout, p.stdout
+
+
+def _gpu_lines(cluster, node, jobid, timeout=60):
+    end = time.monotonic() + timeout
+    while True:
+        found = re.findall(rf"job {jobid}: info: the job's gpu (\d+): (\S+) \((\d+):(\d+)\), "
+                           r"(\S+) at (\S+)", node_log(cluster, node))
+        if found or time.monotonic() > end:
+            return found
+        time.sleep(0.2)
+
+
+def test_the_prolog_maps_each_jobs_gpu_to_its_device_and_uuid(cluster):
+    """Two charlie jobs share node1, one GPU each: the prolog of each finds
+    its own GPU's device and, through the driver's table (by minor, not by
+    PCI order), its UUID; a charlie job without GPUs has none."""
+    wd = cluster.workdir("gpus-map")
+    bb = build_busybox_image(os.path.join(wd, "bb"))
+    p = cluster.as_user(["sbatch", "--parsable", "-N1", "-w", "node1", "--gres=gpu:1",
+                         f"--charlie-image={bb}", "-o", "first.out",
+                         "--wrap", "srun sleep 300"], wd)
+    assert p.returncode == 0, p.stderr
+    first = p.stdout.strip()
+    try:
+        got = _gpu_lines(cluster, "node1", first)
+        p = cluster.as_user(["srun", "-N1", "-w", "node1", "--gres=gpu:1",
+                             f"--charlie-image={bb}", "sh", "-c", "echo $SLURM_JOB_ID"], wd)
+        assert p.returncode == 0, p.stderr
+        second = p.stdout.strip()
+        got += _gpu_lines(cluster, "node1", second)
+    finally:
+        cluster.run(["scancel", first], check=True)
+    want = []
+    for index in (0, 1):
+        uuid, pci = cluster.sb.gpu_facts("node1", index)
+        want.append((str(index), cluster.sb.gpu_device("node1", index), "195", str(index),
+                     uuid, pci))
+    assert sorted(got) == want, got
+    cluster.wait_done(first, timeout=120)
+    p = cluster.as_user(["srun", "-N1", "-w", "node1", f"--charlie-image={bb}", "sh", "-c",
+                         "echo $SLURM_JOB_ID"], wd)
+    assert p.returncode == 0, p.stderr
+    assert _gpu_lines(cluster, "node1", p.stdout.strip(), timeout=0) == []
+    cluster.wait_nodes_idle()
