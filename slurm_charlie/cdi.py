@@ -304,8 +304,7 @@ def parse(text: str | bytes, path: str) -> Spec:
         plan_hooks(edits, path, f"devices[{i}].containerEdits")
     need = minimum_version(spec)
     if _version_key(need) > _version_key(version):
-        raise r.fail("cdiVersion", f"{version} is older than what the spec uses "
-                     f"needs ({need})")
+        raise r.fail("cdiVersion", f"{version}, but the fields it uses need {need} or later")
     return spec
 
 
@@ -532,6 +531,83 @@ def read_spec(path: str) -> Spec:
     return parse(text, path)
 
 
+def untrusted_source(path: str, device: bool = False, hops: int = 40) -> str | None:
+    """Why root must not hand the host path a spec names to a job, or None.
+    Every directory on the way and every link followed is root's and
+    writable by root only (a link is followed only from such a directory);
+    the end is root's and, unless it is a device node, not writable by
+    others; a device node must be a character or block device.  Nothing
+    is opened."""
+    if not path.startswith("/"):
+        return "not an absolute path"
+    todo = [p for p in path.split("/") if p]
+    cur = "/"
+    while True:
+        try:
+            st = os.lstat(cur)
+        except OSError as e:
+            return f"{cur}: {e.strerror}"
+        last = not todo
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid != 0:
+                return f"{cur}: a link owned by uid {st.st_uid}"
+            hops -= 1
+            if hops < 0:
+                return "too many links"
+            target = os.readlink(cur)
+            base = "/" if target.startswith("/") else os.path.dirname(cur)
+            todo = [p for p in os.path.join(base, target).split("/") if p] + todo
+            cur = "/"
+            continue
+        if st.st_uid != 0:
+            return f"{cur}: owned by uid {st.st_uid}, not root"
+        if last:
+            if device:
+                if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                    return f"{cur}: not a device node"
+            elif st.st_mode & 0o022:
+                return f"{cur}: writable by others than root"
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{cur}: not a directory"
+        if st.st_mode & 0o022:
+            return f"{cur}: a directory writable by others than root"
+        part = todo.pop(0)
+        if part == "..":
+            cur = os.path.dirname(cur.rstrip("/")) or "/"
+        elif part != ".":
+            cur = os.path.join(cur, part)
+
+
+def check_sources(edits: Edits, path: str) -> None:
+    """Every host path a spec's edits name is one root may hand to a job
+    (untrusted_source): a UserError naming the spec and the path if not.
+    Edits this slurm-charlie cannot apply to a container are refused too."""
+    def fail(what: str, why: str) -> UserError:
+        return UserError(f"CDI spec {path}", f"{what}: {why}", hint=(
+            "a spec may bind only root's files and device nodes into a job; fix the "
+            "spec or the file, or ask the admin to"))
+    for node in edits.device_nodes:
+        why = untrusted_source(node.source, device=True)
+        if why:
+            raise fail(f"device node {node.source}", why)
+    for mount in edits.mounts:
+        if mount.type not in ("", "bind", "none") or \
+                set(mount.options) - {"ro", "rw", "nosuid", "nodev", "noexec", "bind",
+                                      "rbind", "private", "rprivate", "slave", "rslave"}:
+            raise fail(f"mount {mount.host_path}", f"not a bind mount this slurm-charlie "
+                       f"can make (type {mount.type or 'none'}, options "
+                       f"{','.join(mount.options) or 'none'})")
+        why = untrusted_source(mount.host_path)
+        if why:
+            raise fail(f"mount {mount.host_path}", why)
+    if edits.net_devices:
+        raise fail("netDevices", "containers here share the node's network; a network "
+                   "device cannot be moved into them")
+    if edits.intel_rdt is not None:
+        raise fail("intelRdt", "not supported by slurm-charlie")
+
+
 @dataclasses.dataclass
 class Registry:
     """The devices of every spec found, by qualified name
@@ -545,9 +621,10 @@ class Registry:
     def kinds(self) -> list[str]:
         return sorted({s.kind for s in self.specs})
 
-    def resolve(self, names: Iterable[str]) -> Edits:
+    def resolve(self, names: Iterable[str], check: bool = False) -> Edits:
         """The edits for these devices: each spec's own edits once, then
-        each device's, in the order asked."""
+        each device's, in the order asked; with check, every host path in
+        them checked (check_sources)."""
         names = list(names)
         if names and self.broken:
             raise self.broken[0]
@@ -572,7 +649,11 @@ class Registry:
             spec, _ = self.devices[name]
             if spec.path not in seen_specs:
                 seen_specs.add(spec.path)
+                if check:
+                    check_sources(spec.edits, spec.path)
                 out = out + spec.edits
+            if check:
+                check_sources(spec.devices[dev], spec.path)
             out = out + spec.devices[dev]
         return out
 
@@ -584,6 +665,14 @@ def load_dirs(dirs: Iterable[str]) -> Registry:
     read is kept in ``broken``: resolve() then refuses."""
     reg = Registry()
     for d in dirs:
+        if not os.path.lexists(d):
+            continue
+        why = untrusted_source(d)
+        if why:  # whoever may write there decides what jobs get
+            reg.broken.append(UserError(f"CDI spec directory {d}", "not trusted", why,
+                                        hint="spec directories must be root's and "
+                                        "writable by root only"))
+            continue
         try:
             names = sorted(os.listdir(d))
         except FileNotFoundError:

@@ -96,6 +96,11 @@ DEFAULTS: tuple[Key, ...] = (
         "giving its GPU UUID, Bus Location and Device Minor, as NVIDIA's driver "
         "writes it): how Slurm's GPU indices become devices; %n is the node name",
         rule=_absolute),
+    Key("gpu.cdi_dirs", ["/etc/cdi", "/var/run/cdi"], list,
+        "where a container job's GPUs are described (CDI specs, lowest priority "
+        "first; %n is the node name); empty: the GPUs' CDI edits are not read",
+        rule=lambda v: next((f"not an absolute path: {d!r}" for d in v
+                             if not str(d).startswith("/")), None)),
     Key("gpu.cdi_kind", "nvidia.com/gpu", str,
         "the CDI kind (VENDOR/CLASS) whose devices, named by UUID, are the GPUs",
         rule=lambda v: None if re.fullmatch(r"[a-z0-9.-]+/[A-Za-z0-9_.-]+", v)

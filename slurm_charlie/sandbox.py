@@ -302,6 +302,7 @@ class Sandbox:
                             f"Bus Location: \t {pci}\n"
                             f"Device Minor: \t {i}\n")
             if self.gpus_per_node:
+                self._write_cdi(n.name)
                 last = self.gpus_per_node - 1
                 lines.append(f"NodeName={n.name} Name=gpu File="
                              + self._p("dev", n.name, f"nvidia[0-{last}]"))
@@ -312,7 +313,25 @@ class Sandbox:
             return ""
         return ("[gpu]\n# the sandbox's fake GPUs: their driver's table, their CDI vendor\n"
                 f'driver_table = "{self._p("fakegpu", "%n", "gpus")}"\n'
+                f'cdi_dirs = ["{self._p("cdi", "%n")}"]\n'
                 'cdi_kind = "example.com/gpu"\n')
+
+    def cdi_dir(self, node: str) -> str:
+        return self._p("cdi", node)
+
+    def _write_cdi(self, node: str) -> None:
+        """The fake vendor's CDI spec for a node's GPUs (example.com/gpu),
+        devices named by UUID, as a vendor's tool writes it."""
+        devices = []
+        for i in range(self.gpus_per_node):
+            uuid, _ = self.gpu_facts(node, i)
+            devices.append({"name": uuid, "containerEdits": {"deviceNodes": [
+                {"path": f"/dev/nvidia{i}", "hostPath": self.gpu_device(node, i)}]}})
+        spec = {"cdiVersion": "0.5.0", "kind": "example.com/gpu", "devices": devices,
+                "containerEdits": {"env": ["CHARLIE_SANDBOX_GPU=1"]}}
+        os.makedirs(self.cdi_dir(node), mode=0o755, exist_ok=True)
+        self._write(os.path.join(self.cdi_dir(node), "example.json"),
+                    json.dumps(spec, indent=2) + "\n")
 
     @property
     def cgroup_mode(self) -> str | None:

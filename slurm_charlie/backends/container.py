@@ -490,7 +490,27 @@ class ContainerBackend(Backend):
                      "written)", image["image_dir"], ", ".join("/" + m for m in missing))
         return overlay, missing
 
+    def _gpu_edits(self, ctx: Context) -> Any:
+        """The CDI edits of the job's GPUs on this node (None without GPUs or
+        without spec directories), every host path in them checked; a bad
+        spec fails the job (UserError), the node stays in service."""
+        dirs = [config.expand_node(d, ctx.node) for d in ctx.cfg["gpu.cdi_dirs"]]
+        if not ctx.gpus:
+            return None
+        if not dirs:
+            log.warning("the job has %d GPU(s) here and gpu.cdi_dirs is empty: its "
+                        "container gets no driver libraries", len(ctx.gpus))
+            return None
+        from .. import cdi, gpus
+        names = gpus.cdi_names(list(ctx.gpus), ctx.cfg["gpu.cdi_kind"])
+        edits = cdi.load_dirs(dirs).resolve(names, check=True)
+        log.info("CDI edits for the job's GPUs (%s): %d device node(s), %d mount(s), "
+                 "%d variable(s), %d hook(s)", " ".join(names), len(edits.device_nodes),
+                 len(edits.mounts), len(edits.env), len(edits.hooks))
+        return edits
+
     def start(self, ctx: Context) -> dict[str, Any]:
+        self._gpu_edits(ctx)  # checked now; applied to ch-run in a later step (issue 21)
         image = self._unpacked(ctx)  # the holder's FIFO is made there too
         self.image_mpi = image.pop("mpi")  # what MPI the image carries (task_env)
         tmp = image["tmpdir"]

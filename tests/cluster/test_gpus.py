@@ -95,3 +95,68 @@ def test_the_prolog_maps_each_jobs_gpu_to_its_device_and_uuid(cluster):
     assert p.returncode == 0, p.stderr
     assert _gpu_lines(cluster, "node1", p.stdout.strip(), timeout=0) == []
     cluster.wait_nodes_idle()
+
+
+@pytest.fixture(scope="module")
+def cdi_job(cluster):
+    """(working directory, busybox image) for the CDI tests."""
+    wd = cluster.workdir("gpus-cdi")
+    return wd, build_busybox_image(os.path.join(wd, "bb"))
+
+
+def test_a_gpu_container_jobs_cdi_edits_are_read_and_checked(cluster, cdi_job):
+    wd, bb = cdi_job
+    p = cluster.as_user(["srun", "-N1", "-w", "node1", "--gres=gpu:1",
+                         f"--charlie-image={bb}", "sh", "-c", "echo $SLURM_JOB_ID"], wd)
+    assert p.returncode == 0, p.stderr
+    jobid = p.stdout.strip()
+    uuid, _ = cluster.sb.gpu_facts("node1", 0)
+    assert (f"job {jobid}: info: CDI edits for the job's GPUs (example.com/gpu={uuid}): "
+            "1 device node(s), 0 mount(s), 1 variable(s), 0 hook(s)") in node_log(cluster, "node1")
+
+
+#: what goes wrong in the node's spec (merged into its own containerEdits)
+BAD_SPECS = {
+    "unknown field": ({"mystery": True}, "containerEdits: unknown field 'mystery'"),
+    "unknown hook": ({"hooks": [{"hookName": "createContainer",
+                                 "path": "/usr/local/bin/site-hook"}]},
+                     "unknown hook program /usr/local/bin/site-hook"),
+    "missing device node": ({"deviceNodes": [{"path": "/dev/nvidia9",
+                                              "hostPath": "/dev/nvidia-absent"}]},
+                            "device node /dev/nvidia-absent: /dev/nvidia-absent: "
+                            "No such file or directory"),
+    "the user's mount source": ({"mounts": [{"hostPath": "USERFILE",
+                                             "containerPath": "/usr/lib/libcuda.so.1"}]},
+                                "owned by uid"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_a_bad_spec_fails_the_gpu_job_and_drains_nothing(cluster, cdi_job, case):
+    """What the admin's spec gets wrong (or a user slipped into it) fails
+    the GPU job that uses it, with the spec file and the reason; the node
+    stays in service; a job without GPUs does not read specs."""
+    import json
+    wd, bb = cdi_job
+    edits, reason = BAD_SPECS[case]
+    user_file = os.path.join(wd, "libcuda.so.1")
+    cluster.write(user_file, "not a library\n", 0o644)
+    spec = os.path.join(cluster.sb.cdi_dir("node1"), "example.json")
+    good = open(spec).read()
+    doc = json.loads(good)
+    doc["containerEdits"].update(json.loads(json.dumps(edits).replace("USERFILE", user_file)))
+    with open(spec, "w") as f:
+        json.dump(doc, f)
+    try:
+        p = cluster.as_user(["srun", "-N1", "-w", "node1", "--gres=gpu:1",
+                             f"--charlie-image={bb}", "true"], wd)
+        assert p.returncode != 0
+        assert f"CDI spec {spec}: " in p.stderr and reason in p.stderr, p.stderr
+        p = cluster.as_user(["srun", "-N1", "-w", "node1", f"--charlie-image={bb}", "true"],
+                            wd)
+        assert p.returncode == 0, p.stderr
+    finally:
+        with open(spec, "w") as f:
+            f.write(good)
+    cluster.wait_nodes_idle()
+    assert cluster.sb.node_states().get("node1") == "idle"

@@ -147,7 +147,7 @@ def test_an_unknown_field_is_refused_with_its_place(where, doc):
 def test_a_field_newer_than_the_specs_version_is_refused(field, version, needs):
     doc = json.loads(spec(version=version))
     doc.update(field)
-    refused(json.dumps(doc), "cdiVersion", f"({needs})")
+    refused(json.dumps(doc), "cdiVersion", f"need {needs} or later")
     doc["cdiVersion"] = needs
     assert cdi.minimum_version(cdi.parse(json.dumps(doc), "/etc/cdi/x.json")) == needs
 
@@ -249,6 +249,19 @@ def write(path, text, mode=0o644, uid=0):
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 
 
+@pytest.fixture
+def root_tmp():
+    """A directory only root controls all the way up (pytest's tmp_path is
+    under /tmp, which anyone may write: no spec there is trusted)."""
+    import pathlib
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(dir="/run", prefix="charlie-test-cdi.")
+    os.chmod(d, 0o755)
+    yield pathlib.Path(d)
+    shutil.rmtree(d)
+
+
 @needs_root
 @pytest.mark.parametrize("how,words", [
     ("user's", ("not trusted", "owned by uid 1000")),
@@ -281,8 +294,8 @@ def test_a_spec_root_should_not_trust_is_refused(tmp_path, how, words):
 
 
 @needs_root
-def test_directories_later_ones_win_and_broken_specs_refuse_every_request(tmp_path):
-    etc, run = tmp_path / "etc", tmp_path / "run"
+def test_directories_later_ones_win_and_broken_specs_refuse_every_request(root_tmp):
+    etc, run = root_tmp / "etc", root_tmp / "run"
     etc.mkdir(), run.mkdir()
     dev = lambda n, p: {"name": n, "containerEdits": {"deviceNodes": [{"path": p}]}}  # noqa: E731
     write(str(etc / "gpu.json"), spec([dev("a", "/dev/old"), dev("b", "/dev/b")],
@@ -291,7 +304,7 @@ def test_directories_later_ones_win_and_broken_specs_refuse_every_request(tmp_pa
           "containerEdits: {env: [SPEC=run]}\n"
           "devices:\n- {name: a, containerEdits: {deviceNodes: [{path: /dev/new}]}}\n")
     write(str(run / "README"), "not a spec")
-    reg = cdi.load_dirs([str(etc), str(run), str(tmp_path / "absent")])
+    reg = cdi.load_dirs([str(etc), str(run), str(root_tmp / "absent")])
     assert reg.broken == []
     got = reg.resolve(["example.com/gpu=a", "example.com/gpu=b", "example.com/gpu=a"])
     assert [n.path for n in got.device_nodes] == ["/dev/new", "/dev/b"]
@@ -317,3 +330,74 @@ def test_directories_later_ones_win_and_broken_specs_refuse_every_request(tmp_pa
     with pytest.raises(UserError, match=r"zz.json: containerEdits: unknown field 'oops'"):
         reg.resolve(["example.com/gpu=b"])
     assert stat.S_ISDIR(os.stat(run).st_mode)
+
+
+@needs_root
+def test_a_host_path_is_handed_to_a_job_only_when_root_alone_controls_it(root_tmp):
+    root = root_tmp / "r"
+    (root / "lib").mkdir(parents=True)
+    lib = root / "lib" / "libfake.so.1"
+    write(str(lib), "ELF")
+    os.symlink("libfake.so.1", root / "lib" / "libfake.so")
+    os.mknod(str(root / "gpu0"), stat.S_IFCHR | 0o666, os.makedev(195, 0))
+    assert cdi.untrusted_source(str(lib)) is None
+    assert cdi.untrusted_source(str(root / "lib" / "libfake.so")) is None  # root's link
+    assert cdi.untrusted_source(str(root / "gpu0"), device=True) is None
+    assert cdi.untrusted_source(str(lib), device=True) == f"{lib}: not a device node"
+    assert "No such file" in cdi.untrusted_source(str(root / "absent"))
+    os.chmod(lib, 0o664)
+    assert cdi.untrusted_source(str(lib)) == f"{lib}: writable by others than root"
+    os.chmod(lib, 0o644)
+    os.chown(root / "lib", 1000, 1000)
+    assert cdi.untrusted_source(str(lib)) == f"{root}/lib: owned by uid 1000, not root"
+    os.chown(root / "lib", 0, 0)
+    os.chmod(root / "lib", 0o1777)  # sticky /tmp-like: a user can add what they like
+    assert "a directory writable by others" in cdi.untrusted_source(str(lib))
+    os.chmod(root / "lib", 0o755)
+    os.lchown(root / "lib" / "libfake.so", 1000, 1000)
+    assert cdi.untrusted_source(str(root / "lib" / "libfake.so")) == \
+        f"{root}/lib/libfake.so: a link owned by uid 1000"
+    os.unlink(root / "lib" / "libfake.so")
+    os.symlink(str(root / "lib" / "loop"), root / "lib" / "loop")
+    assert cdi.untrusted_source(str(root / "lib" / "loop")) == "too many links"
+
+
+@needs_root
+@pytest.mark.parametrize("edits,words", [
+    ({"deviceNodes": [{"path": "/dev/fake0", "hostPath": "/etc/passwd"}]},
+     ("device node /etc/passwd: /etc/passwd: not a device node",)),
+    ({"mounts": [{"hostPath": "USERFILE", "containerPath": "/usr/lib/libcuda.so.1"}]},
+     ("owned by uid 1000",)),
+    ({"mounts": [{"hostPath": "/etc/hostname", "containerPath": "/x", "type": "tmpfs"}]},
+     ("not a bind mount", "type tmpfs")),
+    ({"mounts": [{"hostPath": "/etc/hostname", "containerPath": "/x",
+                  "options": ["bind", "suid"]}]}, ("not a bind mount", "suid")),
+])
+def test_the_prolog_refuses_a_spec_that_would_hand_a_job_what_root_does_not_control(
+        root_tmp, edits, words):
+    user_file = root_tmp / "libcuda.so.1"
+    write(str(user_file), "ELF", uid=1000)
+    text = spec(edits=json.loads(json.dumps(edits).replace("USERFILE", str(user_file))),
+                version="0.5.0")
+    d = root_tmp / "cdi"
+    d.mkdir()
+    write(str(d / "x.json"), text)
+    reg = cdi.load_dirs([str(d)])
+    assert reg.resolve(["example.com/gpu=a"]) is not None  # unchecked: read fine
+    with pytest.raises(UserError) as e:
+        reg.resolve(["example.com/gpu=a"], check=True)
+    assert e.value.line().startswith(f"CDI spec {d}/x.json: "), e.value.line()
+    for w in words:
+        assert w in e.value.line(), e.value.line()
+
+
+@needs_root
+def test_a_spec_directory_others_may_write_is_not_read(root_tmp):
+    d = root_tmp / "cdi"
+    d.mkdir()
+    write(str(d / "x.json"), spec())
+    os.chmod(d, 0o777)
+    reg = cdi.load_dirs([str(d)])
+    assert reg.specs == [] and len(reg.broken) == 1
+    with pytest.raises(UserError, match="CDI spec directory .*: not trusted: .*writable by others"):
+        reg.resolve(["example.com/gpu=a"])
