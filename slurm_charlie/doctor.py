@@ -311,6 +311,44 @@ def _job_network(cfg: config.Config, node: str) -> Result:
     return "ok", f"VXLAN job networks from {addr}, UDP {cfg['vm.vxlan_port']}", None
 
 
+def _gpus(cfg: config.Config, node: str, environ=None) -> Result:
+    """The node's GPUs as slurm-charlie will see them: gres.conf's device
+    files, the driver's table, Slurm's device confinement and the CDI specs."""
+    from . import cdi, gpus
+    environ = os.environ if environ is None else environ
+    conf = environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
+    gres = os.path.join(os.path.dirname(conf), "gres.conf")
+    try:
+        with open(gres, errors="replace") as f:
+            text = f.read(1 << 20)
+    except FileNotFoundError:
+        return "ok", f"no {gres}: no GPUs here", None
+    files = gpus.gres_files(text, node, gres)
+    if not files:
+        return "ok", f"{gres} gives this node no GPUs", None
+    table = config.expand_node(cfg["gpu.driver_table"], node)
+    found = gpus.job_gpus(list(range(len(files))), text, node, table, gres)
+    seen = f"{len(found)} GPU(s): " + "; ".join(f"{g.device} {g.uuid}" for g in found)
+    if slurm_conf_keys("cgroup.conf", environ).get("constraindevices", "no").lower() != "yes":
+        return "warn", f"{seen}; ConstrainDevices is not on: a job can open every GPU " \
+            "of the node, not only its own", "ConstrainDevices=yes in cgroup.conf, then " \
+            "restart slurmd (admin guide, \"GPUs\")"
+    dirs = [config.expand_node(d, node) for d in cfg["gpu.cdi_dirs"]]
+    if not dirs:
+        return "warn", f"{seen}; gpu.cdi_dirs is empty: containers get no driver " \
+            "libraries", "list the CDI spec directories in gpu.cdi_dirs"
+    reg = cdi.load_dirs(dirs)
+    if reg.broken:
+        return "FAIL", f"{seen}; {reg.broken[0].line()}", reg.broken[0].hint
+    names = gpus.cdi_names(found, cfg["gpu.cdi_kind"])
+    missing = [n for n in names if n not in reg.devices]
+    if missing:
+        return "FAIL", f"{seen}; the CDI specs in {' '.join(dirs)} have no device " \
+            f"{missing[0]}", "generate a spec for the node's GPUs (named by UUID) into " \
+            "one of gpu.cdi_dirs, or set gpu.cdi_kind"
+    return "ok", f"{seen}; confined by Slurm; CDI devices {cfg['gpu.cdi_kind']} found", None
+
+
 def checks(cfg: config.Config, node: str) -> list[tuple[str, Callable[[], Result]]]:
     return [
         ("runtime_root", lambda: _runtime_root(cfg, node)),
@@ -330,6 +368,7 @@ def checks(cfg: config.Config, node: str) -> list[tuple[str, Callable[[], Result
         ("guest kernel", lambda: _vm_kernel(cfg)),
         ("accel/CPU probe", lambda: _probe(cfg, node)),
         ("MPI plugins", lambda: _mpi(cfg)),
+        ("GPUs", lambda: _gpus(cfg, node)),
         ("leftovers", lambda: _leftovers(cfg, node)),
         ("deleted-open files", lambda: _deleted_open(cfg, node)),
     ]

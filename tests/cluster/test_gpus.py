@@ -160,3 +160,27 @@ def test_a_bad_spec_fails_the_gpu_job_and_drains_nothing(cluster, cdi_job, case)
             f.write(good)
     cluster.wait_nodes_idle()
     assert cluster.sb.node_states().get("node1") == "idle"
+
+
+def test_doctor_checks_the_nodes_gpus(cluster, tmp_path):
+    """doctor's GPU line: ok on the sandbox; a warning where Slurm does not
+    confine devices; a failure where no CDI spec names a GPU."""
+    import dataclasses
+    import shutil
+    from slurm_charlie import config, doctor
+    cfg = config.load({"SLURM_CHARLIE_CONF": cluster.sb.charlie_conf})
+    status, seen, _ = doctor._gpus(cfg, "node1", {"SLURM_CONF": cluster.sb.conf})
+    assert status == "ok" and seen.startswith("2 GPU(s): ") and "confined by Slurm" in seen, seen
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(cluster.sb.conf), "gres.conf"), etc)
+    (etc / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
+    status, seen, fix = doctor._gpus(cfg, "node1", {"SLURM_CONF": str(etc / "slurm.conf")})
+    assert status == "warn" and "ConstrainDevices is not on" in seen and \
+        "ConstrainDevices=yes" in fix, seen
+    (etc / "cgroup.conf").write_text("ConstrainDevices=yes\n")
+    other = dataclasses.replace(cfg, values={**cfg.values, "gpu.cdi_kind": "nvidia.com/gpu"})
+    status, seen, _ = doctor._gpus(other, "node1", {"SLURM_CONF": str(etc / "slurm.conf")})
+    assert status == "FAIL" and "have no device nvidia.com/gpu=GPU-" in seen, seen
+    assert doctor._gpus(cfg, "node1", {"SLURM_CONF": str(tmp_path / "none" / "slurm.conf")})[0] \
+        == "ok"
