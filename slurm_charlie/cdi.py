@@ -51,7 +51,8 @@ SUFFIXES = (".json", ".yaml", ".yml")
 _KIND_VENDOR = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 _KIND_CLASS = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 _DEVICE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.:-]*[A-Za-z0-9])?")
-_ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.S)
+#: NAME=VALUE on one line (values go to the task.env lines the shim reads)
+_ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=[^\n\r]{0,4096}")
 
 HINT = ("the site's CDI spec is wrong or newer than this slurm-charlie: fix or "
         "regenerate it (slurm-charlie gpu-spec, or the vendor's tool), or ask the "
@@ -587,6 +588,10 @@ def check_sources(edits: Edits, path: str) -> None:
         return UserError(f"CDI spec {path}", f"{what}: {why}", hint=(
             "a spec may bind only root's files and device nodes into a job; fix the "
             "spec or the file, or ask the admin to"))
+    for item in edits.env:
+        if item.startswith("CH_"):
+            raise fail(f"env {item.split('=', 1)[0]}", "CH_* variables are slurm-charlie's "
+                       "own (the job's meta and data directories)")
     for node in edits.device_nodes:
         why = untrusted_source(node.source, device=True)
         if why:

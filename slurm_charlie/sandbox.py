@@ -258,8 +258,15 @@ class Sandbox:
             return FAKE_GPUS
         return 0
 
+    @property
+    def dev_dir(self) -> str:
+        """Where the fake GPUs' device files are: in /dev, as a real node's
+        are (ch-run shows the host's /dev in every container), one
+        directory per sandbox state directory."""
+        return os.path.join("/dev", os.path.basename(self.state))
+
     def gpu_device(self, node: str, index: int) -> str:
-        return self._p("dev", node, f"nvidia{index}")
+        return os.path.join(self.dev_dir, node, f"nvidia{index}")
 
     def gpu_table(self, node: str) -> str:
         """The fake driver's table of a node's GPUs, laid out as NVIDIA's
@@ -281,7 +288,7 @@ class Sandbox:
         lines = ["# slurm-charlie sandbox: fake GPUs (docs/sandbox.rst, \"GPUs\")"]
         shutil.rmtree(self._p("fakegpu"), ignore_errors=True)
         for n in self.nodes:
-            os.makedirs(self._p("dev", n.name), mode=0o755, exist_ok=True)
+            os.makedirs(os.path.join(self.dev_dir, n.name), mode=0o755, exist_ok=True)
             for i in range(self.gpus_per_node):
                 dev = self.gpu_device(n.name, i)
                 try:
@@ -305,7 +312,7 @@ class Sandbox:
                 self._write_cdi(n.name)
                 last = self.gpus_per_node - 1
                 lines.append(f"NodeName={n.name} Name=gpu File="
-                             + self._p("dev", n.name, f"nvidia[0-{last}]"))
+                             + os.path.join(self.dev_dir, n.name, f"nvidia[0-{last}]"))
         return "\n".join(lines) + "\n"
 
     def _gpu_conf(self) -> str:
@@ -326,8 +333,8 @@ class Sandbox:
         for i in range(self.gpus_per_node):
             uuid, _ = self.gpu_facts(node, i)
             devices.append({"name": uuid, "containerEdits": {"deviceNodes": [
-                {"path": f"/dev/nvidia{i}", "hostPath": self.gpu_device(node, i)}]}})
-        spec = {"cdiVersion": "0.5.0", "kind": "example.com/gpu", "devices": devices,
+                {"path": self.gpu_device(node, i)}]}})
+        spec = {"cdiVersion": "0.3.0", "kind": "example.com/gpu", "devices": devices,
                 "containerEdits": {"env": ["CHARLIE_SANDBOX_GPU=1"]}}
         os.makedirs(self.cdi_dir(node), mode=0o755, exist_ok=True)
         self._write(os.path.join(self.cdi_dir(node), "example.json"),
@@ -667,6 +674,9 @@ class Sandbox:
             if name == BRIDGE or (name.startswith("chsbx") and name.endswith("h")):
                 _run(["ip", "link", "delete", name], check=False)
         self._fuse_back()
+        if os.path.basename(self.state) and os.path.isdir(self.dev_dir) \
+                and not os.path.ismount(self.dev_dir):
+            shutil.rmtree(self.dev_dir, ignore_errors=True)  # the fake GPUs
         shutil.rmtree(self.state, ignore_errors=True)
         left = self.leftovers()
         if left:

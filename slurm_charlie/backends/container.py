@@ -385,6 +385,8 @@ class ContainerBackend(Backend):
         # locks a container's user namespace cannot share (PMIX ERROR lines)
         env.append(("PMIX_MCA_gds", "hash"))
         env += [tuple(item.split("=", 1)) for item in ctx.cfg["container.env"]]
+        # the job's GPUs' CDI variables (checked NAME=VALUE when the spec was read)
+        env += [tuple(item.split("=", 1)) for item in getattr(self, "gpu_env", [])]
         return env
 
     # -- prolog ---------------------------------------------------------------
@@ -510,7 +512,11 @@ class ContainerBackend(Backend):
         return edits
 
     def start(self, ctx: Context) -> dict[str, Any]:
-        self._gpu_edits(ctx)  # checked now; applied to ch-run in a later step (issue 21)
+        edits = self._gpu_edits(ctx)
+        # the spec's variables go to every task (task_env); its device nodes
+        # are in the host's /dev, which ch-run shows in the container; its
+        # mounts and hooks are the next step of issue 21
+        self.gpu_env = list(edits.env) if edits is not None else []
         image = self._unpacked(ctx)  # the holder's FIFO is made there too
         self.image_mpi = image.pop("mpi")  # what MPI the image carries (task_env)
         tmp = image["tmpdir"]

@@ -145,6 +145,7 @@ def test_a_bad_spec_fails_the_gpu_job_and_drains_nothing(cluster, cdi_job, case)
     good = open(spec).read()
     doc = json.loads(good)
     doc["containerEdits"].update(json.loads(json.dumps(edits).replace("USERFILE", user_file)))
+    doc["cdiVersion"] = "0.5.0"  # hostPath
     with open(spec, "w") as f:
         json.dump(doc, f)
     try:
@@ -184,3 +185,35 @@ def test_doctor_checks_the_nodes_gpus(cluster, tmp_path):
     assert status == "FAIL" and "have no device nvidia.com/gpu=GPU-" in seen, seen
     assert doctor._gpus(cfg, "node1", {"SLURM_CONF": str(tmp_path / "none" / "slurm.conf")})[0] \
         == "ok"
+
+
+PROBE = ('for i in 0 1; do d=$0/$SLURMD_NODENAME/nvidia$i; r=$( (exec 3<>"$d") 2>&1 ); '
+         'echo "GPU $SLURMD_NODENAME $i $(cat /MARKER) var=$CHARLIE_SANDBOX_GPU [$r]"; done')
+
+
+def _probe(cluster, wd, bb, *args):
+    p = cluster.as_user(["srun", "-N2", "-w", "node1,node2", *args, f"--charlie-image={bb}",
+                         "sh", "-c", PROBE, cluster.sb.dev_dir], wd)
+    assert p.returncode == 0, p.stderr
+    found = {}
+    for node, index, marker, var, why in re.findall(r"GPU (\S+) (\d) (\S+) var=(\S*) \[(.*)\]",
+                                                     p.stdout):
+        assert marker == "inside-the-image", p.stdout
+        found[(node, int(index))] = (var, "open" if not why else
+                                     "allowed" if "No such device" in why else
+                                     "denied" if "not permitted" in why else why)
+    return found
+
+
+def test_each_container_opens_only_its_own_gpu_and_gets_the_specs_variables(cluster, cdi_job):
+    """A 2-node container job with one GPU per node: in each node's
+    container the job's GPU opens as far as a device without a driver can
+    (ENXIO), the other is refused (EPERM: Slurm's device cgroup), and the
+    spec's variables are set; a job without GPUs gets neither."""
+    wd, bb = cdi_job
+    assert _probe(cluster, wd, bb, "--gres=gpu:1") == {
+        (n, i): ("1", "allowed" if i == 0 else "denied") for n in ("node1", "node2")
+        for i in (0, 1)}
+    assert _probe(cluster, wd, bb) == {
+        (n, i): ("", "denied") for n in ("node1", "node2") for i in (0, 1)}
+    cluster.wait_nodes_idle()

@@ -173,6 +173,8 @@ def test_a_bad_kind_is_refused(kind):
     ({"containerEdits": {"deviceNodes": [{"path": "/dev/x", "permissions": "rwx"}]}},
      ("permissions",)),
     ({"containerEdits": {"env": ["NOEQUALS"]}}, ("not NAME=VALUE",)),
+    ({"containerEdits": {"env": ["A=1\nCH_TYPE=none"]}}, ("not NAME=VALUE",)),
+    ({"containerEdits": {"env": ["A=" + "x" * 4097]}}, ("not NAME=VALUE",)),
     ({"containerEdits": {"env": "A=1"}}, ("not a list",)),
     ({"containerEdits": {"mounts": [{"hostPath": "/a"}]}}, ("required field 'containerPath'",)),
     ({"containerEdits": {"mounts": [{"hostPath": "/a\u0000b", "containerPath": "/b"}]}},
@@ -372,6 +374,7 @@ def test_a_host_path_is_handed_to_a_job_only_when_root_alone_controls_it(root_tm
      ("not a bind mount", "type tmpfs")),
     ({"mounts": [{"hostPath": "/etc/hostname", "containerPath": "/x",
                   "options": ["bind", "suid"]}]}, ("not a bind mount", "suid")),
+    ({"env": ["CH_META=/elsewhere"]}, ("env CH_META", "slurm-charlie's own")),
 ])
 def test_the_prolog_refuses_a_spec_that_would_hand_a_job_what_root_does_not_control(
         root_tmp, edits, words):
