@@ -183,6 +183,66 @@ static int is_option_var(const char *e)
     return 0;
 }
 
+/* Edit distance (insert, delete, substitute, swap two neighbours) between
+ * two short names; anything above 2 is reported as 3. */
+static int distance(const char *a, size_t la, const char *b, size_t lb)
+{
+    int d[40][40];
+    size_t i, j;
+
+    if (la >= 40 || lb >= 40)
+        return 3;
+    for (i = 0; i <= la; i++)
+        d[i][0] = (int)i;
+    for (j = 0; j <= lb; j++)
+        d[0][j] = (int)j;
+    for (i = 1; i <= la; i++)
+        for (j = 1; j <= lb; j++) {
+            int best = d[i - 1][j - 1] + (a[i - 1] != b[j - 1]);
+            if (d[i - 1][j] + 1 < best)
+                best = d[i - 1][j] + 1;
+            if (d[i][j - 1] + 1 < best)
+                best = d[i][j - 1] + 1;
+            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] &&
+                d[i - 2][j - 2] + 1 < best)
+                best = d[i - 2][j - 2] + 1;
+            d[i][j] = best;
+        }
+    return d[la][lb] > 2 ? 3 : d[la][lb];
+}
+
+/* A CHARLIE_* variable in the submitting environment that is not an option
+ * but nearly one (CHARLIE_IMGAE): the job would silently run without what
+ * it asked for, so the submission fails and names the right variable. */
+static int misspelt_var(void)
+{
+    char want[64];
+    char **e;
+    size_t i, j, len;
+
+    for (e = environ; e && *e; e++) {
+        if (strncmp(*e, "CHARLIE_", 8) != 0 || is_option_var(*e))
+            continue;
+        len = strcspn(*e + 8, "=");
+        if (len < 3)
+            continue;
+        for (i = 0; i < CHARLIE_NOPTS; i++) {
+            const char *n = charlie_opts[i].name + 8;
+            for (j = 0; n[j] && j < sizeof(want) - 1; j++)
+                want[j] = n[j] == '-' ? '_' : (char)toupper((unsigned char)n[j]);
+            want[j] = '\0';
+            if (distance(*e + 8, len, want, j) <= (j > 4 ? 2 : 1)) {
+                slurm_error(PFX ": %.*s is not a slurm-charlie variable", (int)(len + 8), *e);
+                slurm_error(PFX ": hint: did you mean CHARLIE_%s? (or unset %.*s: "
+                            "CHARLIE_* names belong to slurm-charlie)", want,
+                            (int)(len + 8), *e);
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
 static int env_has_charlie(void)
 {
     char **e;
@@ -331,6 +391,8 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
         }
         return 0;
     }
+    if (misspelt_var())
+        return -1;
     if (!any_given && !env_has_charlie())
         return 0;
     return run_validator(sp);

@@ -126,6 +126,21 @@ def test_plain_job_untouched(cluster):
         assert f"job {jobid}:" not in log, f"node{i}"  # the hooks never started Python
 
 
+@pytest.mark.parametrize("var,want", [("CHARLIE_IMGAE", "CHARLIE_IMAGE"),
+                                      ("CHARLIE_TPYE", "CHARLIE_TYPE"),
+                                      ("CHARLIE_DIRS", "CHARLIE_DIR"),
+                                      ("CHARLIE_TMPSIZE", "CHARLIE_TMP_SIZE")])
+def test_a_misspelt_option_variable_is_refused_with_its_right_name(cluster, var, want):
+    """CHARLIE_IMGAE=... would run the job on the bare host without what
+    it asked for: the submission fails and names the variable meant."""
+    wd = cluster.workdir("misspelt")
+    for argv in (["srun", "-N1", "true"], ["sbatch", "--wrap", "true"]):
+        p = cluster.as_user(argv, wd, env={var: "/x"})
+        assert p.returncode != 0, (argv, p.stdout)
+        assert f"slurm-charlie: {var} is not a slurm-charlie variable" in p.stderr, p.stderr
+        assert f"hint: did you mean {want}?" in p.stderr, p.stderr
+
+
 @pytest.fixture(scope="module")
 def badtree(cluster):
     wd = cluster.workdir("bad")
