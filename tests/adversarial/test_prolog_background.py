@@ -60,11 +60,14 @@ def _background_waiting(cluster, job, timeout=60):
         node = cluster.job(job).get("NodeList", "")
         path = os.path.join(SETUP_DIR, node, job)
         log = os.path.join(cluster.sb.state, "log", f"charlie-{node}.log")
-        if node.startswith("node") and os.path.exists(path) and os.path.exists(log):
-            pid = int(open(path).read().split()[0])
-            if any(f"job {job}: info: starting holder" in line for line in open(log)):
-                assert _alive(pid)
-                return node, pid
+        if node.startswith("node") and os.path.exists(path) and os.path.exists(log) \
+                and any(f"job {job}: info: starting holder" in line for line in open(log)):
+            # "PID START", written just after the hook made the file: empty
+            # for a moment (seen under tcg in the Debian 13 lane)
+            words = open(path).read().split()
+            if words and words[0].isdigit():
+                assert _alive(int(words[0]))
+                return node, int(words[0])
         time.sleep(0.1)
     raise AssertionError(f"job {job}: no background prolog waiting for its container")
 
@@ -78,7 +81,11 @@ def _job_being_prepared(cluster, name):
                          "-o", "out", "--wrap", "echo RAN"], wd)
     assert p.returncode == 0, p.stderr
     job = p.stdout.strip()
-    node, pid = _background_waiting(cluster, job)
+    try:
+        node, pid = _background_waiting(cluster, job)
+    except BaseException:  # the hanging job must not outlive the test
+        cluster.run(["scancel", job])
+        raise
     return wd, job, node, pid
 
 
