@@ -425,3 +425,19 @@ def test_one_lookup_of_slurms_commands():
              and re.search(r"""which\(["'](srun|scontrol|squeue|sinfo|sbatch|salloc|scancel)""",
                            text)]
     assert where == [], where
+
+
+def test_test_modules_have_names_of_their_own():
+    """The suite's directories have no __init__.py, so pytest imports each
+    test module by its base name: two of one name (tests/unit/test_x.py and
+    tests/cluster/test_x.py) stop the whole run at collection."""
+    tests = os.path.join(os.path.dirname(__file__), "..")
+    seen: dict[str, str] = {}
+    twice = []
+    for d, _, files in os.walk(tests):
+        for f in files:
+            if f.startswith("test_") and f.endswith(".py"):
+                if f in seen:
+                    twice.append(f"{seen[f]} and {os.path.join(d, f)}")
+                seen.setdefault(f, os.path.join(d, f))
+    assert twice == []
