@@ -730,8 +730,11 @@ srun -N3 sh -c 'cat /MARKER; ls -d /ch/meta /ch/data1 {tmpfs}/$(hostname) \\
     assert hashlib.sha256(open(sqfs, "rb").read()).hexdigest() == before
     assert cluster.user_processes() == []  # squashfuse included
     # scancel while it runs: no squashfuse, no process, no job directory
-    _scancel_while_running(cluster, wd, sqfs, lambda: cluster.run(
-        ["pgrep", "-c", "-x", "squashfuse"], check=False).stdout.strip() == "2")
+    def two_squashfuse():  # one per node of the 2-node job, nothing else
+        found = cluster.run(["pgrep", "-a", "-x", "squashfuse"], check=False).stdout
+        assert len(found.splitlines()) == 2, (found, cluster.user_processes(timeout=0))
+        return True
+    _scancel_while_running(cluster, wd, sqfs, two_squashfuse)
     assert set(cluster.wait_nodes_idle().values()) == {"idle"}
 
 
