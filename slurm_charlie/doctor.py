@@ -316,12 +316,8 @@ def _gpus(cfg: config.Config, node: str, environ=None) -> Result:
     files, the driver's table, Slurm's device confinement and the CDI specs."""
     from . import cdi, gpus
     environ = os.environ if environ is None else environ
-    conf = environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
-    gres = os.path.join(os.path.dirname(conf), "gres.conf")
-    try:
-        with open(gres, errors="replace") as f:
-            text = f.read(1 << 20)
-    except FileNotFoundError:
+    gres, text = gpus.read_gres(environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
+    if text is None:
         return "ok", f"no {gres}: no GPUs here", None
     files = gpus.gres_files(text, node, gres)
     if not files:

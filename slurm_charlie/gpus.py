@@ -25,8 +25,6 @@ from . import hostlist
 from .jobenv import VARIABLES
 from .errors import NodeFault
 
-#: where NVIDIA's driver lists its GPUs (gpu.driver_table in the site config)
-NVIDIA_TABLE = "/proc/driver/nvidia/gpus"
 _UUID = re.compile(r"(GPU|MIG)-[0-9A-Za-z-]{1,80}")
 _PCI = re.compile(r"[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
 
@@ -160,6 +158,24 @@ def cdi_names(gpus: list[Gpu], kind: str) -> list[str]:
     return [f"{kind}={g.uuid}" for g in gpus]
 
 
+GRES_HINT = ("the job has GPUs: slurm-charlie reads gres.conf beside slurm.conf to "
+             "find their devices")
+
+
+def read_gres(slurm_conf: str) -> tuple[str, str | None]:
+    """(path, text) of the gres.conf beside slurm.conf; text None when
+    there is none; a NodeFault when it is there and cannot be read."""
+    gres = os.path.join(os.path.dirname(slurm_conf), "gres.conf")
+    try:
+        with open(gres, errors="replace") as f:
+            return gres, f.read(1 << 20)
+    except FileNotFoundError:
+        return gres, None
+    except OSError as e:
+        raise NodeFault("gres.conf", "cannot read", f"{gres}: {e.strerror}",
+                        hint=GRES_HINT) from None
+
+
 def for_prolog(slurm_gpus: str, node: str, table: str, slurm_conf: str) -> list[Gpu]:
     """The prolog's question: the job's GPUs here ([] without GPU gres),
     from SLURM_JOB_GPUS, the gres.conf beside slurm.conf and the driver's
@@ -167,12 +183,8 @@ def for_prolog(slurm_gpus: str, node: str, table: str, slurm_conf: str) -> list[
     indices = parse_indices(slurm_gpus)
     if not indices:
         return []
-    gres = os.path.join(os.path.dirname(slurm_conf), "gres.conf")
-    try:
-        with open(gres, errors="replace") as f:
-            text = f.read(1 << 20)
-    except OSError as e:
-        raise NodeFault("gres.conf", "cannot read", f"{gres}: {e.strerror}",
-                        hint="the job has GPUs: slurm-charlie reads gres.conf beside "
-                        "slurm.conf to find their devices") from None
+    gres, text = read_gres(slurm_conf)
+    if text is None:
+        raise NodeFault("gres.conf", "cannot read", f"{gres}: No such file or directory",
+                        hint=GRES_HINT)
     return job_gpus(indices, text, node, table, gres)

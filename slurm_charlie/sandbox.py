@@ -287,6 +287,8 @@ class Sandbox:
         """Device files and driver tables of the fake GPUs; gres.conf's text."""
         lines = ["# slurm-charlie sandbox: fake GPUs (docs/sandbox.rst, \"GPUs\")"]
         shutil.rmtree(self._p("fakegpu"), ignore_errors=True)
+        if not self.gpus_per_node:  # nothing made in /dev either
+            return lines[0] + "\n"
         for n in self.nodes:
             os.makedirs(os.path.join(self.dev_dir, n.name), mode=0o755, exist_ok=True)
             for i in range(self.gpus_per_node):
@@ -308,11 +310,9 @@ class Sandbox:
                             "Bus Type: \t PCIe\n"
                             f"Bus Location: \t {pci}\n"
                             f"Device Minor: \t {i}\n")
-            if self.gpus_per_node:
-                self._write_cdi(n.name)
-                last = self.gpus_per_node - 1
-                lines.append(f"NodeName={n.name} Name=gpu File="
-                             + os.path.join(self.dev_dir, n.name, f"nvidia[0-{last}]"))
+            self._write_cdi(n.name)
+            lines.append(f"NodeName={n.name} Name=gpu File=" + os.path.join(
+                self.dev_dir, n.name, f"nvidia[0-{self.gpus_per_node - 1}]"))
         return "\n".join(lines) + "\n"
 
     def _gpu_conf(self) -> str:

@@ -496,9 +496,9 @@ class ContainerBackend(Backend):
         """The CDI edits of the job's GPUs on this node (None without GPUs or
         without spec directories), every host path in them checked; a bad
         spec fails the job (UserError), the node stays in service."""
-        dirs = [config.expand_node(d, ctx.node) for d in ctx.cfg["gpu.cdi_dirs"]]
         if not ctx.gpus:
             return None
+        dirs = [config.expand_node(d, ctx.node) for d in ctx.cfg["gpu.cdi_dirs"]]
         if not dirs:
             log.warning("the job has %d GPU(s) here and gpu.cdi_dirs is empty: its "
                         "container gets no driver libraries", len(ctx.gpus))
