@@ -630,10 +630,19 @@ class Registry:
         """The edits for these devices: each spec's own edits once, then
         each device's, in the order asked; with check, every host path in
         them checked (check_sources)."""
+        out = Edits()
+        for _, edits in self.resolve_parts(names, check):
+            out = out + edits
+        return out
+
+    def resolve_parts(self, names: Iterable[str], check: bool = False
+                      ) -> list[tuple[str, Edits]]:
+        """resolve()'s edits one by one, each with the spec file it is from."""
         names = list(names)
         if names and self.broken:
             raise self.broken[0]
-        out, seen_specs, seen = Edits(), set(), set()
+        out: list[tuple[str, Edits]] = []
+        seen_specs, seen = set(), set()
         for name in names:
             if name in seen:
                 continue
@@ -656,10 +665,10 @@ class Registry:
                 seen_specs.add(spec.path)
                 if check:
                     check_sources(spec.edits, spec.path)
-                out = out + spec.edits
+                out.append((spec.path, spec.edits))
             if check:
                 check_sources(spec.devices[dev], spec.path)
-            out = out + spec.devices[dev]
+            out.append((spec.path, spec.devices[dev]))
         return out
 
 

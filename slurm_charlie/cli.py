@@ -165,6 +165,35 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.main(config.load(), _node(args))
 
 
+def cmd_gpu_spec(args: argparse.Namespace) -> int:
+    import json
+    from . import gpuspec
+    cfg = config.load()
+    node = _node(args)
+    try:
+        devices = gpuspec.node_devices(cfg, node, os.environ.get("SLURM_CONF")
+                                       or "/etc/slurm/slurm.conf")
+        spec, skipped = gpuspec.generate(args.kind or cfg["gpu.cdi_kind"], devices,
+                                         args.driver_root,
+                                         config.expand_node(cfg["gpu.driver_table"], node),
+                                         tuple(args.env))
+    except (NodeFault, UserError) as e:
+        print(f"slurm-charlie gpu-spec: {e.line()}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return 1
+    for line in skipped:
+        print(f"slurm-charlie gpu-spec: left out {line}", file=sys.stderr)
+    if args.output == "-":
+        json.dump(spec, sys.stdout, indent=2)
+        print()
+    else:
+        gpuspec.write(spec, args.output)
+        print(f"{args.output}: {spec['kind']}, {len(spec['devices'])} GPU(s), "
+              f"{len(spec['containerEdits'].get('mounts', []))} mount(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_vm_initrd(args: argparse.Namespace) -> int:
     from . import vmbuild
     names = vmbuild.build_initrd(args.modules, args.out, args.busybox)
@@ -298,6 +327,19 @@ def build_parser(validate_only: bool = False) -> argparse.ArgumentParser:
     dr.add_argument("--node", help="node name (default: $SLURMD_NODENAME or the "
                     "short hostname)")
     dr.set_defaults(func=cmd_doctor)
+
+    gs = sub.add_parser("gpu-spec", help="(root) write a CDI spec for this node's GPUs "
+                        "from the driver (for nodes whose vendor tools wrote none)")
+    gs.add_argument("--node", help="node name (default: $SLURMD_NODENAME or the "
+                    "short hostname)")
+    gs.add_argument("-o", "--output", default="-", help="where to write it (default: "
+                    "standard output), e.g. /etc/cdi/nvidia.json")
+    gs.add_argument("--kind", help="CDI kind (default: gpu.cdi_kind)")
+    gs.add_argument("--driver-root", default="/", help="where the driver's files are "
+                    "(default: /)")
+    gs.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a variable for every GPU job's tasks (repeatable)")
+    gs.set_defaults(func=cmd_gpu_spec)
 
     st = sub.add_parser("status", help="charlie job directories on this node")
     st.add_argument("--node", help="node name (default: short hostname)")

@@ -289,6 +289,7 @@ class Sandbox:
         shutil.rmtree(self._p("fakegpu"), ignore_errors=True)
         if not self.gpus_per_node:  # nothing made in /dev either
             return lines[0] + "\n"
+        self._build_driver()
         for n in self.nodes:
             os.makedirs(os.path.join(self.dev_dir, n.name), mode=0o755, exist_ok=True)
             for i in range(self.gpus_per_node):
@@ -326,16 +327,52 @@ class Sandbox:
     def cdi_dir(self, node: str) -> str:
         return self._p("cdi", node)
 
+    FAKE_DRIVER_VERSION = "999.1.0"
+
+    @property
+    def driver_root(self) -> str:
+        """The fake vendor's driver files, laid out as a host's: its
+        libcuda.so (a stub that answers from the device nodes it can open)
+        in usr/lib/x86_64-linux-gnu with the loader's cache listing it, its
+        nvidia-smi (a probe) in usr/bin."""
+        return self._p("fakegpu", "driver")
+
+    def _build_driver(self) -> None:
+        """Compile the stub driver library and the probe (slurm_charlie/fakegpu)."""
+        src = os.path.join(os.path.dirname(__file__), "fakegpu")
+        root = self.driver_root
+        lib = os.path.join(root, "usr/lib/x86_64-linux-gnu")
+        os.makedirs(lib, mode=0o755, exist_ok=True)
+        os.makedirs(os.path.join(root, "usr/bin"), mode=0o755, exist_ok=True)
+        os.makedirs(os.path.join(root, "etc"), mode=0o755, exist_ok=True)
+        real = f"libcuda.so.{self.FAKE_DRIVER_VERSION}"
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o",
+                        os.path.join(lib, real), os.path.join(src, "libcuda.c")], check=True)
+        os.symlink(real, os.path.join(lib, "libcuda.so.1"))
+        subprocess.run(["cc", "-O2", "-o", os.path.join(root, "usr/bin/nvidia-smi"),
+                        os.path.join(src, "probe.c"), "-ldl"], check=True)
+        self._write(os.path.join(root, "etc/ld.so.conf"), "/usr/lib/x86_64-linux-gnu\n")
+        subprocess.run(["ldconfig", "-r", root], check=True)
+
     def _write_cdi(self, node: str) -> None:
         """The fake vendor's CDI spec for a node's GPUs (example.com/gpu),
-        devices named by UUID, as a vendor's tool writes it."""
-        devices = []
-        for i in range(self.gpus_per_node):
-            uuid, _ = self.gpu_facts(node, i)
-            devices.append({"name": uuid, "containerEdits": {"deviceNodes": [
-                {"path": self.gpu_device(node, i)}]}})
-        spec = {"cdiVersion": "0.3.0", "kind": "example.com/gpu", "devices": devices,
-                "containerEdits": {"env": ["CHARLIE_SANDBOX_GPU=1"]}}
+        made by slurm-charlie gpu-spec's code from the fake driver (devices
+        named by UUID; the stub library, its soname link and the loader's
+        cache; the probe as nvidia-smi), plus the variable that tells the
+        stub which device node is which GPU."""
+        from . import gpuspec
+        devices = [(self.gpu_facts(node, i)[0], self.gpu_device(node, i))
+                   for i in range(self.gpus_per_node)]
+        with open(os.path.join(os.path.dirname(self.gpu_table(node)), "version"), "w") as f:
+            f.write("NVRM version: slurm-charlie sandbox Kernel Module  "
+                    f"{self.FAKE_DRIVER_VERSION}  (a fake driver)\n")
+        table = ",".join(f"{dev}={uuid}" for uuid, dev in devices)
+        spec, skipped = gpuspec.generate("example.com/gpu", devices, self.driver_root,
+                                         self.gpu_table(node),
+                                         ("CHARLIE_SANDBOX_GPU=1",
+                                          f"CHARLIE_SANDBOX_GPUS={table}"))
+        if skipped:
+            raise RuntimeError("the fake vendor's spec left out " + "; ".join(skipped))
         os.makedirs(self.cdi_dir(node), mode=0o755, exist_ok=True)
         self._write(os.path.join(self.cdi_dir(node), "example.json"),
                     json.dumps(spec, indent=2) + "\n")

@@ -24,7 +24,7 @@ from typing import Any
 from ..config import Config  # noqa: F401 (type)
 from ..errors import NodeFault, UserError
 from ..options import Options
-from .. import asroot, config, files, images, layout, procfs
+from .. import asroot, cdimount, config, files, images, layout, procfs
 from ..meta import MOUNT_POINTS
 from ..proc import call_as, log, run, slurm_tool
 from ..procfs import children, fd_targets, ns_inode, starttime
@@ -156,10 +156,12 @@ OVERLAY_DIR = "overlay"  # in run/: the stock image's overlay (its namespace onl
 #: on run/overlay, the missing mount points made in it as the upper layer
 #: (there, not through the merged tree: the image's own directories may
 #: belong to root, whom this namespace does not map), the image as the
-#: read-only lower layer, then ch-run on the merged tree.  Nothing is
-#: written to the image; it all goes with the namespace.
+#: read-only lower layer, the GPUs' CDI edits (cdimount: $4 is the plan),
+#: then ch-run on the merged tree.  Nothing is written to the image; it all
+#: goes with the namespace.
 OVERLAY_SCRIPT = """set -e
-o=$1; lower=$2; sqfs=$3; shift 3
+o=$1; lower=$2; sqfs=$3; plan=$4; shift 4
+""" + cdimount.SCRIPT + """
 mkdir -p -m 0700 "$o"
 mount -t tmpfs -o mode=0700 charlie-overlay "$o"
 mkdir "$o/upper" "$o/work" "$o/merged"
@@ -178,7 +180,9 @@ if [ -n "$sqfs" ]; then
 fi
 while [ "$1" != -- ]; do mkdir -p "$o/upper/$1"; shift; done
 shift
+gpu_prepare
 mount -t overlay charlie-overlay -o "lowerdir=$lower,upperdir=$o/upper,workdir=$o/work" "$o/merged"
+gpu_apply
 exec "$@"
 """
 
@@ -390,9 +394,11 @@ class ContainerBackend(Backend):
         return env
 
     # -- prolog ---------------------------------------------------------------
-    def _unpacked(self, ctx: Context) -> dict[str, Any]:
+    def _unpacked(self, ctx: Context, overlay: bool = False) -> dict[str, Any]:
         """For an archive: unpack (or reuse) it in the user's node cache; a
-        squashfs file is mounted by ch-run itself where FUSE allows it."""
+        squashfs file is mounted by ch-run itself where FUSE allows it
+        (squashfuse under an overlay when it lacks mount points, or when
+        overlay: the GPUs' files go into one)."""
         source, notes = ctx.opts.image, []
         if images.is_registry_ref(source):
             source, note = self._pulled(ctx)
@@ -413,20 +419,21 @@ class ContainerBackend(Backend):
                 mnt = os.path.join(ctx.paths.run, SQUASHFS_MOUNT)
                 missing, mpi = call_as(ctx.user, check_squashfs, source, len(ctx.opts.dir),
                                        mnt, extra)
-                if not missing:
+                if not missing and not overlay:
                     log.info("image %s: mounted by ch-run at %s (nothing unpacked)",
                              source, mnt)
                     return {"image_dir": source, "squashfs_mount": mnt, "tmpdir": tmp,
                             "notes": notes, "missing": [], "mpi": mpi}
                 if shutil.which("squashfuse"):
                     # the mount points come from an overlay on squashfuse
-                    log.info("image %s has no %s: mounted by squashfuse, the mount points "
-                             "from an overlay (nothing unpacked)", source,
-                             ", ".join("/" + m for m in missing))
+                    log.info("image %s: mounted by squashfuse under an overlay for %s "
+                             "(nothing unpacked)", source,
+                             ", ".join("/" + m for m in missing) or "the GPUs' files")
                     return {"image_dir": source, "squashfs_lower": True, "tmpdir": tmp,
                             "notes": notes, "missing": missing, "mpi": mpi}
-                why = ("it lacks " + ", ".join("/" + m for m in missing)
-                       + " and squashfuse (for an overlay) is not installed")
+                why = ("it lacks " + ", ".join("/" + m for m in missing) if missing
+                       else "the GPUs' files need an overlay") \
+                    + " and squashfuse (for an overlay) is not installed"
             log.warning("image %s: unpacked, not mounted: %s", source, why)
         cache = config.expand_node(ctx.cfg["container.cache_dir"], ctx.node)
         user_cache = asroot.create_user_dir(cache, ctx.user)
@@ -474,53 +481,67 @@ class ContainerBackend(Backend):
         log.info("image %s: from the cache %s", ctx.opts.image, got["path"])
         return str(got["path"]), None
 
-    def _overlay(self, ctx: Context, image: dict[str, Any]) -> tuple[str, list[str]] | None:
-        """A stock image (no /ch/meta, /ch/dataN, or no node TmpFS path):
-        (overlay dir, the missing mount points), else None.  The image
-        itself is never written."""
+    def _overlay(self, ctx: Context, image: dict[str, Any], gpu: bool = False
+                 ) -> tuple[str, list[str]] | None:
+        """A stock image (no /ch/meta, /ch/dataN, or no node TmpFS path) or
+        a GPU job's (gpu: the CDI edits go into the overlay): (overlay dir,
+        the missing mount points), else None.  The image itself is never
+        written."""
         missing = image["missing"]
-        if not missing or ctx.opts.write:
+        if not (missing or gpu) or ctx.opts.write:
             return None
         if not image.get("squashfs_lower") and any(c in image["image_dir"] for c in ",:\\"):
-            raise UserError("--charlie-image", "image lacks mount points "
-                            + ", ".join("/" + m for m in missing) + " and its path has "
+            raise UserError("--charlie-image", ("image lacks mount points "
+                            + ", ".join("/" + m for m in missing) if missing else
+                            "a GPU job's image goes under an overlay") + " and its path has "
                             "',', ':' or '\\', which an overlay cannot take",
                             image["image_dir"], hint=_mkdir_hint(image["image_dir"]))
         overlay = os.path.join(ctx.paths.run, OVERLAY_DIR)  # OVERLAY_SCRIPT makes it
-        if not image.get("squashfs_lower"):  # that one is logged already
+        if missing and not image.get("squashfs_lower"):  # that one is logged already
             log.info("image %s has no %s: they come from an overlay (the image is not "
                      "written)", image["image_dir"], ", ".join("/" + m for m in missing))
         return overlay, missing
 
-    def _gpu_edits(self, ctx: Context) -> Any:
-        """The CDI edits of the job's GPUs on this node (None without GPUs or
-        without spec directories), every host path in them checked; a bad
-        spec fails the job (UserError), the node stays in service."""
+    def _gpu_edits(self, ctx: Context) -> tuple[Any, cdimount.Plan]:
+        """The CDI edits of the job's GPUs on this node, every host path in
+        them checked, and what the overlay script makes of them; (None, an
+        empty plan) without GPUs or without spec directories.  A bad spec
+        fails the job (UserError), the node stays in service."""
         if not ctx.gpus:
-            return None
+            return None, cdimount.Plan()
         dirs = [config.expand_node(d, ctx.node) for d in ctx.cfg["gpu.cdi_dirs"]]
         if not dirs:
             log.warning("the job has %d GPU(s) here and gpu.cdi_dirs is empty: its "
                         "container gets no driver libraries", len(ctx.gpus))
-            return None
+            return None, cdimount.Plan()
         from .. import cdi, gpus
         names = gpus.cdi_names(list(ctx.gpus), ctx.cfg["gpu.cdi_kind"])
-        edits = cdi.load_dirs(dirs).resolve(names, check=True)
+        parts = cdi.load_dirs(dirs).resolve_parts(names, check=True)
+        edits = cdi.Edits()
+        for _, e in parts:
+            edits = edits + e
+        plan = cdimount.plan_all(parts)
         log.info("CDI edits for the job's GPUs (%s): %d device node(s), %d mount(s), "
-                 "%d variable(s), %d hook(s)", " ".join(names), len(edits.device_nodes),
-                 len(edits.mounts), len(edits.env), len(edits.hooks))
-        return edits
+                 "%d link(s), %d variable(s), loader cache for %s", " ".join(names),
+                 len(edits.device_nodes), len(plan.binds), len(plan.links), len(edits.env),
+                 " ".join(plan.ldcache) or "no folder")
+        return edits, plan
 
     def start(self, ctx: Context) -> dict[str, Any]:
-        edits = self._gpu_edits(ctx)
+        edits, gpu = self._gpu_edits(ctx)
         # the spec's variables go to every task (task_env); its device nodes
         # are in the host's /dev, which ch-run shows in the container; its
-        # mounts and hooks are the next step of issue 21
+        # mounts, links and loader cache are made in the overlay (cdimount)
         self.gpu_env = list(edits.env) if edits is not None else []
-        image = self._unpacked(ctx)  # the holder's FIFO is made there too
+        if gpu and ctx.opts.write:
+            raise UserError("--charlie-write", "a GPU job's driver files would be bound "
+                            "into the image you write", ctx.opts.image,
+                            hint="run GPU work on the image without --charlie-write; "
+                            "change the image in a job without GPUs")
+        image = self._unpacked(ctx, overlay=bool(gpu))  # the holder's FIFO is made there too
         self.image_mpi = image.pop("mpi")  # what MPI the image carries (task_env)
         tmp = image["tmpdir"]
-        overlay = self._overlay(ctx, image)
+        overlay = self._overlay(ctx, image, bool(gpu))
         runtime = ctx.cfg["container.runtime"]
         argv = [runtime]
         if ctx.opts.write:
@@ -547,11 +568,14 @@ class ContainerBackend(Backend):
             argv += [os.path.join(overlay[0], "merged"), "--", "/bin/sh", "-c", HOLDER_SCRIPT]
             argv = ["unshare", "--user", "--map-root-user", "--mount", "/bin/sh", "-c",
                     OVERLAY_SCRIPT, "sh", overlay[0], image["image_dir"],
-                    image["image_dir"] if image.get("squashfs_lower") else "", *overlay[1], "--",
+                    image["image_dir"] if image.get("squashfs_lower") else "", gpu.text(),
+                    *overlay[1], "--",
                     *argv]
         else:
             argv += [image["image_dir"], "--", "/bin/sh", "-c", HOLDER_SCRIPT]
-        log.info("starting holder as %s: %s", ctx.user, " ".join(argv))
+        log.info("starting holder as %s: %s", ctx.user, " ".join(
+            "<OVERLAY_SCRIPT>" if a == OVERLAY_SCRIPT else a.replace("\n", "; ")
+            for a in argv))
         holder_log = os.path.join(ctx.paths.out, "holder.log")
         fd = asroot.open_out_as_root(ctx.paths, ctx.user.uid, "holder.log")
         if fd is None:
@@ -623,6 +647,11 @@ class ContainerBackend(Backend):
         ctx.spawned(rec)  # the same pid, now the image's /bin/sh: joined at its gate
         if joined:
             log.info("holder in the job's cgroups %s", " ".join(joined))
+        if gpu.ldcache:  # the overlay script's word on the loader's cache, for the job
+            said = call_as(ctx.user, files.read_tail, holder_log, 5, limit=30)
+            image["warnings"] = image.get("warnings", []) + [
+                line[len("CDI: warning: "):] for line in said.splitlines()
+                if line.startswith("CDI: warning: ")]
         info = {"holder_mntns": mnt, "holder_userns": ns_inode(holder, "user"),
                 **image}  # "warnings" is taken out by the prolog
         # written by the prolog's last step as the user (one fork fewer);

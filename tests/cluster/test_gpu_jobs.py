@@ -11,7 +11,10 @@ import time
 
 import pytest
 
-from helpers.cluster import build_busybox_image
+import shutil
+import subprocess
+
+from helpers.cluster import build_busybox_image, build_gpu_image
 
 OPEN = ("import errno, os, sys\n"
         "for d in sys.argv[1:]:\n"
@@ -112,7 +115,8 @@ def test_a_gpu_container_jobs_cdi_edits_are_read_and_checked(cluster, cdi_job):
     jobid = p.stdout.strip()
     uuid, _ = cluster.sb.gpu_facts("node1", 0)
     assert (f"job {jobid}: info: CDI edits for the job's GPUs (example.com/gpu={uuid}): "
-            "1 device node(s), 0 mount(s), 1 variable(s), 0 hook(s)") in node_log(cluster, "node1")
+            "1 device node(s), 2 mount(s), 1 link(s), 2 variable(s), loader cache for "
+            "/usr/lib/x86_64-linux-gnu") in node_log(cluster, "node1")
 
 
 #: what goes wrong in the node's spec (merged into its own containerEdits)
@@ -217,3 +221,208 @@ def test_each_container_opens_only_its_own_gpu_and_gets_the_specs_variables(clus
     assert _probe(cluster, wd, bb) == {
         (n, i): ("", "denied") for n in ("node1", "node2") for i in (0, 1)}
     cluster.wait_nodes_idle()
+
+
+# --- the driver's files in the container (the fake vendor's spec) -----------
+
+#: what a CUDA program sees, as the sandbox's stand-in for nvidia-smi (the
+#: probe, slurm_charlie/fakegpu/probe.c) says it, and how the library came
+SMI = ('nvidia-smi; echo "smi=$?"; /sbin/ldconfig -p | grep "libcuda.so.1 "; '
+       'grep " /usr/lib/x86_64-linux-gnu/libcuda" /proc/self/mountinfo')
+
+
+def smi(cluster, wd, image, *args, nodes="node1,node2", check=True):
+    """{node: (UUIDs the probe listed, the library it loaded, the loader's
+    cache line, the bind's mount options)} of one srun over nodes."""
+    n = len(nodes.split(","))
+    p = cluster.as_user(["srun", f"-N{n}", "-w", nodes, "-l", *args,
+                         f"--charlie-image={image}", "sh", "-c", SMI], wd)
+    if check:
+        assert p.returncode == 0, p.stdout + p.stderr
+    out = {}
+    for rank, node in enumerate(sorted(nodes.split(","))):
+        lines = [line.split(": ", 1)[1] for line in p.stdout.splitlines()
+                 if line.startswith(f"{rank}: ")]
+        text = "\n".join(lines)
+        # mountinfo: ID PARENT MAJ:MIN ROOT MOUNT-POINT OPTIONS ... - TYPE ...
+        opts = [f[5] for f in (line.split() for line in lines if " - " in line)
+                if len(f) > 5 and f[4].startswith("/usr/lib/x86_64-linux-gnu/libcuda")]
+        out[node] = (re.findall(r"\(UUID: (GPU-[0-9a-f-]+)\)", text),
+                     (re.findall(r"^library (\S+)", text, re.M) or [None])[0],
+                     "=> /usr/lib/x86_64-linux-gnu/libcuda.so.1" in text,
+                     opts[0] if opts else None,
+                     (re.findall(r"^smi=(\d+)", text, re.M) or [None])[0])
+    return out, p
+
+
+@pytest.fixture(scope="module")
+def gpu_image(cluster):
+    """An image with glibc and its ldconfig (as CUDA images have), without
+    any GPU file of its own."""
+    wd = cluster.workdir("gpus-image")
+    probe = os.path.join(cluster.sb.driver_root, "usr/bin/nvidia-smi")
+    return wd, build_gpu_image(os.path.join(wd, "img"), probe)
+
+
+def test_each_container_gets_its_own_gpu_through_the_driver_library(cluster, gpu_image):
+    """A 2-node job with one GPU per node: in each container the vendor's
+    library, bound read-only from the host and found through the loader's
+    cache the image's ldconfig rebuilt, sees exactly the GPU Slurm allotted
+    (its UUID from the driver's table); a job without GPUs has no library
+    and no nvidia-smi."""
+    wd, img = gpu_image
+    got, _ = smi(cluster, wd, img, "--gres=gpu:1")
+    lib = "/usr/lib/x86_64-linux-gnu/libcuda.so.1"
+    for node in ("node1", "node2"):
+        uuid, _ = cluster.sb.gpu_facts(node, 0)  # an idle node gives index 0
+        uuids, loaded, cached, opts, rc = got[node]
+        assert (uuids, loaded, cached, rc) == ([uuid], lib, True, "0"), got
+        assert opts is not None and {"ro", "nosuid", "nodev"} <= set(opts.split(",")), got
+    got, p = smi(cluster, wd, img, check=False)
+    for node in ("node1", "node2"):
+        assert got[node] == ([], None, False, None, "127"), (got, p.stderr)
+    cluster.wait_nodes_idle()
+
+
+def test_a_second_job_on_the_node_sees_the_other_gpu(cluster, gpu_image):
+    """Two GPU jobs on node1 at once: each container lists only its own
+    GPU, the two UUIDs differ, and both are the node's."""
+    wd, img = gpu_image
+    p = cluster.as_user(["sbatch", "--parsable", "-N1", "-w", "node1", "--gres=gpu:1",
+                         f"--charlie-image={img}", "-o", "first.out", "--wrap",
+                         "srun sh -c 'nvidia-smi; sleep 300'"], wd)
+    assert p.returncode == 0, p.stderr
+    first = p.stdout.strip()
+    try:
+        out = os.path.join(wd, "first.out")
+        end = time.monotonic() + 120
+        while "devices" not in (open(out).read() if os.path.exists(out) else ""):
+            assert time.monotonic() < end, "the first job's probe never ran"
+            time.sleep(0.3)
+        theirs = re.findall(r"\(UUID: (GPU-[0-9a-f-]+)\)", open(out).read())
+        got, _ = smi(cluster, wd, img, "--gres=gpu:1", nodes="node1")
+    finally:
+        cluster.run(["scancel", first], check=True)
+    mine = got["node1"][0]
+    both = {cluster.sb.gpu_facts("node1", i)[0] for i in (0, 1)}
+    assert len(theirs) == 1 and len(mine) == 1 and {theirs[0], mine[0]} == both, (theirs, mine)
+    cluster.wait_done(first, timeout=120)
+    cluster.wait_nodes_idle()
+
+
+@pytest.fixture(scope="module")
+def gpu_kinds(cluster, gpu_image):
+    """The GPU image as a squashfs with every mount point (ch-run would
+    mount it itself), as a stock squashfs (no /ch), and as a tar archive."""
+    wd, img = gpu_image
+    full = os.path.join(wd, "full")
+    shutil.rmtree(full, ignore_errors=True)
+    shutil.copytree(img, full, symlinks=True)
+    for n in ("node1", "node2", "node3"):
+        os.makedirs(full + os.path.join(cluster.sb.state, "tmp", n), exist_ok=True)
+    stock = os.path.join(wd, "stock")
+    shutil.rmtree(stock, ignore_errors=True)
+    shutil.copytree(img, stock, symlinks=True)
+    shutil.rmtree(os.path.join(stock, "ch"))
+    out = {"squashfs": os.path.join(wd, "full.sqfs"), "stock squashfs":
+           os.path.join(wd, "stock.sqfs"), "archive": os.path.join(wd, "img.tar")}
+    for src, dst in ((full, out["squashfs"]), (stock, out["stock squashfs"])):
+        if os.path.exists(dst):
+            os.unlink(dst)
+        subprocess.run(["mksquashfs", src, dst, "-quiet", "-no-progress"], check=True,
+                       capture_output=True)
+    subprocess.run(["tar", "-C", img, "-cf", out["archive"], "."], check=True)
+    for f in out.values():
+        os.chmod(f, 0o644)
+    return wd, out
+
+
+@pytest.mark.parametrize("kind", ["squashfs", "stock squashfs", "archive"])
+def test_every_image_kind_gets_the_gpus_files(cluster, gpu_kinds, kind):
+    """The same edits whatever the image is: a squashfs goes under an
+    overlay (squashfuse) instead of being mounted by ch-run as it is, an
+    archive is unpacked; the image file is never written."""
+    wd, images = gpu_kinds
+    before = os.stat(images[kind]).st_mtime_ns
+    got, _ = smi(cluster, wd, images[kind], "--gres=gpu:1", nodes="node2")
+    uuid, _ = cluster.sb.gpu_facts("node2", 0)
+    assert got["node2"][:3] == ([uuid], "/usr/lib/x86_64-linux-gnu/libcuda.so.1", True), got
+    assert os.stat(images[kind]).st_mtime_ns == before
+    cluster.wait_nodes_idle()
+
+
+def test_the_images_own_links_lead_the_files_into_the_image(cluster, gpu_image):
+    """An image whose /usr/lib/x86_64-linux-gnu is an absolute link
+    (/lib/x86_64-linux-gnu, as merged-/usr images have it the other way
+    round): the library lands where the link leads inside the image, found
+    by the loader; an image without ldconfig still finds it by the soname
+    link (the loader's own folders)."""
+    wd, img = gpu_image
+    linked = os.path.join(wd, "linked")
+    shutil.rmtree(linked, ignore_errors=True)
+    shutil.copytree(img, linked, symlinks=True)
+    os.makedirs(os.path.join(linked, "lib", "x86_64-linux-gnu"), exist_ok=True)
+    os.makedirs(os.path.join(linked, "usr", "lib"), exist_ok=True)
+    os.symlink("/lib/x86_64-linux-gnu", os.path.join(linked, "usr/lib/x86_64-linux-gnu"))
+    had = sorted(os.listdir(os.path.join(linked, "lib", "x86_64-linux-gnu")))
+    p = cluster.as_user(["srun", "-N1", "-w", "node1", "--gres=gpu:1",
+                         f"--charlie-image={linked}", "sh", "-c",
+                         "nvidia-smi && ls /lib/x86_64-linux-gnu/ && readlink "
+                         "/usr/lib/x86_64-linux-gnu"], wd)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "libcuda.so.999.1.0" in p.stdout and "devices 1" in p.stdout, p.stdout
+    assert p.stdout.rstrip().endswith("/lib/x86_64-linux-gnu"), p.stdout
+    assert sorted(os.listdir(os.path.join(linked, "lib", "x86_64-linux-gnu"))) == had
+    bare = os.path.join(wd, "no-ldconfig")
+    shutil.rmtree(bare, ignore_errors=True)
+    shutil.copytree(img, bare, symlinks=True)
+    os.unlink(os.path.join(bare, "sbin", "ldconfig"))
+    p = cluster.as_user(["sbatch", "--wait", "-N1", "-w", "node1", "--gres=gpu:1",
+                         f"--charlie-image={bare}", "-o", "bare.out", "--wrap",
+                         "srun nvidia-smi"], wd, timeout=180)
+    out = open(os.path.join(wd, "bare.out")).read()
+    assert p.returncode == 0 and "devices 1" in out, p.stderr + out
+    assert "warning: the image's ldconfig did not update its loader cache for " \
+        "/usr/lib/x86_64-linux-gnu (the image has no /sbin/ldconfig)" in out, out
+    cluster.wait_nodes_idle()
+
+
+def test_a_gpu_job_does_not_write_its_image(cluster, gpu_image):
+    """--charlie-write would put the driver's files into the user's image:
+    refused with the reason and what to do."""
+    from helpers.cluster import USER
+    wd, img = gpu_image
+    mine = os.path.join(wd, "mine")
+    shutil.rmtree(mine, ignore_errors=True)
+    shutil.copytree(img, mine, symlinks=True)
+    subprocess.run(["chown", "-R", f"{USER}:", mine], check=True)
+    img = mine
+    p = cluster.as_user(["srun", "-N1", "-w", "node1", "--gres=gpu:1", "--charlie-write",
+                         f"--charlie-image={img}", "true"], wd)
+    assert p.returncode != 0
+    assert "--charlie-write: a GPU job's driver files would be bound into the image you " \
+        "write" in p.stderr and "without --charlie-write" in p.stderr, p.stderr
+    cluster.wait_nodes_idle()
+
+
+def test_gpu_spec_writes_the_spec_the_sandbox_vendor_has(cluster, tmp_path):
+    """`slurm-charlie gpu-spec` on node1's fake driver writes the spec the
+    sandbox's vendor directory holds (the sandbox makes it with the same
+    code), and says what is missing when the driver is not there."""
+    import json
+    import sys
+    exe = os.path.join(os.path.dirname(sys.executable), "slurm-charlie")
+    env = {**os.environ, "SLURM_CONF": cluster.sb.conf,
+           "SLURM_CHARLIE_CONF": cluster.sb.charlie_conf}
+    have = json.load(open(os.path.join(cluster.sb.cdi_dir("node1"), "example.json")))
+    out = tmp_path / "spec.json"
+    p = subprocess.run([exe, "gpu-spec", "--node", "node1", "--driver-root",
+                        cluster.sb.driver_root, "-o", str(out),
+                        *[a for e in have["containerEdits"]["env"] for a in ("--env", e)]],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert f"{out}: example.com/gpu, 2 GPU(s), 2 mount(s)" in p.stderr, p.stderr
+    assert json.load(open(out)) == have
+    p = subprocess.run([exe, "gpu-spec", "--node", "node1", "--driver-root", str(tmp_path)],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 1 and "the loader's cache" in p.stderr, p.stderr

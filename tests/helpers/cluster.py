@@ -256,6 +256,22 @@ def build_mpi_image(path: str) -> str:
     return path
 
 
+def build_gpu_image(path: str, probe: str, ldconfig: bool = True) -> str:
+    """busybox image with what a CUDA program needs from an image: glibc
+    (the probe's library closure, probe itself left out: a GPU job gets it
+    from the vendor's spec as /usr/bin/nvidia-smi) and, unless told not
+    to, glibc's ldconfig with /etc/ld.so.conf naming the library folder."""
+    build_busybox_image(path)
+    _copy_closure(probe, path)
+    if ldconfig:
+        os.makedirs(os.path.join(path, "sbin"), exist_ok=True)
+        shutil.copy("/sbin/ldconfig", os.path.join(path, "sbin", "ldconfig"))
+        with open(os.path.join(path, "etc", "ld.so.conf"), "w") as f:
+            f.write("/usr/lib/x86_64-linux-gnu\n")
+    subprocess.run(["chmod", "-R", "a+rX,go-w", path], check=True)
+    return path
+
+
 def make_cluster() -> Cluster:
     sb = sbmod.Sandbox()
     if not os.path.exists(sb.conf) or sb.status() != 0:
