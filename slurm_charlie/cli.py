@@ -174,7 +174,7 @@ def cmd_gpu_spec(args: argparse.Namespace) -> int:
         devices = gpuspec.node_devices(cfg, node, os.environ.get("SLURM_CONF")
                                        or "/etc/slurm/slurm.conf")
         spec, skipped = gpuspec.generate(args.kind or cfg["gpu.cdi_kind"], devices,
-                                         args.driver_root,
+                                         args.driver_root or cfg["gpu.driver_root"],
                                          config.expand_node(cfg["gpu.driver_table"], node),
                                          tuple(args.env))
     except (NodeFault, UserError) as e:
@@ -335,8 +335,8 @@ def build_parser(validate_only: bool = False) -> argparse.ArgumentParser:
     gs.add_argument("-o", "--output", default="-", help="where to write it (default: "
                     "standard output), e.g. /etc/cdi/nvidia.json")
     gs.add_argument("--kind", help="CDI kind (default: gpu.cdi_kind)")
-    gs.add_argument("--driver-root", default="/", help="where the driver's files are "
-                    "(default: /)")
+    gs.add_argument("--driver-root", help="where the driver's files are (default: "
+                    "gpu.driver_root, itself / unless set)")
     gs.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="a variable for every GPU job's tasks (repeatable)")
     gs.set_defaults(func=cmd_gpu_spec)

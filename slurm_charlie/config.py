@@ -101,6 +101,14 @@ DEFAULTS: tuple[Key, ...] = (
         "first; %n is the node name); empty: the GPUs' CDI edits are not read",
         rule=lambda v: next((f"not an absolute path: {d!r}" for d in v
                              if not str(d).startswith("/")), None)),
+    Key("gpu.driver_root", "/", str,
+        "where the GPU driver's files are (its libraries, the loader's cache "
+        "listing them, its tools): / , or a driver container's root",
+        rule=_absolute),
+    Key("gpu.generate", False, bool,
+        "the prolog of a GPU job writes a CDI spec for the node's GPUs from the "
+        "driver (as slurm-charlie gpu-spec does) into <runtime_root>/.cdi, again "
+        "when the driver or gres.conf changes; specs in gpu.cdi_dirs win over it"),
     Key("gpu.cdi_kind", "nvidia.com/gpu", str,
         "the CDI kind (VENDOR/CLASS) whose devices, named by UUID, are the GPUs",
         rule=lambda v: None if re.fullmatch(r"[a-z0-9.-]+/[A-Za-z0-9_.-]+", v)

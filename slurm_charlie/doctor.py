@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from . import asroot, config, layout, reconcile
-from .errors import CharlieError
+from .errors import CharlieError, NodeFault
 from .proc import User, run, slurm_conf_keys, slurm_tool
 from .procfs import fd_targets
 
@@ -330,6 +330,18 @@ def _gpus(cfg: config.Config, node: str, environ=None) -> Result:
             "of the node, not only its own", "ConstrainDevices=yes in cgroup.conf, then " \
             "restart slurmd (admin guide, \"GPUs\")"
     dirs = [config.expand_node(d, node) for d in cfg["gpu.cdi_dirs"]]
+    generated = ""
+    if cfg["gpu.generate"]:
+        from . import gpuspec
+        try:
+            spec, _ = gpuspec.generate(cfg["gpu.cdi_kind"], [(g.uuid, g.device) for g in found],
+                                       cfg["gpu.driver_root"], table)
+        except NodeFault as e:
+            return "FAIL", f"{seen}; gpu.generate cannot make a spec: {e.line()}", e.hint
+        generated = f"; gpu.generate makes a spec ({len(spec['containerEdits']['mounts'])} " \
+            "mount(s))"
+        if not dirs:
+            return "ok", f"{seen}; confined by Slurm{generated}", None
     if not dirs:
         return "warn", f"{seen}; gpu.cdi_dirs is empty: containers get no driver " \
             "libraries", "list the CDI spec directories in gpu.cdi_dirs"
@@ -338,6 +350,8 @@ def _gpus(cfg: config.Config, node: str, environ=None) -> Result:
         return "FAIL", f"{seen}; {reg.broken[0].line()}", reg.broken[0].hint
     names = gpus.cdi_names(found, cfg["gpu.cdi_kind"])
     missing = [n for n in names if n not in reg.devices]
+    if missing and generated:
+        return "ok", f"{seen}; confined by Slurm{generated}", None
     if missing:
         return "FAIL", f"{seen}; the CDI specs in {' '.join(dirs)} have no device " \
             f"{missing[0]}", "generate a spec for the node's GPUs (named by UUID) into " \

@@ -30,7 +30,7 @@ import re
 
 from . import cdi, gpus
 from .errors import NodeFault
-from .proc import run
+from .proc import log, run
 
 #: the driver's user-space libraries (names up to ".so"), as nvidia-ctk lists them
 LIBRARIES = (
@@ -82,7 +82,8 @@ def loader_cache(root: str, ldconfig: str = "/sbin/ldconfig") -> dict[str, str]:
     p = run([ldconfig, "-p", "-C", cache], timeout=60, check=False)
     if p.returncode != 0:
         raise NodeFault("gpu-spec", "cannot read the loader's cache", cache,
-                        p.stderr.decode(errors="replace").strip()[-200:] or None)
+                        hint="is gpu.driver_root (or --driver-root) where the driver is "
+                        "installed? Its etc/ld.so.cache lists the driver's libraries")
     arch = ARCH.get(os.uname().machine, "")
     out: dict[str, str] = {}
     for line in p.stdout.decode(errors="replace").splitlines():
@@ -208,3 +209,36 @@ def write(spec: dict, path: str) -> None:
     """The spec as JSON at path, root's, mode 0644, replaced in one step."""
     from . import files
     files.write_file(path, json.dumps(spec, indent=2) + "\n", 0o644)
+
+
+GENERATED_DIR = ".cdi"  # in runtime_root: the spec the prolog generates (root's)
+GENERATED = "generated.json"
+
+
+def ensure(cfg, node: str, runtime_root: str, slurm_conf: str) -> str:
+    """gpu.generate: the node's generated spec, made anew when the driver's
+    version or the GPUs changed (a key file beside it says what it was made
+    from); the directory it is in.  Prologs may race: each write replaces
+    the file whole."""
+    from . import asroot
+    from .config import expand_node
+    d = os.path.join(runtime_root, GENERATED_DIR)
+    table = expand_node(cfg["gpu.driver_table"], node)
+    devices = node_devices(cfg, node, slurm_conf)
+    key = json.dumps([driver_version(table), cfg["gpu.cdi_kind"], cfg["gpu.driver_root"],
+                      devices]) + "\n"
+    try:
+        with open(os.path.join(d, GENERATED + ".key")) as f:
+            if f.read() == key and os.path.exists(os.path.join(d, GENERATED)):
+                return d
+    except OSError:
+        pass
+    spec, skipped = generate(cfg["gpu.cdi_kind"], devices, cfg["gpu.driver_root"], table)
+    for line in skipped:
+        log.warning("gpu.generate: left out %s", line)
+    asroot.keep_node_file(runtime_root, GENERATED_DIR, GENERATED,
+                          json.dumps(spec, indent=2) + "\n")
+    asroot.keep_node_file(runtime_root, GENERATED_DIR, GENERATED + ".key", key)
+    log.info("gpu.generate: wrote %s (driver %s, %d GPU(s))", os.path.join(d, GENERATED),
+             json.loads(key)[0], len(devices))
+    return d

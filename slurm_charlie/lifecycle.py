@@ -77,6 +77,10 @@ def _gpus(env: jobenv.Environ, job: jobenv.JobEnv, cfg: config.Config) -> list:
                             env.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
     for g in found:
         log.info("the job's %s", g.line())
+    if found and cfg["gpu.generate"]:
+        from . import gpuspec
+        gpuspec.ensure(cfg, job.node_name, cfg.runtime_root(job.node_name),
+                       env.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
     return found
 
 

@@ -44,6 +44,9 @@ OPERATIONS: dict[str, tuple[str, str, str]] = {
                   "image cache, refusing a link or a directory others can write"),
     "remove_old_kept": ("jobdir", "remove_old_kept", "remove kept overlays older than "
                         "reconcile.kept_max_days (regular files, no link followed)"),
+    "keep_node_file": ("jobdir", "keep_node_file", "write <runtime_root>/<dir>/<file> "
+                       "(root's, 0644; the directory root's, 0755, no link followed): "
+                       "what root keeps for the node, e.g. gpu.generate's CDI spec"),
     "open_out_as_root": ("jobdir", "open_out_as_root", "open out/NAME of the job directory for "
                          "appending (no link followed, regular file, owned by root or the user)"),
     "open_log_as_root": ("jobdir", "open_log_as_root", "the same for out/charlie.log"),

@@ -15,7 +15,7 @@ import os
 import stat
 from typing import Any
 
-from .. import layout
+from .. import files, layout
 from ..config import check_root_safe
 from ..errors import NodeFault, UserError
 from ..proc import User
@@ -312,3 +312,30 @@ def remove_old_kept(kept: str, max_age: float, now: float, dry_run: bool) -> lis
     finally:
         os.close(kfd)
     return removed
+
+
+def keep_node_file(root: str, sub: str, name: str, data: str) -> str:
+    """Write <root>/<sub>/<name> (root's, 0644) in one step: a file root
+    keeps for the node, such as the CDI spec gpu.generate makes.  <sub> is
+    made root's, 0755; anything else found there (not a directory of
+    root's) is a node fault, never followed."""
+    rootfd = open_root(root)
+    try:
+        try:
+            os.mkdir(sub, 0o755, dir_fd=rootfd)
+        except FileExistsError:
+            pass
+        fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=rootfd)
+    except OSError as e:
+        os.close(rootfd)
+        raise NodeFault("runtime_root", f"cannot make {sub}: {e.strerror}", root) from None
+    os.close(rootfd)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise NodeFault("runtime_root", f"{sub} is not root's alone", root,
+                            hint=f"remove {os.path.join(root, sub)}")
+        files.write_file(name, data, 0o644, dir_fd=fd)
+    finally:
+        os.close(fd)
+    return os.path.join(root, sub, name)

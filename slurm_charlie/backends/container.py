@@ -510,6 +510,9 @@ class ContainerBackend(Backend):
         if not ctx.gpus:
             return None, cdimount.Plan()
         dirs = [config.expand_node(d, ctx.node) for d in ctx.cfg["gpu.cdi_dirs"]]
+        if ctx.cfg["gpu.generate"]:  # the prolog's own spec (gpuspec.ensure), lowest first
+            from ..gpuspec import GENERATED_DIR
+            dirs.insert(0, os.path.join(ctx.paths.root, GENERATED_DIR))
         if not dirs:
             log.warning("the job has %d GPU(s) here and gpu.cdi_dirs is empty: its "
                         "container gets no driver libraries", len(ctx.gpus))

@@ -189,6 +189,14 @@ def test_doctor_checks_the_nodes_gpus(cluster, tmp_path):
     assert status == "FAIL" and "have no device nvidia.com/gpu=GPU-" in seen, seen
     assert doctor._gpus(cfg, "node1", {"SLURM_CONF": str(tmp_path / "none" / "slurm.conf")})[0] \
         == "ok"
+    gen = dataclasses.replace(other, values={**other.values, "gpu.generate": True,
+                                             "gpu.driver_root": cluster.sb.driver_root})
+    status, seen, _ = doctor._gpus(gen, "node1", {"SLURM_CONF": str(etc / "slurm.conf")})
+    assert status == "ok" and "gpu.generate makes a spec (2 mount(s))" in seen, seen
+    gen.values["gpu.driver_root"] = str(tmp_path)
+    status, seen, _ = doctor._gpus(gen, "node1", {"SLURM_CONF": str(etc / "slurm.conf")})
+    assert status == "FAIL" and "gpu.generate cannot make a spec: gpu-spec: cannot read " \
+        "the loader's cache" in seen, seen
 
 
 PROBE = ('for i in 0 1; do d=$0/$SLURMD_NODENAME/nvidia$i; r=$( (exec 3<>"$d") 2>&1 ); '
@@ -426,3 +434,47 @@ def test_gpu_spec_writes_the_spec_the_sandbox_vendor_has(cluster, tmp_path):
     p = subprocess.run([exe, "gpu-spec", "--node", "node1", "--driver-root", str(tmp_path)],
                        env=env, capture_output=True, text=True)
     assert p.returncode == 1 and "the loader's cache" in p.stderr, p.stderr
+
+
+def test_the_prolog_generates_the_spec_when_the_site_asks(cluster, gpu_image):
+    """gpu.generate with no spec directory: the first GPU job's prolog
+    writes the node's spec from the driver (gpu.driver_root) into the
+    runtime root, the job gets the driver's files from it, and the next
+    job reuses it until the driver's version changes."""
+    wd, img = gpu_image
+    conf = cluster.sb.charlie_conf
+    saved = open(conf).read()
+    made = os.path.join(cluster.sb.state, "runtime", "node3", ".cdi", "generated.json")
+    version = os.path.join(os.path.dirname(cluster.sb.gpu_table("node3")), "version")
+    old_version = open(version).read()
+    site = re.sub(r"(?m)^cdi_dirs = .*$", "cdi_dirs = []\ngenerate = true\n"
+                  f'driver_root = "{cluster.sb.driver_root}"', saved)
+    assert site != saved
+    try:
+        if os.path.exists(made):
+            os.unlink(made)
+        with open(conf, "w") as f:
+            f.write(site)
+        p = cluster.as_user(["srun", "-N1", "-w", "node3", "--gres=gpu:1",
+                             f"--charlie-image={img}", "nvidia-smi"], wd)
+        # the generated spec carries no CHARLIE_SANDBOX_GPUS: the stub finds
+        # no device table, so no GPU, but the library came from the spec
+        assert "library /usr/lib/x86_64-linux-gnu/libcuda.so.1" in p.stdout, \
+            p.stdout + p.stderr
+        first = os.stat(made).st_mtime_ns
+        doc = open(made).read()
+        assert '"kind": "example.com/gpu"' in doc and cluster.sb.driver_root in doc
+        cluster.as_user(["srun", "-N1", "-w", "node3", "--gres=gpu:1",
+                         f"--charlie-image={img}", "true"], wd)
+        assert os.stat(made).st_mtime_ns == first
+        with open(version, "w") as f:
+            f.write(old_version.replace("999.1.0", "999.2.0"))
+        cluster.as_user(["srun", "-N1", "-w", "node3", "--gres=gpu:1",
+                         f"--charlie-image={img}", "true"], wd)
+        assert os.stat(made).st_mtime_ns != first
+    finally:
+        with open(conf, "w") as f:
+            f.write(saved)
+        with open(version, "w") as f:
+            f.write(old_version)
+    cluster.wait_nodes_idle()
