@@ -16,7 +16,7 @@ APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
 
 TRIXIE_ARGS ?=
 .PHONY: all guest trixie-node test-trixie test-trixie-vm print-apt-packages deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench churn \
-	docs docs-gen clean
+	docs docs-gen clean gpu-host-kit
 
 all: shim venv
 
@@ -132,6 +132,11 @@ bench: sandbox-up
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/vmnet.py
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/vmsrun.py
 	PYTHONPATH=tests $(VENV)/bin/python tests/bench/life.py
+
+# the real-GPU-host check (tests/gpu_host_check): a directory to copy onto a
+# GPU host and run `python3 check.py` there as an ordinary user
+gpu-host-kit: deps
+	$(PYTHON_SYS) tests/gpu_host_check/build.py $(CACHE)/gpu-host-kit
 
 docs-gen: venv
 	$(SB) gen options-rst > docs/options.rst

@@ -478,3 +478,38 @@ def test_the_prolog_generates_the_spec_when_the_site_asks(cluster, gpu_image):
         with open(version, "w") as f:
             f.write(old_version)
     cluster.wait_nodes_idle()
+
+
+def test_the_real_host_check_passes_against_the_fake_vendor(cluster, tmp_path):
+    """tests/gpu_host_check: the kit is built, and its check run as an
+    ordinary user against node1's fake driver passes every line, with the
+    host's ch-run and with the kit's own; without the fake vendor's device
+    table the stub sees no GPU and the check says FAIL."""
+    import json
+    import sys
+    from helpers.cluster import USER
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    kit = os.path.join(cluster.home, "charlie-tests", "gpu-host-kit")
+    p = subprocess.run([sys.executable, os.path.join(top, "tests/gpu_host_check/build.py"),
+                        kit], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    size = float(re.search(r": ([\d.]+) MiB", p.stdout).group(1))
+    assert size < 40, p.stdout  # small enough to copy onto a GPU host
+    spec = json.load(open(os.path.join(cluster.sb.cdi_dir("node1"), "example.json")))
+    table = [e for e in spec["containerEdits"]["env"] if e.startswith("CHARLIE_SANDBOX_GPUS=")]
+    fake = ["--table", cluster.sb.gpu_table("node1"), "--driver-root", cluster.sb.driver_root,
+            "--dev-dir", os.path.join(cluster.sb.dev_dir, "node1"), "--kind",
+            "example.com/gpu"]
+
+    def check(*args):
+        return subprocess.run(["runuser", "-u", USER, "--", "/usr/bin/python3",
+                               os.path.join(kit, "check.py"), *fake, *args],
+                              capture_output=True, text=True, timeout=600, cwd="/")
+    for extra in ([], ["--kit-ch-run"]):
+        p = check("--env", table[0], *extra)
+        lines = p.stdout.splitlines()
+        assert p.returncode == 0 and [line.split(":")[0] for line in lines] == [
+            "PASS spec", "PASS devices", "PASS library", "PASS without edits"], \
+            p.stdout + p.stderr
+    p = check()
+    assert p.returncode == 1 and "FAIL devices: the probe sees none" in p.stdout, p.stdout
