@@ -105,6 +105,10 @@ DEFAULTS: tuple[Key, ...] = (
         "where the GPU driver's files are (its libraries, the loader's cache "
         "listing them, its tools): / , or a driver container's root",
         rule=_absolute),
+    Key("gpu.vfio_root", "/", str,
+        "where sysfs (sys/) and /dev/vfio (dev/vfio/) are for handing a VM job's GPUs "
+        "to its guest: / on a real node; %n is the node name (the sandbox's fake tree)",
+        rule=_absolute),
     Key("gpu.generate", False, bool,
         "the prolog of a GPU job writes a CDI spec for the node's GPUs from the "
         "driver (as slurm-charlie gpu-spec does) into <runtime_root>/.cdi, again "

@@ -130,7 +130,8 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
                            user=user, job_id=job.job_id, node=job.node_name,
                            guest_id=guest_id, nodes=nodes, cpus=cpus[guest_id],
                            work_dir=job.work_dir or None, gpus=tuple(gpus),
-                           on_spawn=book.add_proc)
+                           on_spawn=book.add_proc,
+                           on_facts=lambda f: book.update(facts={**book.rec.facts, **f}))
     if early is not None:
         raise early
     from . import asuser  # the user's side of the prolog (meta, validate): not the epilog's

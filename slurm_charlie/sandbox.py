@@ -287,9 +287,11 @@ class Sandbox:
         """Device files and driver tables of the fake GPUs; gres.conf's text."""
         lines = ["# slurm-charlie sandbox: fake GPUs (docs/sandbox.rst, \"GPUs\")"]
         shutil.rmtree(self._p("fakegpu"), ignore_errors=True)
+        shutil.rmtree(self._p("fakevfio"), ignore_errors=True)
         if not self.gpus_per_node:  # nothing made in /dev either
             return lines[0] + "\n"
         self._build_driver()
+        from . import fakesys
         for n in self.nodes:
             os.makedirs(os.path.join(self.dev_dir, n.name), mode=0o755, exist_ok=True)
             for i in range(self.gpus_per_node):
@@ -312,6 +314,8 @@ class Sandbox:
                             f"Bus Location: \t {pci}\n"
                             f"Device Minor: \t {i}\n")
             self._write_cdi(n.name)
+            fakesys.build(self._p("fakevfio", n.name),
+                          [self.gpu_facts(n.name, i)[1] for i in range(self.gpus_per_node)])
             lines.append(f"NodeName={n.name} Name=gpu File=" + os.path.join(
                 self.dev_dir, n.name, f"nvidia[0-{self.gpus_per_node - 1}]"))
         return "\n".join(lines) + "\n"
@@ -322,6 +326,8 @@ class Sandbox:
         return ("[gpu]\n# the sandbox's fake GPUs: their driver's table, their CDI vendor\n"
                 f'driver_table = "{self._p("fakegpu", "%n", "gpus")}"\n'
                 f'cdi_dirs = ["{self._p("cdi", "%n")}"]\n'
+                "# VM jobs' GPUs: a fake sysfs served by slurm_charlie/fakesys.py\n"
+                f'vfio_root = "{self._p("fakevfio", "%n")}"\n'
                 'cdi_kind = "example.com/gpu"\n')
 
     def cdi_dir(self, node: str) -> str:
@@ -553,6 +559,22 @@ class Sandbox:
                 return False
         self._wait(up, "the image registry", 30, self._p("log", "registry.log"))
 
+    def fakesys_root(self, node: str) -> str:
+        return self._p("fakevfio", node)
+
+    def start_fakesys(self) -> None:
+        """The fake kernel behind the fake GPUs' sysfs (slurm_charlie/fakesys.py)."""
+        pidfile = self._p("run", "fakesys.pid")
+        if not self.gpus_per_node or _alive(pidfile):
+            return
+        with open(self._p("log", "fakesys.log"), "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "slurm_charlie.fakesys",
+                                     *(self.fakesys_root(n.name) for n in self.nodes)],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    start_new_session=True,
+                                    cwd=os.path.dirname(os.path.dirname(__file__)))
+        self._write(pidfile, f"{proc.pid}\n")
+
     def start_slurm(self) -> None:
         ctl_pid = self._p("run", "slurmctld.pid")
         if not _alive(ctl_pid):
@@ -636,6 +658,7 @@ class Sandbox:
         self.start_munge()
         self.net_up()
         self.start_registry()
+        self.start_fakesys()
         self.start_slurm()
         for n in self.nodes:  # a node drained by an earlier run comes back
             _run(["scontrol", "update", f"NodeName={n.name}", "State=RESUME"],

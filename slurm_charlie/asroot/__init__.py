@@ -13,7 +13,7 @@ not listed here.  docs/root-operations.rst is generated from this table
 
 Rooms: records (root's own record of a job), jobdir (the job directory and
 root's other directories), procs (spawn, wait, signal, stop), cgroup (the
-job's cgroups), node (drain), fuse (stalled FUSE
+job's cgroups), vfio (a VM job's GPUs), node (drain), fuse (stalled FUSE
 connections), jobnet (the job network), background (the
 prolog's lock file and its background child), warm (the node's warm hook
 server).
@@ -96,6 +96,21 @@ OPERATIONS: dict[str, tuple[str, str, str]] = {
                          "job, and the job's when empty"),
     "stale_job_cgroups": ("cgroup", "stale_job_cgroups", "list job cgroups root made for jobs "
                           "that no longer run (read only)"),
+    # a VM job's GPUs (VFIO)
+    "VfioDevice": ("vfio", "Device", "type: a PCI device taken for a guest and the driver "
+                   "it goes back to"),
+    "vfio_plan": ("vfio", "plan", "the devices a VM job's GPUs take along, their IOMMU "
+                  "groups checked (read only)"),
+    "vfio_busy": ("vfio", "busy", "which processes have the GPUs' device nodes open (read "
+                  "only)"),
+    "vfio_take": ("vfio", "take", "bind the job's GPUs (and their slot's other functions) "
+                  "to vfio-pci by driver_override, and give their /dev/vfio/N to the job "
+                  "user"),
+    "vfio_give_back": ("vfio", "give_back", "bind them back to the driver they had and make "
+                       "/dev/vfio/N root's again; node fault for a GPU that does not come "
+                       "back"),
+    "vfio_set_memlock": ("vfio", "set_memlock", "raise the guest's QEMU's locked-memory "
+                         "limit to its memory (VFIO pins it), before QEMU runs"),
     # the node
     "drain": ("node", "drain", "take the node out of service (scontrol) with a reason that "
               "says what to fix"),

@@ -32,10 +32,17 @@ class Context:
     gpus: tuple[Any, ...] = ()
     #: root's bookkeeping: called with each ProcRecord as soon as it exists
     on_spawn: Callable[[Any], None] | None = None
+    #: root's bookkeeping: facts the epilog needs, recorded before the
+    #: change they describe (the epilog undoes it after a prolog that died)
+    on_facts: Callable[[dict], None] | None = None
 
     def spawned(self, rec: Any) -> None:
         if self.on_spawn is not None:
             self.on_spawn(rec)
+
+    def noted(self, facts: dict) -> None:
+        if self.on_facts is not None:
+            self.on_facts(facts)
 
     def spawned_in_job(self, joined: list[str],
                        memory_limit_mib: int | None = None) -> Callable[[Any], None]:

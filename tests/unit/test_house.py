@@ -174,6 +174,7 @@ NOT_ROOT = {
     "guest/pmifence.py": "inside the guest",
     "guest/wire.py": "inside the guest and the job user's relay",
     "sandbox.py": "the developer's cluster (make demo, make test)",
+    "fakesys.py": "the sandbox's fake sysfs and its fake kernel (make demo, make test)",
     "install.py": "the admin installing the hooks (install-hooks)",
     "vmbuild.py": "the admin or developer building a guest initrd",
 }

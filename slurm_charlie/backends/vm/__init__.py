@@ -96,7 +96,8 @@ class VMBackend(Backend):
             if vhost is not None:
                 net_fds.append(vhost)
             net = (net_fds[0], vhost, int(net_facts["mtu"]))
-        argv = qemu.argv(ctx, cache, fmt, net)
+        gpus = self._take_gpus(ctx)
+        argv = qemu.argv(ctx, cache, fmt, net, tuple(gpus))
         log.info("starting guest %d as %s: %s", n, ctx.user, " ".join(argv))
         fd = asroot.open_out_as_root(ctx.paths, ctx.user.uid, f"{n}_qemu.log")
         try:
@@ -104,14 +105,33 @@ class VMBackend(Backend):
                 raise UserError("job directory", "cannot open", p["qemu_log"],
                                 hint="was out/ changed while the job started?")
             joined: list[str] = []
-            proc, rec = asroot.spawn(ctx.user, argv, fd, "qemu",
-                                     ctx.spawned_in_job(joined, job_mib), pass_fds=net_fds)
+            memlock = ((mem + 1024) << 20) if gpus else 0
+            locked: list[int] = []
+            in_job = ctx.spawned_in_job(joined, job_mib)
+
+            def record(rec: Any) -> None:
+                in_job(rec)
+                if memlock:  # before QEMU runs (it waits at the spawn gate)
+                    locked.append(asroot.vfio_set_memlock(rec.pid, memlock))
+            proc, rec = asroot.spawn(ctx.user, argv, fd, "qemu", record, pass_fds=net_fds)
         finally:
             for f in ([fd] if fd is not None else []) + net_fds:
                 os.close(f)  # QEMU holds the TAP now: it goes away with QEMU
         if joined:
             log.info("guest %d: QEMU in the job's cgroups %s", n, " ".join(joined))
-        info = {**net_facts, "guest": n, "image": ctx.opts.image, "format": fmt,
+        short = ""
+        if locked and locked[0] < memlock:
+            short = (f"QEMU may lock only {locked[0] >> 20} MiB here and VFIO pins all of "
+                     f"the guest's memory ({memlock >> 20} MiB with QEMU's own): its GPU "
+                     "cannot be mapped. The node needs slurmd started with "
+                     "LimitMEMLOCK=infinity, or root with CAP_SYS_RESOURCE")
+            log.warning("guest %d: %s", n, short)
+            warnings.append(short)
+        elif locked:
+            log.info("guest %d: QEMU may lock %d MiB (VFIO pins guest memory)", n,
+                     locked[0] >> 20)
+        info = {**net_facts, **self._gpu_facts, "guest": n, "image": ctx.opts.image,
+                "format": fmt,
                 "commit": ctx.opts.commit == n, "work_dir": ctx.work_dir,
                 "batch": bool(ctx.opts.job) and not ctx.opts.interactive}
         call_as(ctx.user, write_file, p["record"], f"{proc.pid} {rec.start}\n", 0o600)
@@ -132,7 +152,8 @@ class VMBackend(Backend):
                             "before the guest was ready",
                             (qlog or con).strip().splitlines()[-1] if (qlog or con)
                             else None,
-                            hint=f"console tail:\n{con}\n(check vm.accel and "
+                            hint=(f"{short}\n" if short else "")
+                            + f"console tail:\n{con}\n(check vm.accel and "
                             "vm.cpu_model in the site config if QEMU itself failed)")
         if outcome == asroot.TIMED_OUT:
             con = call_as(ctx.user, read_tail, p["console_log"], 15, limit=30)
@@ -150,6 +171,53 @@ class VMBackend(Backend):
         info["warnings"] = warnings
         return info
 
+    def _take_gpus(self, ctx: Context) -> list:
+        """The job's GPUs on this node, taken from the host's driver for the
+        guest (asroot.vfio_*), recorded first so that the epilog gives them
+        back whatever happens next."""
+        self._gpu_facts: dict[str, Any] = {}
+        if not ctx.gpus:
+            return []
+        root = config.expand_node(ctx.cfg["gpu.vfio_root"], ctx.node)
+        devices = asroot.vfio_plan(root, [g.pci for g in ctx.gpus])
+        held = asroot.vfio_busy([g.device for g in ctx.gpus])
+        if held:
+            dev, pids = next(iter(held.items()))
+            raise NodeFault(f"GPU {dev}", "in use: a guest cannot take it",
+                            f"pid {' '.join(map(str, pids))} ({_comm(pids[0])})",
+                            hint="nothing on a node that gives GPUs to VM jobs may hold "
+                            "them open: no persistence daemon (nvidia-persistenced), no "
+                            "monitoring agent (docs/admin.rst \"GPUs in VMs\")")
+        self._gpu_facts = {"vfio_root": root, "vfio": [d.to_dict() for d in devices]}
+        ctx.noted(self._gpu_facts)
+        asroot.vfio_take(root, devices, ctx.user.uid)
+        return devices
+
     # -- epilog ---------------------------------------------------------------
     def stop(self, ctx: Context, record: Any) -> None:
-        jobend.end_guest(ctx, record)
+        """The guest ended (jobend), then its GPUs given back to the host's
+        driver, even when the guest would not end (the node fault of the
+        first comes first)."""
+        fault = None
+        try:
+            jobend.end_guest(ctx, record)
+        except NodeFault as e:
+            fault = e
+        facts = record.facts if record is not None else {}
+        if facts.get("vfio"):
+            devices = [asroot.VfioDevice.from_dict(d) for d in facts["vfio"]]
+            try:
+                asroot.vfio_give_back(str(facts["vfio_root"]), devices)
+            except NodeFault as e:
+                fault = fault or e
+        if fault is not None:
+            raise fault
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "gone"
+

@@ -46,10 +46,11 @@ def guest_paths(ctx: Context) -> dict[str, str]:
 
 
 def argv(ctx: Context, cache: str, fmt: str,
-         net: tuple[int, int | None, int] | None = None) -> list[str]:
+         net: tuple[int, int | None, int] | None = None, gpus: tuple = ()) -> list[str]:
     """QEMU's command line.  net: (TAP fd, vhost-net fd or None, MTU) of
     the root-built job network (vm.network = "vxlan"); None: the
-    multicast network."""
+    multicast network.  gpus: the job's devices bound to vfio-pci
+    (asroot.VfioDevice), the guest's ones handed to it."""
     cfg, p, n = ctx.cfg, guest_paths(ctx), ctx.guest_id
     cpus = ctx.opts.cpus or ctx.cpus
     mem = ctx.mem_mib or ctx.opts.mem or cfg["vm.memory_mib"]
@@ -68,7 +69,7 @@ def argv(ctx: Context, cache: str, fmt: str,
             f"charlie-{ctx.job_id}-chgu{n}", "-nodefaults", "-no-user-config",
             "-display", "none", "-accel", cfg["vm.accel"], "-cpu", cpu_model(cfg),
             "-smp", str(cpus), "-m", f"{mem}M",
-            *_boot(cfg, n),
+            *_boot(cfg, n), *_gpus(gpus),
             "-drive", f"file={p['overlay']},format=qcow2,if=virtio,cache={cache},"
             "discard=unmap",
             "-drive", f"file={p['tmp']},format=qcow2,if=virtio,cache={cache},"
@@ -91,6 +92,27 @@ def argv(ctx: Context, cache: str, fmt: str,
     for tag, path, ro in shares:
         argv += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none"
                  + (",readonly=on" if ro else "")]
+    return argv
+
+
+def mmio_window_gib(gpus: tuple) -> int:
+    """The guest's 64-bit PCI window: twice the GPUs' 64-bit BARs, a power
+    of two, at least 64 GiB (large GPUs' BARs do not fit QEMU's default)."""
+    need = 2 * sum(d.bar64 for d in gpus if d.guest)
+    gib = 64
+    while gib << 30 < need:
+        gib *= 2
+    return gib
+
+
+def _gpus(gpus: tuple) -> list[str]:
+    """q35 (PCIe) with a 64-bit MMIO window the GPUs fit in, and each of
+    the job's GPUs by its PCI address."""
+    if not gpus:
+        return []
+    argv = ["-machine", "q35", "-global", f"q35-pcihost.pci-hole64-size={mmio_window_gib(gpus)}G"]
+    for i, d in enumerate(d for d in gpus if d.guest):
+        argv += ["-device", f"vfio-pci,host={d.pci},id=gpu{i}"]
     return argv
 
 
