@@ -15,7 +15,8 @@ Each fake GPU has an IOMMU group of its own, shared with its audio
 function (.1) and a PCI bridge, as real boards have.  serve() is the fake
 kernel: it polls the bind, unbind and drivers_probe files and moves the
 driver links as the kernel would (driver_override wins over the device's
-own driver), truncating each file once read.  A device with a file
+own driver; a cleared override is left as written, where the kernel would
+show "(null)"), truncating each file once read.  A device with a file
 ``fake-stuck`` in its directory will not bind to its own driver again (a
 GPU that does not come back).  Nothing here is used outside the sandbox.
 """
@@ -103,13 +104,6 @@ def step(root: str) -> None:
     """One round of the fake kernel over one node's tree."""
     pci_dir = os.path.join(root, "sys/bus/pci")
     devices = os.path.join(pci_dir, "devices")
-    for pci in sorted(os.listdir(devices)):  # a cleared override reads "(null)"
-        f = os.path.join(devices, pci, "driver_override")
-        try:
-            if open(f).read().strip() == "":
-                _w(f, "(null)\n")
-        except OSError:
-            pass
     for drv in sorted(os.listdir(os.path.join(pci_dir, "drivers"))):
         for pci in _take(os.path.join(pci_dir, "drivers", drv, "unbind")):
             dev = os.path.join(devices, pci)

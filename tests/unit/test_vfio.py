@@ -10,7 +10,6 @@ import shutil
 import stat
 import tempfile
 import threading
-import time
 
 import pytest
 
@@ -87,12 +86,8 @@ def test_taken_for_the_guest_and_given_back_twice_over(tree):
         vfio.give_back(str(tree), devs)
         assert vfio.driver_of(str(tree), GPU0) == "nvidia"
         assert vfio.driver_of(str(tree), "0000:81:00.1") == "snd_hda_intel"
-        override = devices_dir(tree) / GPU0 / "driver_override"
-        for _ in range(500):  # the fake kernel's round (the real one is synchronous)
-            if override.read_text() == "(null)\n":
-                break
-            time.sleep(0.002)
-        assert override.read_text() == "(null)\n"
+        # cleared (the real kernel then shows "(null)")
+        assert (devices_dir(tree) / GPU0 / "driver_override").read_text() == "\n"
         assert (node.stat().st_uid, node.stat().st_gid) == (0, 0)
 
 
