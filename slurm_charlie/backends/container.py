@@ -26,7 +26,7 @@ from ..errors import NodeFault, UserError
 from ..options import Options
 from .. import asroot, cdimount, config, files, images, layout, procfs
 from ..meta import MOUNT_POINTS
-from ..proc import call_as, log, run, slurm_tool
+from ..proc import call_as, log, run, slurm_conf_keys, slurm_tool
 from ..procfs import children, fd_targets, ns_inode, starttime
 from .base import Backend, Context
 
@@ -542,6 +542,13 @@ class ContainerBackend(Backend):
                             hint="run GPU work on the image without --charlie-write; "
                             "change the image in a job without GPUs")
         image = self._unpacked(ctx, overlay=bool(gpu))  # the holder's FIFO is made there too
+        if ctx.gpus and slurm_conf_keys("cgroup.conf").get("constraindevices",
+                                                           "no").lower() != "yes":
+            unconfined = (f"node {ctx.node}: Slurm does not confine devices here "
+                          "(ConstrainDevices is off): the job's tasks can open every GPU "
+                          "of the node, not only the job's")
+            log.warning("%s", unconfined)
+            image["warnings"] = image.get("warnings", []) + [unconfined]
         self.image_mpi = image.pop("mpi")  # what MPI the image carries (task_env)
         tmp = image["tmpdir"]
         overlay = self._overlay(ctx, image, bool(gpu))

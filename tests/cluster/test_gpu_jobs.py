@@ -513,3 +513,25 @@ def test_the_real_host_check_passes_against_the_fake_vendor(cluster, tmp_path):
             p.stdout + p.stderr
     p = check()
     assert p.returncode == 1 and "FAIL devices: the probe sees none" in p.stdout, p.stdout
+
+
+def test_a_gpu_job_is_warned_where_slurm_does_not_confine_devices(cluster, gpu_image):
+    """ConstrainDevices off: the job runs, and its output says, once, that
+    its tasks can open every GPU of the node."""
+    wd, img = gpu_image
+    conf = os.path.join(os.path.dirname(cluster.sb.conf), "cgroup.conf")
+    saved = open(conf).read()
+    try:
+        with open(conf, "w") as f:  # read by the prolog, not by slurmd (no restart)
+            f.write(saved.replace("ConstrainDevices=yes", "ConstrainDevices=no"))
+        p = cluster.as_user(["sbatch", "--wait", "-N2", "-w", "node1,node2",
+                             "--gres=gpu:1", f"--charlie-image={img}", "-o", "open.out",
+                             "--wrap", "srun true"], wd, timeout=180)
+        out = open(os.path.join(wd, "open.out")).read()
+    finally:
+        with open(conf, "w") as f:
+            f.write(saved)
+    assert p.returncode == 0, p.stderr + out
+    assert out.count("(ConstrainDevices is off): the job's tasks can open every GPU of "
+                     "the node, not only the job's") == 1, out
+    cluster.wait_nodes_idle()
