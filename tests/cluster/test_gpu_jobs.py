@@ -535,3 +535,20 @@ def test_a_gpu_job_is_warned_where_slurm_does_not_confine_devices(cluster, gpu_i
     assert out.count("(ConstrainDevices is off): the job's tasks can open every GPU of "
                      "the node, not only the job's") == 1, out
     cluster.wait_nodes_idle()
+
+
+def test_a_registry_image_gets_the_gpus_files(cluster, gpu_image):
+    """A stock Debian image from the registry (pulled once into the user's
+    cache as a squashfs, unchanged): its own ldconfig and glibc take the
+    node's library."""
+    from helpers.registry import seed
+    from slurm_charlie.sandbox import REGISTRY
+    wd, _ = gpu_image
+    cache = os.path.join(os.path.dirname(cluster.sb.guest_dir), "images")
+    refs = seed(REGISTRY, cache, os.path.join(cluster.sb.guest_dir, "debian.sqfs"),
+                ("debian-mpi",))
+    got, _ = smi(cluster, wd, f"docker://{refs['debian-mpi']}", "--gres=gpu:1",
+                 nodes="node3")
+    uuid, _ = cluster.sb.gpu_facts("node3", 0)
+    assert got["node3"][:3] == ([uuid], "/usr/lib/x86_64-linux-gnu/libcuda.so.1", True), got
+    cluster.wait_nodes_idle()
