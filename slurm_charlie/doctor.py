@@ -319,11 +319,10 @@ def _gpus(cfg: config.Config, node: str, environ=None) -> Result:
     gres, text = gpus.read_gres(environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
     if text is None:
         return "ok", f"no {gres}: no GPUs here", None
-    files = gpus.gres_files(text, node, gres)
-    if not files:
+    if not gpus.gres_entries(text, node, gres):
         return "ok", f"{gres} gives this node no GPUs", None
     table = config.expand_node(cfg["gpu.driver_table"], node)
-    found = gpus.job_gpus(list(range(len(files))), text, node, table, gres)
+    found = gpus.node_gpus(text, node, table, gres)
     seen = f"{len(found)} GPU(s): " + "; ".join(f"{g.device} {g.uuid}" for g in found)
     if slurm_conf_keys("cgroup.conf", environ).get("constraindevices", "no").lower() != "yes":
         return "warn", f"{seen}; ConstrainDevices is not on: a job can open every GPU " \

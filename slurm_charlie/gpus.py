@@ -10,6 +10,12 @@ driver's own table (NVIDIA's ``/proc/driver/nvidia/gpus/<PCI>/information``:
 files or of PCI addresses, which differ on real machines.  The UUID is what
 a CDI spec names the device by.
 
+A MIG device is a gres.conf entry with ``MultipleFiles=`` (its GPU's device
+file first, then its ``nvidia-caps`` files): it maps to its GPU as above,
+and to its own UUID (``MIG-…``) from what Slurm's GPU plugin gives the
+prolog in ``CUDA_VISIBLE_DEVICES``, in the order of ``SLURM_JOB_GPUS``;
+the CDI device is then named by that UUID.
+
 Root reads gres.conf and the driver's table (both root's); nothing here
 touches a user's file.
 """
@@ -37,10 +43,16 @@ class Gpu:
     minor: int
     uuid: str            # from the driver's table
     pci: str
+    mig: str = ""        # a MIG device's UUID (its GPU is uuid)
+
+    @property
+    def name(self) -> str:
+        """What a CDI spec names it by."""
+        return self.mig or self.uuid
 
     def line(self) -> str:
         return (f"gpu {self.index}: {self.device} ({self.major}:{self.minor}), "
-                f"{self.uuid} at {self.pci}")
+                f"{self.uuid} at {self.pci}" + (f", MIG device {self.mig}" if self.mig else ""))
 
 
 def parse_indices(text: str) -> list[int]:
@@ -60,11 +72,19 @@ def parse_indices(text: str) -> list[int]:
 
 
 def gres_files(text: str, node: str, path: str = "gres.conf") -> list[str]:
-    """The GPU device files of this node, in gres.conf's order: every
-    ``Name=gpu`` line for the node (no ``NodeName=``: every node) with its
-    ``File=`` expanded (``/dev/nvidia[0-3]``).  A GPU line without File= (the
-    devices left to AutoDetect) cannot be mapped: a NodeFault that says so."""
-    files: list[str] = []
+    """The GPU device file of each of this node's GPUs (gres_entries), in
+    gres.conf's order."""
+    return [e[0] for e in gres_entries(text, node, path)]
+
+
+def gres_entries(text: str, node: str, path: str = "gres.conf") -> list[tuple[str, ...]]:
+    """This node's GPUs in gres.conf's order, each as its device files:
+    every ``Name=gpu`` line for the node (no ``NodeName=``: every node),
+    ``File=`` expanded (``/dev/nvidia[0-3]``: one GPU each) or
+    ``MultipleFiles=`` (one GPU, a MIG device: ``/dev/nvidia0`` first).  A
+    GPU line with neither (the devices left to AutoDetect) cannot be
+    mapped: a NodeFault that says so."""
+    files: list[tuple[str, ...]] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -80,11 +100,15 @@ def gres_files(text: str, node: str, path: str = "gres.conf") -> list[str]:
         if words.get("name", "").lower() != "gpu":
             continue
         file = words.get("file") or words.get("files")
+        multiple = words.get("multiplefiles")
+        if multiple:
+            files.append(tuple(f for f in multiple.split(",") if f))
+            continue
         if not file:
             raise NodeFault(f"{path} line {number}", "a GPU line without File=", raw.strip(),
                             hint="slurm-charlie maps Slurm's GPU indices to devices "
                             "through gres.conf's File= (docs/admin.rst, \"GPUs\")")
-        files += hostlist.expand(file)
+        files += [(f,) for f in hostlist.expand(file)]
     return files
 
 
@@ -123,14 +147,18 @@ def read_table(root: str) -> dict[int, tuple[str, str]]:
 
 
 def job_gpus(indices: list[int], gres_text: str, node: str, table_root: str,
-             gres_path: str = "gres.conf") -> list[Gpu]:
-    """The job's GPUs on this node, each with its device and identity."""
+             gres_path: str = "gres.conf", visible: str = "") -> list[Gpu]:
+    """The job's GPUs on this node, each with its device and identity;
+    visible: CUDA_VISIBLE_DEVICES as Slurm gave it to the prolog (MIG
+    devices' UUIDs, in the order of indices)."""
     if not indices:
         return []
-    files = gres_files(gres_text, node, gres_path)
+    entries = gres_entries(gres_text, node, gres_path)
+    files = [e[0] for e in entries]
     table = read_table(table_root)
+    said = [v.strip() for v in visible.split(",")] if visible else []
     out = []
-    for i in indices:
+    for k, i in enumerate(indices):
         if i >= len(files):
             raise NodeFault(VARIABLES["gpus"][0], f"GPU index {i}, but {gres_path} gives this "
                             f"node {len(files)} GPU device file(s)",
@@ -149,13 +177,36 @@ def job_gpus(indices: list[int], gres_text: str, node: str, table_root: str,
                             f"({dev})", table_root, hint="the driver's table and gres.conf "
                             "disagree")
         uuid, pci = table[minor]
-        out.append(Gpu(i, dev, os.major(st.st_rdev), minor, uuid, pci))
+        mig = ""
+        if len(entries[i]) > 1:  # a MIG device: Slurm says which one
+            mig = said[k] if len(said) == len(indices) else ""
+            if not (mig.startswith("MIG-") and _UUID.fullmatch(mig)):
+                raise NodeFault(VARIABLES["cuda_visible"][0], f"GPU index {i} is a MIG "
+                                f"device ({gres_path}: MultipleFiles), but Slurm gave the "
+                                f"prolog no MIG UUID for it", repr(visible[:200]),
+                                hint="Slurm's NVML GPU plugin (AutoDetect=nvml) gives the "
+                                "prolog MIG devices' UUIDs; without it, MIG devices cannot "
+                                "be mapped")
+        out.append(Gpu(i, dev, os.major(st.st_rdev), minor, uuid, pci, mig))
     return out
+
+
+def node_gpus(gres_text: str, node: str, table_root: str,
+              gres_path: str = "gres.conf") -> list[Gpu]:
+    """Every whole GPU gres.conf gives this node (a GPU split into MIG
+    devices once, by its own device file), for doctor and gpu-spec."""
+    entries = gres_entries(gres_text, node, gres_path)
+    whole = [(i, e[0]) for i, e in enumerate(entries)]
+    firsts = {}
+    for i, dev in whole:
+        firsts.setdefault(dev, i)
+    text = "".join(f"Name=gpu File={dev}\n" for dev in firsts)
+    return job_gpus(list(range(len(firsts))), text, node, table_root, gres_path)
 
 
 def cdi_names(gpus: list[Gpu], kind: str) -> list[str]:
     """The CDI device names of the job's GPUs (by UUID)."""
-    return [f"{kind}={g.uuid}" for g in gpus]
+    return [f"{kind}={g.name}" for g in gpus]
 
 
 GRES_HINT = ("the job has GPUs: slurm-charlie reads gres.conf beside slurm.conf to "
@@ -176,10 +227,11 @@ def read_gres(slurm_conf: str) -> tuple[str, str | None]:
                         hint=GRES_HINT) from None
 
 
-def for_prolog(slurm_gpus: str, node: str, table: str, slurm_conf: str) -> list[Gpu]:
+def for_prolog(slurm_gpus: str, node: str, table: str, slurm_conf: str,
+               visible: str = "") -> list[Gpu]:
     """The prolog's question: the job's GPUs here ([] without GPU gres),
-    from SLURM_JOB_GPUS, the gres.conf beside slurm.conf and the driver's
-    table."""
+    from SLURM_JOB_GPUS (and CUDA_VISIBLE_DEVICES for MIG devices), the
+    gres.conf beside slurm.conf and the driver's table."""
     indices = parse_indices(slurm_gpus)
     if not indices:
         return []
@@ -187,4 +239,4 @@ def for_prolog(slurm_gpus: str, node: str, table: str, slurm_conf: str) -> list[
     if text is None:
         raise NodeFault("gres.conf", "cannot read", f"{gres}: No such file or directory",
                         hint=GRES_HINT)
-    return job_gpus(indices, text, node, table, gres)
+    return job_gpus(indices, text, node, table, gres, visible)

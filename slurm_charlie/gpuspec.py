@@ -197,11 +197,9 @@ def node_devices(cfg, node: str, slurm_conf: str) -> list[tuple[str, str]]:
     if text is None:
         raise NodeFault("gres.conf", "missing", path, hint="gpu-spec names the GPUs "
                         "gres.conf gives this node")
-    files = gpus.gres_files(text, node, path)
-    if not files:
+    if not gpus.gres_entries(text, node, path):
         raise NodeFault("gres.conf", f"gives {node} no GPUs", path)
-    got = gpus.job_gpus(list(range(len(files))), text, node,
-                        expand_node(cfg["gpu.driver_table"], node), path)
+    got = gpus.node_gpus(text, node, expand_node(cfg["gpu.driver_table"], node), path)
     return [(g.uuid, g.device) for g in got]
 
 

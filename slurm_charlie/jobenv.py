@@ -27,13 +27,16 @@ VARIABLES: dict[str, tuple[str, bool]] = {
     #: the job's GPUs on this node: Slurm's gres indices ("0,2"), in
     #: gres.conf's order for the node (gpus.py maps them to devices)
     "gpus": ("SLURM_JOB_GPUS", False),
+    #: what Slurm's GPU plugin says of the same GPUs to the prolog: indices,
+    #: or UUIDs (MIG-… for MIG devices) in the same order
+    "cuda_visible": ("CUDA_VISIBLE_DEVICES", False),
 }
 
 
 class JobEnv:
     """What Slurm says about the job (read only)."""
     __slots__ = ("job_id", "uid", "gid", "nodelist", "cpus_per_node", "node_name", "work_dir",
-                 "gpus")
+                 "gpus", "cuda_visible")
     job_id: str
     uid: int
     gid: int | None
@@ -42,14 +45,15 @@ class JobEnv:
     node_name: str
     work_dir: str | None
     gpus: str
+    cuda_visible: str
 
     def __init__(self, *, job_id: str, uid: int, gid: int | None, nodelist: str,
                  cpus_per_node: str, node_name: str, work_dir: str | None,
-                 gpus: str = "") -> None:
+                 gpus: str = "", cuda_visible: str = "") -> None:
         for name, value in (("job_id", job_id), ("uid", uid), ("gid", gid),
                             ("nodelist", nodelist), ("cpus_per_node", cpus_per_node),
                             ("node_name", node_name), ("work_dir", work_dir),
-                            ("gpus", gpus)):
+                            ("gpus", gpus), ("cuda_visible", cuda_visible)):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -92,4 +96,5 @@ def from_environ(environ: Environ) -> JobEnv:
         raise NodeFault("environment", "bad number from Slurm", str(e)) from None
     return JobEnv(uid=uid, gid=gid, nodelist=nodelist or "",
                   cpus_per_node=raw.pop("cpus_per_node") or "", gpus=raw.pop("gpus") or "",
+                  cuda_visible=raw.pop("cuda_visible") or "",
                   **raw)  # type: ignore[arg-type]

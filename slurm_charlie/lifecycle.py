@@ -74,7 +74,8 @@ def _gpus(env: jobenv.Environ, job: jobenv.JobEnv, cfg: config.Config) -> list:
     from . import gpus
     found = gpus.for_prolog(job.gpus, job.node_name,
                             config.expand_node(cfg["gpu.driver_table"], job.node_name),
-                            env.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
+                            env.get("SLURM_CONF") or "/etc/slurm/slurm.conf",
+                            job.cuda_visible)
     for g in found:
         log.info("the job's %s", g.line())
     if found and cfg["gpu.generate"]:

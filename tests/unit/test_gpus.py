@@ -124,3 +124,29 @@ def test_the_prolog_reads_gres_conf_beside_slurm_conf(node, tmp_path):
     assert [g.uuid for g in gpus.for_prolog("1,0", "n1", table, str(etc / "slurm.conf"))] \
         == ["GPU-aaaa", "GPU-cccc"]
     assert gpus.for_prolog("", "n1", "/nonexistent", "/nonexistent/slurm.conf") == []
+
+
+@needs_root
+def test_a_mig_device_maps_to_its_gpu_and_is_named_by_slurms_mig_uuid(node):
+    """gres.conf's MultipleFiles= is one MIG device: its GPU by the first
+    file's minor, its own UUID from what Slurm gave the prolog in
+    CUDA_VISIBLE_DEVICES (same order as SLURM_JOB_GPUS); doctor and
+    gpu-spec see the GPU once."""
+    table, dev, _ = node
+    caps = os.path.join(dev, "nvidia-caps")
+    os.mkdir(caps)
+    gres = (f"Name=gpu File={dev}/nvidia2\n"
+            f"Name=gpu Type=1g.5gb MultipleFiles={dev}/nvidia0,{caps}/nvidia-cap21\n"
+            f"Name=gpu Type=1g.5gb MultipleFiles={dev}/nvidia0,{caps}/nvidia-cap30\n")
+    assert gpus.gres_entries(gres, "n1") == [(f"{dev}/nvidia2",),
+                                            (f"{dev}/nvidia0", f"{caps}/nvidia-cap21"),
+                                            (f"{dev}/nvidia0", f"{caps}/nvidia-cap30")]
+    mig = "MIG-2b5a1c2e-0d4f-5e6a-8b7c-9d0e1f2a3b4c"
+    got = gpus.job_gpus([2, 0], gres, "n1", table, visible=f"{mig},GPU-aaaa")
+    assert [(g.index, g.uuid, g.mig, g.name) for g in got] == [
+        (2, "GPU-bbbb", mig, mig), (0, "GPU-aaaa", "", "GPU-aaaa")]
+    assert got[0].line().endswith(f"GPU-bbbb at 0000:41:00.0, MIG device {mig}")
+    assert gpus.cdi_names(got, "nvidia.com/gpu")[0] == f"nvidia.com/gpu={mig}"
+    with pytest.raises(NodeFault, match="is a MIG device .* no MIG UUID for it"):
+        gpus.job_gpus([1], gres, "n1", table, visible="1")
+    assert [g.uuid for g in gpus.node_gpus(gres, "n1", table)] == ["GPU-aaaa", "GPU-bbbb"]

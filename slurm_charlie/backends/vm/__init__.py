@@ -178,6 +178,11 @@ class VMBackend(Backend):
         self._gpu_facts: dict[str, Any] = {}
         if not ctx.gpus:
             return []
+        mig = [g.mig for g in ctx.gpus if g.mig]
+        if mig:
+            raise UserError("VM with GPUs", f"MIG device {mig[0]} cannot be given to a "
+                            "guest: a guest takes whole PCI devices",
+                            hint="ask for whole GPUs (a gres type without MIG) for VM jobs")
         root = config.expand_node(ctx.cfg["gpu.vfio_root"], ctx.node)
         devices = asroot.vfio_plan(root, [g.pci for g in ctx.gpus])
         held = asroot.vfio_busy([g.device for g in ctx.gpus])
