@@ -98,9 +98,15 @@ def test_a_gpu_that_does_not_come_back_drains_the_node_with_the_reason(cluster, 
                  "node2 drained", 60)
         reason = cluster.run(["sinfo", "-h", "-n", "node2", "-o", "%E"]).stdout
         assert f"GPU {GPU}: not given back to nvidia" in reason, reason
+        job = re.search(r"job (\d+)", p.stderr).group(1)
+        record = os.path.join(cluster.sb.state, "runtime", "node2", ".root", f"{job}.json")
+        assert os.path.exists(record)  # kept: what is still to give back
     finally:
-        os.unlink(stuck)
-        with open(fake(cluster, "sys/bus/pci/drivers_probe"), "w") as f:
-            f.write(GPU)
-        cluster.resume_until_stable("node2")
+        os.unlink(stuck)  # the admin's fix; reconcile then gives the GPU back
+    out = cluster.run([cluster.sb.charlie_bin(), "reconcile", "--node", "node2",
+                       "--min-age", "0"])
+    assert out.returncode == 0 and f"leftover job {job}: cleaned" in out.stdout, \
+        out.stdout + out.stderr
+    assert not os.path.exists(record)
     assert driver(cluster, GPU) == "nvidia"
+    cluster.resume_until_stable("node2")
