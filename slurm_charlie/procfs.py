@@ -88,6 +88,15 @@ def _status_uids(pid: int) -> tuple[int, ...] | None:
     return None
 
 
+def comm_of(pid: int, missing: str = "?") -> str:
+    """pid's command name, for the log (missing when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return missing
+
+
 def exe_of(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/exe")

@@ -9,7 +9,7 @@ import stat
 import time
 
 from . import asroot, layout
-from .procfs import fd_targets, is_exiting, pids_of, proc_stat
+from .procfs import comm_of, fd_targets, is_exiting, pids_of, proc_stat
 
 
 SHM_DIR = "/dev/shm"
@@ -57,7 +57,7 @@ def user_busy_elsewhere(root: str, job_id: str, uid: int, node: str) -> str | No
             continue  # another slurmd's process on this host
         if mark not in cg and not is_exiting(pid) and _slurmd_of(pid) in (None, ours):
             where = " ".join(sorted({p.rstrip("/") or "/" for p in paths}))
-            return f"process {pid} ({_comm(pid)}) of the user runs outside the job (cgroup {where})"
+            return f"process {pid} ({comm_of(pid)}) of the user runs outside the job (cgroup {where})"
     return None
 
 
@@ -65,22 +65,13 @@ def _slurmd_of(pid: int) -> int | None:
     """The slurmd pid is a descendant of (a hook's helper), None if none."""
     seen = 0
     while pid > 1 and seen < 64:
-        if _comm(pid) == "slurmd":
+        if comm_of(pid) == "slurmd":
             return pid
         fields = proc_stat(pid)
         if fields is None:
             return None
         pid, seen = int(fields[1]), seen + 1
     return None
-
-
-def _comm(pid: int) -> str:
-    """pid's command name, for the log."""
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
 
 
 def _shm_name(rest: str) -> str:

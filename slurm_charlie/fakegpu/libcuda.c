@@ -160,26 +160,28 @@ CUresult cuDeviceGet(CUdevice *device, int ordinal)
     return CUDA_SUCCESS;
 }
 
-CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice device)
+/* the checks every per-device call makes, in CUDA's order */
+static CUresult check(const void *out, CUdevice device)
 {
     if (ngpus < 0)
         return CUDA_ERROR_NOT_INITIALIZED;
-    if (uuid == NULL)
+    if (out == NULL)
         return CUDA_ERROR_INVALID_VALUE;
-    if (device < 0 || device >= ngpus)
-        return CUDA_ERROR_INVALID_DEVICE;
-    memcpy(uuid->bytes, uuid_bytes[device], 16);
-    return CUDA_SUCCESS;
+    return device < 0 || device >= ngpus ? CUDA_ERROR_INVALID_DEVICE : CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice device)
+{
+    CUresult rc = check(uuid, device);
+    if (rc == CUDA_SUCCESS)
+        memcpy(uuid->bytes, uuid_bytes[device], 16);
+    return rc;
 }
 
 CUresult cuDeviceGetName(char *name, int len, CUdevice device)
 {
-    if (ngpus < 0)
-        return CUDA_ERROR_NOT_INITIALIZED;
-    if (name == NULL || len <= 0)
-        return CUDA_ERROR_INVALID_VALUE;
-    if (device < 0 || device >= ngpus)
-        return CUDA_ERROR_INVALID_DEVICE;
-    snprintf(name, (size_t)len, "slurm-charlie sandbox GPU");
-    return CUDA_SUCCESS;
+    CUresult rc = check(len > 0 ? name : NULL, device);
+    if (rc == CUDA_SUCCESS)
+        snprintf(name, (size_t)len, "slurm-charlie sandbox GPU");
+    return rc;
 }

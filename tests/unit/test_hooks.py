@@ -288,7 +288,7 @@ def test_the_slurmd_a_helper_runs_under():
                                   stdout=subprocess.PIPE, text=True)
         child = int(parent.stdout.readline())
         try:
-            while shm_mod._comm(child) != "sleep":  # forked, exec'd soon
+            while shm_mod.comm_of(child) != "sleep":  # forked, exec'd soon
                 time.sleep(0.01)
             assert shm_mod._slurmd_of(child) == parent.pid
             assert shm_mod._slurmd_of(parent.pid) == parent.pid

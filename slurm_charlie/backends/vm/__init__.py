@@ -32,6 +32,7 @@ from ...files import lstat_in_job, read_tail, write_file
 from ...log import log
 from ...meta import addresses, guest_mac
 from ...options import Options
+from ...procfs import comm_of
 from ...proc import call_as
 from ..base import Backend, Context
 from . import disks, helpers, jobend, qemu, sizing
@@ -189,7 +190,7 @@ class VMBackend(Backend):
         if held:
             dev, pids = next(iter(held.items()))
             raise NodeFault(f"GPU {dev}", "in use: a guest cannot take it",
-                            f"pid {' '.join(map(str, pids))} ({_comm(pids[0])})",
+                            f"pid {' '.join(map(str, pids))} ({comm_of(pids[0], 'gone')})",
                             hint="nothing on a node that gives GPUs to VM jobs may hold "
                             "them open: no persistence daemon (nvidia-persistenced), no "
                             "monitoring agent (docs/admin.rst \"GPUs in VMs\")")
@@ -217,12 +218,4 @@ class VMBackend(Backend):
                 fault = fault or e
         if fault is not None:
             raise fault
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "gone"
 
