@@ -70,11 +70,19 @@ def pids_of(uid: int) -> list[int]:
 
 
 def fd_targets(pid: int | str) -> list[str]:
-    """Where pid's open file descriptors point ([] when unreadable)."""
+    """Where pid's open file descriptors point ([] when unreadable; a
+    descriptor closed meanwhile is left out, not the others with it)."""
     try:
-        return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return []
+    out = []
+    for fd in fds:
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
 
 
 def _status_uids(pid: int) -> tuple[int, ...] | None:

@@ -250,11 +250,13 @@ class Sandbox:
 
     @property
     def gpus_per_node(self) -> int:
-        """Fake GPUs each node declares: FAKE_GPUS where Slurm's cgroup v1
-        devices controller can confine them (this machine), none elsewhere
-        (the Debian 13 lane: v2's device filter is not set up there yet)."""
+        """Fake GPUs each node declares: FAKE_GPUS where Slurm can confine
+        devices -- cgroup v1's devices controller (this machine), cgroup v2's
+        device filter (eBPF: the Debian 13 lane) -- none elsewhere."""
         if self.cgroup_mode == "v1" and os.access("/sys/fs/cgroup/devices/cgroup.procs",
                                                   os.W_OK):
+            return FAKE_GPUS
+        if self.cgroup_mode == "v2":
             return FAKE_GPUS
         return 0
 
@@ -420,7 +422,9 @@ class Sandbox:
                     "# a job opens only its own GPUs (the fake ones in gres.conf)\n"
                     "ConstrainDevices=yes\n" if self.gpus_per_node else "")
         text = head + "# system.slice/<node>_slurmstepd.scope/job_J/step_S/user/task_T\n" \
-            "CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\n"
+            "CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\n" + (
+                "# a job opens only its own GPUs (v2: Slurm's eBPF device filter)\n"
+                "ConstrainDevices=yes\n" if self.gpus_per_node else "")
         return text + ("EnableControllers=yes\n" if slurm_version() >= (23, 2)
                        else "CgroupAutomount=yes\n")
 

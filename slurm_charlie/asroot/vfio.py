@@ -32,6 +32,7 @@ import time
 
 from ..errors import NodeFault, UserError
 from ..log import log
+from ..procfs import fd_targets, ns_inode
 
 BRIDGE = 0x0604
 VFIO = "vfio-pci"
@@ -155,30 +156,20 @@ def plan(root: str, gpus: list[str]) -> list[Device]:
 
 
 def busy(devices: list[str]) -> dict[str, list[int]]:
-    """{device node: pids of the node that have it open} for the GPUs'
-    device nodes (a guest cannot take a GPU a process uses)."""
-    want = {}
-    for d in devices:
-        try:
-            st = os.stat(d)
-        except OSError:
-            continue
-        if stat.S_ISCHR(st.st_mode):
-            want[st.st_rdev] = d
+    """{device node: pids that have it open} for the GPUs' device nodes (a
+    guest cannot take a GPU a process uses; the driver would not let it
+    go).  By the links in /proc/PID/fd, never stat (a FUSE file a user
+    holds open could make root wait forever), and only for processes in
+    root's own mount namespace (in its own, a user can make any path name
+    anything)."""
+    want = set(devices)
+    ours = ns_inode("self", "mnt")
     found: dict[str, list[int]] = {}
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev in want:
-                found.setdefault(want[st.st_rdev], []).append(int(pid))
-                break
+        hit = want.intersection(fd_targets(pid))
+        if hit and ns_inode(pid, "mnt") == ours:
+            for d in hit:
+                found.setdefault(d, []).append(int(pid))
     return found
 
 

@@ -105,3 +105,32 @@ def test_an_images_ldconfig_that_never_returns_is_cut_short(cluster, base):
     assert "warning: the image's ldconfig did not update its loader cache for " \
         "/usr/lib/x86_64-linux-gnu (no answer in 20 s)" in out, out
     settled(cluster)
+
+
+def test_a_user_cannot_make_a_gpu_look_busy_from_their_own_namespace(tmp_path):
+    """A VM job's prolog refuses a GPU a process holds open: a user who
+    mounts their own /dev in a namespace of theirs and opens a file named
+    like the GPU's device node is not taken for such a process (else any
+    user could fail every VM job with GPUs), while a process that holds the
+    real node in root's namespace is."""
+    import subprocess
+    from helpers.cluster import USER
+    from slurm_charlie.asroot import vfio
+    name = "/dev/charlie-test-gpu0"
+    fake = subprocess.Popen(
+        ["runuser", "-u", USER, "--", "unshare", "--user", "--map-root-user", "--mount",
+         "sh", "-c", f"mount -t tmpfs x /dev && : > {name} && exec 3<{name} && "
+         "echo ready && exec sleep 60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline().strip() == "ready"
+        kids = subprocess.run(["pgrep", "-P", str(fake.pid)], capture_output=True,
+                              text=True).stdout.split()
+        holders = [int(p) for p in [str(fake.pid), *kids]]
+        assert any(name in vfio.fd_targets(p) for p in holders)  # the bait is there
+        assert vfio.busy([name]) == {}
+        with open("/dev/null") as f:  # root's namespace: the real thing counts
+            assert os.getpid() in vfio.busy(["/dev/null"])["/dev/null"]
+            assert not f.closed
+    finally:
+        fake.kill()
+        fake.wait()

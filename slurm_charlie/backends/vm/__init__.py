@@ -189,7 +189,9 @@ class VMBackend(Backend):
         held = asroot.vfio_busy([g.device for g in ctx.gpus])
         if held:
             dev, pids = next(iter(held.items()))
-            raise NodeFault(f"GPU {dev}", "in use: a guest cannot take it",
+            # the job fails, the node stays: with ConstrainDevices off a user's
+            # process could hold it, and no user may drain a node
+            raise UserError(f"GPU {dev}", "in use: a guest cannot take it",
                             f"pid {' '.join(map(str, pids))} ({comm_of(pids[0], 'gone')})",
                             hint="nothing on a node that gives GPUs to VM jobs may hold "
                             "them open: no persistence daemon (nvidia-persistenced), no "
