@@ -332,9 +332,9 @@ def gpu_kinds(cluster, gpu_image):
     shutil.rmtree(stock, ignore_errors=True)
     shutil.copytree(img, stock, symlinks=True)
     shutil.rmtree(os.path.join(stock, "ch"))
-    out = {"squashfs": os.path.join(wd, "full.sqfs"), "stock squashfs":
+    out = {"squashfs": os.path.join(wd, "full.sqfs"), "stock-squashfs":
            os.path.join(wd, "stock.sqfs"), "archive": os.path.join(wd, "img.tar")}
-    for src, dst in ((full, out["squashfs"]), (stock, out["stock squashfs"])):
+    for src, dst in ((full, out["squashfs"]), (stock, out["stock-squashfs"])):
         if os.path.exists(dst):
             os.unlink(dst)
         subprocess.run(["mksquashfs", src, dst, "-quiet", "-no-progress"], check=True,
@@ -345,7 +345,7 @@ def gpu_kinds(cluster, gpu_image):
     return wd, out
 
 
-@pytest.mark.parametrize("kind", ["squashfs", "stock squashfs", "archive"])
+@pytest.mark.parametrize("kind", ["squashfs", "stock-squashfs", "archive"])
 def test_every_image_kind_gets_the_gpus_files(cluster, gpu_kinds, kind):
     """The same edits whatever the image is: a squashfs goes under an
     overlay (squashfuse) instead of being mounted by ch-run as it is, an

@@ -55,7 +55,7 @@ DEFAULT_TESTS = ["tests/trixie/test_v2.py", "tests/trixie/test_demo.py",
                  "tests/cluster/test_gpu_jobs.py::"
                  "test_a_second_job_on_the_node_sees_the_other_gpu",
                  "tests/cluster/test_gpu_jobs.py::"
-                 "test_every_image_kind_gets_the_gpus_files[stock squashfs]",
+                 "test_every_image_kind_gets_the_gpus_files[stock-squashfs]",
                  # the warm hook server on 24.11 and cgroup v2 (Python 3.13)
                  "tests/unit/test_warm.py", "tests/cluster/test_warm_hooks.py",
                  # last: it leaves node3 drained and Slurm reconfigured
