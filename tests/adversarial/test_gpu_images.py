@@ -117,10 +117,12 @@ def test_a_user_cannot_make_a_gpu_look_busy_from_their_own_namespace(tmp_path):
     from helpers.cluster import USER
     from slurm_charlie.asroot import vfio
     name = "/dev/charlie-test-gpu0"
+    import signal
     fake = subprocess.Popen(
         ["runuser", "-u", USER, "--", "unshare", "--user", "--map-root-user", "--mount",
          "sh", "-c", f"mount -t tmpfs x /dev && : > {name} && exec 3<{name} && "
-         "echo ready && exec sleep 60"], stdout=subprocess.PIPE, text=True)
+         "echo ready && exec sleep 60"], stdout=subprocess.PIPE, text=True,
+        start_new_session=True)  # its own group: runuser's children go with it
     try:
         assert fake.stdout.readline().strip() == "ready"
         kids = subprocess.run(["pgrep", "-P", str(fake.pid)], capture_output=True,
@@ -132,5 +134,12 @@ def test_a_user_cannot_make_a_gpu_look_busy_from_their_own_namespace(tmp_path):
             assert os.getpid() in vfio.busy(["/dev/null"])["/dev/null"]
             assert not f.closed
     finally:
-        fake.kill()
+        os.killpg(fake.pid, signal.SIGKILL)
         fake.wait()
+        for _ in range(500):  # nothing of the user's may outlive the test
+            if subprocess.run(["pgrep", "-s", str(fake.pid)],
+                              capture_output=True).returncode != 0:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"session {fake.pid} still has processes")
