@@ -613,6 +613,14 @@ def check_sources(edits: Edits, path: str) -> None:
         raise fail("intelRdt", "not supported by slurm-charlie")
 
 
+def combine(parts: Iterable[tuple[str, Edits]]) -> Edits:
+    """The edits of Registry.resolve_parts() as one."""
+    out = Edits()
+    for _, edits in parts:
+        out = out + edits
+    return out
+
+
 @dataclasses.dataclass
 class Registry:
     """The devices of every spec found, by qualified name
@@ -630,10 +638,7 @@ class Registry:
         """The edits for these devices: each spec's own edits once, then
         each device's, in the order asked; with check, every host path in
         them checked (check_sources)."""
-        out = Edits()
-        for _, edits in self.resolve_parts(names, check):
-            out = out + edits
-        return out
+        return combine(self.resolve_parts(names, check))
 
     def resolve_parts(self, names: Iterable[str], check: bool = False
                       ) -> list[tuple[str, Edits]]:

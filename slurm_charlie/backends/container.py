@@ -520,9 +520,7 @@ class ContainerBackend(Backend):
         from .. import cdi, gpus
         names = gpus.cdi_names(list(ctx.gpus), ctx.cfg["gpu.cdi_kind"])
         parts = cdi.load_dirs(dirs).resolve_parts(names, check=True)
-        edits = cdi.Edits()
-        for _, e in parts:
-            edits = edits + e
+        edits = cdi.combine(parts)
         plan = cdimount.plan_all(parts)
         log.info("CDI edits for the job's GPUs (%s): %d device node(s), %d mount(s), "
                  "%d link(s), %d variable(s), loader cache for %s", " ".join(names),
