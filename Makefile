@@ -12,7 +12,8 @@ APT_PACKAGES := slurmctld slurmd slurm-client munge libslurm-dev libpmi2-0-dev \
 	iproute2 util-linux gcc libc6-dev make python3-venv charliecloud-runtime mpich libmpich-dev \
 	busybox-static squashfs-tools qemu-system-x86 qemu-utils cpio debootstrap e2fsprogs kmod \
 	openmpi-bin libopenmpi-dev extlinux syslinux-common nftables iputils-ping \
-	docker-registry skopeo umoci squashfuse apache2-utils zstd fuse3
+	docker-registry skopeo umoci squashfuse apache2-utils zstd fuse3 \
+	slurmdbd slurmrestd mariadb-server mariadb-client lua5.1
 
 TRIXIE_ARGS ?=
 .PHONY: all guest trixie-node test-trixie test-trixie-vm print-apt-packages deps venv shim shim-other-slurm sandbox-up sandbox-down demo test unit cluster bench churn \

@@ -22,25 +22,60 @@ HOOKS = ("prolog", "epilog")
 
 # --- subcommands ----------------------------------------------------------
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _checked_pairs(words: Sequence[str], nodes: int | None) -> list[tuple[str, str]]:
+    """--charlie-* words (and CHARLIE_* variables) checked as at submit ->
+    the pairs the prolog reads."""
     from . import log as logmod
     from . import options, validate
     logmod.setup("info", stderr=True)  # warnings reach the submitting user
-    cmdline = options.parse_argv(args.options)
+    cmdline = options.parse_argv(words)
     merged = options.merge(cmdline, options.parse_user_env(os.environ))
     opts = options.build(merged)
     cfg = config.load()
-    resolved = validate.resolve(opts, cfg, cwd=os.getcwd(), num_nodes=args.nodes)
+    resolved = validate.resolve(opts, cfg, cwd=os.getcwd(), num_nodes=nodes)
     # an archive is hashed here, once, not on every node
     resolved = validate.submit_digest(resolved, cfg, validate.user_cache_home(os.environ))
+    return options.to_env(resolved)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    pairs = _checked_pairs(args.options, args.nodes)
     if args.emit:
-        for name, value in options.to_env(resolved):
+        for name, value in pairs:
             print(f"{name}={value}")
     else:
-        for name, value in options.to_env(resolved):
+        for name, value in pairs:
             print(f"{name}={value}", file=sys.stderr)
         print(f"{PROG}: options ok", file=sys.stderr)
     return 0
+
+
+def cmd_rest_json(args: argparse.Namespace) -> int:
+    """The spank_environment a REST client (Slurm >= 23.02) puts in its job."""
+    import json
+    from .errors import UserError
+    pairs = [f"{n}={v}" for n, v in _checked_pairs(args.options, args.nodes)]
+    if args.into:
+        try:
+            with open(args.into) as f:
+                request = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(args.into, "not a readable JSON request", str(e)[:120]) from None
+        job = request.get("job") if isinstance(request, dict) else None
+        if not isinstance(job, dict):
+            raise UserError(args.into, "has no \"job\" object",
+                            hint="give the body you POST to /slurm/v0.0.4x/job/submit")
+        job["spank_environment"] = pairs
+        json.dump(request, sys.stdout, indent=2)
+    else:
+        json.dump({"spank_environment": pairs}, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from . import accounting
+    return accounting.jobs_main(args.since, args.all_users, args.jobs, args.json)
 
 
 def cmd_prolog(args: argparse.Namespace) -> int:
@@ -301,6 +336,12 @@ def build_parser(validate_only: bool = False) -> argparse.ArgumentParser:
                    "(default: this one)")
     i.add_argument("--conf", help="site config the hooks use "
                    f"(default: ${config.ENV_VAR} or {config.DEFAULT_PATH})")
+    i.add_argument("--job-submit-dir", metavar="DIR",
+                   help="slurmctld's configuration directory (where slurm.conf is, "
+                   "default /etc/slurm): write the submit gate there "
+                   "(slurm_charlie_gate.lua, and job_submit.lua unless the site has one)")
+    i.add_argument("--no-gate", action="store_true",
+                   help="do not write the submit gate (a compute node)")
     i.set_defaults(func=cmd_install_hooks)
 
     s = sub.add_parser("sandbox", help="a real multi-node Slurm on this machine")
@@ -340,6 +381,25 @@ def build_parser(validate_only: bool = False) -> argparse.ArgumentParser:
     gs.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="a variable for every GPU job's tasks (repeatable)")
     gs.set_defaults(func=cmd_gpu_spec)
+
+    rj = sub.add_parser("rest-json", help="check --charlie-* options as at submit and "
+                        "print the spank_environment a REST job request carries "
+                        "(Slurm 23.02 and later)")
+    rj.add_argument("--nodes", type=int, default=None, help="the job's node count")
+    rj.add_argument("--into", metavar="REQUEST.json", help="print this job request "
+                    "with spank_environment set in its \"job\"")
+    rj.add_argument("options", nargs="*", metavar="--charlie-NAME[=VALUE]")
+    rj.set_defaults(func=cmd_rest_json)
+
+    jb = sub.add_parser("jobs", help="recent charlie jobs from Slurm's accounting "
+                        "(sacct): type, image and digest")
+    jb.add_argument("-S", "--since", default="now-7days", help="sacct's start time "
+                    "(default now-7days)")
+    jb.add_argument("-a", "--all-users", action="store_true", help="every user's "
+                    "jobs (as sacct --allusers allows)")
+    jb.add_argument("-j", "--jobs", action="append", default=[], metavar="JOBID")
+    jb.add_argument("--json", action="store_true", help="JSON instead of a table")
+    jb.set_defaults(func=cmd_jobs)
 
     st = sub.add_parser("status", help="charlie job directories on this node")
     st.add_argument("--node", help="node name (default: short hostname)")
@@ -422,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(validate_only=bool(argv) and argv[0] == "validate")
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "validate":
+        if args.command not in ("validate", "rest-json"):
             parser.error("unrecognized arguments: " + " ".join(extra))
         args.options = list(args.options) + extra
     from .jobenv import ids

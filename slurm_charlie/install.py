@@ -102,6 +102,12 @@ def main(args: argparse.Namespace) -> int:
                f"CHARLIE_PYTHON={shlex.quote(python_of(bin_))}\n"
                f"SLURM_CHARLIE_CONF={shlex.quote(conf)}\n", 0o644)
         update_plugstack(args.plugstack, line)
+    gate_dir = None if args.no_gate else os.path.abspath(
+        args.job_submit_dir or os.path.dirname(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")))
+    if gate_dir is not None and args.apply:
+        from . import gate
+        for path in gate.install(gate_dir, gate.slurm_version()):
+            print(f"# wrote {path}")
     verb = "wrote" if args.apply else "would write"
     print(f"# {verb} hooks, dispatchers and shim in {hook_dir}/")
     print(f"# plugstack.conf ({args.plugstack}) {'has' if args.apply else 'needs'} this line:")
@@ -113,5 +119,29 @@ def main(args: argparse.Namespace) -> int:
     print("                           # start while prologs run: steps still wait per node")
     print("# or PrologFlags=Alloc,Contain: sstat/sacct then count guests and holders")
     print("#                           in the J.extern step (Slurm refuses NoHold with it)")
+    if gate_dir is not None:
+        _print_gate(gate_dir, args.apply)
     print(f"# site config: {conf} ({'found' if os.path.exists(conf) else 'absent: defaults apply'})")
     return 0
+
+
+def _print_gate(gate_dir: str, applied: bool) -> None:
+    """The submit gate's lines, and what keeps it from running."""
+    from . import gate
+    print("# the submit gate (slurmctld's host; docs/admin.rst, \"The submit gate\"):")
+    print("JobSubmitPlugins=lua        # with the site's others, comma-separated")
+    conf = os.path.join(gate_dir, "slurm.conf")
+    try:
+        with open(conf) as f:
+            text: str | None = f.read()
+    except OSError:
+        text = None
+    if not applied:
+        print(f"# would write {os.path.join(gate_dir, gate.GATE_FILE)}")
+        return
+    problems = gate.check_installed(gate_dir, text)
+    for p in problems:
+        print(f"# gate: to do: {p}")
+    if not problems:
+        print(f"# gate: installed in {gate_dir} and called by its job_submit.lua"
+              + ("" if text is not None else f" (no slurm.conf in {gate_dir} to check)"))

@@ -106,6 +106,10 @@ class Sandbox:
         self.runtime_root = os.path.join(self.state, "runtime", "%n")
         #: a directory with vmlinuz and initrd.img (make guest) turns VM jobs on
         self.guest_dir = guest_dir or saved.get("guest_dir")
+        from .sandboxdb import Services
+        #: MariaDB, slurmdbd and slurmrestd (slurm_charlie/sandboxdb.py)
+        self.db = Services(self.state, CTL_ADDR, self.munge_socket, _alive, self._wait,
+                           self._env)
 
     # -- bookkeeping --------------------------------------------------------
     def _p(self, *parts: str) -> str:
@@ -119,7 +123,8 @@ class Sandbox:
 
     def env(self) -> dict[str, str]:
         return {"SLURM_CONF": self.conf, "SLURM_CHARLIE_CONF": self.charlie_conf,
-                "SLURM_CHARLIE_SANDBOX": self.state, "CHARLIE_SANDBOX_REGISTRY": REGISTRY}
+                "SLURM_CHARLIE_SANDBOX": self.state, "CHARLIE_SANDBOX_REGISTRY": REGISTRY,
+                **self.db.env()}
 
     def default_prolog_flags(self) -> str:
         """Alloc,Contain where Slurm keeps cgroups (the extern step adopts
@@ -145,11 +150,12 @@ class Sandbox:
     def preflight(self) -> None:
         if os.geteuid() != 0:
             raise NodeFault("sandbox", "must run as root", hint="sudo make demo")
-        missing = [p for p in NEEDED if shutil.which(p) is None]
+        missing = [p for p in NEEDED if shutil.which(p) is None] + self.db.missing()
         if missing:
             raise NodeFault("sandbox", "programs missing", " ".join(missing),
                             hint="run `make deps` (installs Debian's slurmctld, "
-                                 "slurmd, munge, iproute2, util-linux)")
+                                 "slurmd, slurmdbd, slurmrestd, mariadb-server, munge, "
+                                 "iproute2, util-linux)")
         self.check_own_name()
 
     @staticmethod
@@ -192,8 +198,10 @@ class Sandbox:
                        munge_socket=self.munge_socket, state=self.state,
                        hooks=hooks, hook_dir=self.hook_dir, nodes=self.nodes,
                        cpus=2, cgroups=self.cgroups, gpus=self.gpus_per_node,
-                       prolog_flags=self.default_prolog_flags())
+                       prolog_flags=self.default_prolog_flags(),
+                       accounting=self.db.slurm_conf_lines())
         self._write(self.conf, text)
+        self.db.write_files()
         self._write(os.path.join(os.path.dirname(self.conf), "gres.conf"), self._write_gpus())
         if self.cgroups:
             self._write(os.path.join(os.path.dirname(self.conf), "cgroup.conf"),
@@ -241,7 +249,8 @@ class Sandbox:
         # (the Debian 13 lane shares a Debian 12 checkout): CHARLIE_SANDBOX_SO
         so = os.environ.get("CHARLIE_SANDBOX_SO")
         _run(cmd + ["install-hooks", "--apply", "--hook-dir", self.hook_dir,
-                    "--plugstack", plugstack, "--conf", self.charlie_conf]
+                    "--plugstack", plugstack, "--conf", self.charlie_conf,
+                    "--job-submit-dir", self._p("etc")]
              + (["--so", so] if so else []),
              env={**os.environ, "SLURM_CHARLIE_CONF": self.charlie_conf})
         self._write(self._p("sandbox.json"), json.dumps({"nodes": self.nnodes,
@@ -663,10 +672,22 @@ class Sandbox:
         self.net_up()
         self.start_registry()
         self.start_fakesys()
+        self.db.start_mariadb()
+        self.db.start_slurmdbd()
+        self.db.add_associations("charlie-sandbox", ["root", USER])
         self.start_slurm()
+        self.db.start_slurmrestd(self.openapi_plugins())
         for n in self.nodes:  # a node drained by an earlier run comes back
             _run(["scontrol", "update", f"NodeName={n.name}", "State=RESUME"],
                  check=False, env=self._env())
+
+    @staticmethod
+    def openapi_plugins() -> list[str]:
+        """slurmrestd's plugins: the versioned ones of 22.05, the
+        data_parser based ones from 23.11 on."""
+        if slurm_version() >= (23, 11):
+            return ["openapi/slurmctld", "openapi/slurmdbd"]
+        return ["openapi/v0.0.38", "openapi/dbv0.0.38"]
 
     FUSE = "/dev/fuse"
 
@@ -759,7 +780,10 @@ class Sandbox:
                 continue
             if any(self.state in c for c in cmd) and os.path.basename(cmd[0]) in (
                     "slurmctld", "slurmd", "slurmstepd", "munged",
-                    "qemu-system-x86_64"):
+                    "qemu-system-x86_64", "mariadbd"):
+                out.append(f"process {d} {os.path.basename(cmd[0])}")
+            elif os.path.basename(cmd[0]) in ("slurmdbd", "slurmrestd") \
+                    and self._has_env(d, f"SLURM_CONF={self.conf}"):
                 out.append(f"process {d} {os.path.basename(cmd[0])}")
             elif "slurm_charlie.warm_main" in " ".join(cmd[:3]) and len(cmd) > 3 \
                     and re.fullmatch(r"node\d+", cmd[3]):
@@ -772,6 +796,14 @@ class Sandbox:
         if os.path.exists(self.state):
             out.append(f"directory {self.state}")
         return out
+
+    @staticmethod
+    def _has_env(pid: str, entry: str) -> bool:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return entry.encode() in f.read().split(b"\0")
+        except OSError:
+            return False
 
     def nodes_on_disk(self) -> list[str]:
         try:
@@ -813,6 +845,11 @@ class Sandbox:
             except ProcessLookupError:
                 pass
 
+    @property
+    def db_port(self) -> int:
+        from .sandboxdb import DB_PORT
+        return DB_PORT
+
     def status(self) -> int:
         ok = True
         print(f"state directory: {self.state}")
@@ -825,6 +862,14 @@ class Sandbox:
         reg = _alive(self._p("run", "registry.pid"))
         print(f"registry:  {'running, pid %d (%s)' % (reg, REGISTRY) if reg else 'stopped'}")
         ok &= bool(reg)
+        for name, pidfile, where in (
+                ("mariadb", "mariadb.pid", f"127.0.0.1:{self.db_port}"),
+                ("slurmdbd", "slurmdbd.pid", ""),
+                ("slurmrestd", "slurmrestd.pid", self.db.rest_url)):
+            pid = _alive(self._p("run", pidfile))
+            print(f"{name + ':':<11}{'running, pid %d' % pid if pid else 'stopped'}"
+                  + (f" ({where})" if pid and where else ""))
+            ok &= bool(pid)
         states = self.node_states() if ctl else {}
         for n in self.nodes:
             pid = _alive(self._p("run", f"slurmd-{n.name}.pid"))

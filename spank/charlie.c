@@ -80,6 +80,15 @@ static int opt_cb(int val, const char *optarg, int remote)
     if (remote || val < 0 || (size_t)val >= CHARLIE_NOPTS)
         return 0;
     o = &charlie_opts[val];
+    /* scrontab parses #SCRON options but never runs init_post_opt: the
+     * options would be dropped and the entry run on the bare host */
+    if (strcmp(program_invocation_short_name, "scrontab") == 0) {
+        slurm_error(PFX ": --%s: scrontab cannot run charlie jobs (it never checks "
+                    "their options)", o->name);
+        slurm_error(PFX ": hint: let the entry run `sbatch --%s=... script` instead, "
+                    "or use sbatch --begin for a one-off", o->name);
+        return -1;
+    }
     if (optarg && strpbrk(optarg, "\r\n")) {
         slurm_error(PFX ": --%s: value contains a newline", o->name);
         return -1;
@@ -239,6 +248,27 @@ static int misspelt_var(void)
                 return 1;
             }
         }
+    }
+    return 0;
+}
+
+/* The name of the first option variable in the task's environment
+ * (CHARLIE_IMAGE=...), written to buf; 0 when there is none. */
+static int task_asks_charlie(spank_t sp, char *buf, size_t size)
+{
+    char value[16];
+    size_t i, j;
+
+    for (i = 0; i < CHARLIE_NOPTS; i++) {
+        const char *n = charlie_opts[i].name + 8;  /* after "charlie-" */
+        if (8 + strlen(n) >= size)
+            continue;
+        memcpy(buf, "CHARLIE_", 8);
+        for (j = 0; n[j]; j++)
+            buf[8 + j] = n[j] == '-' ? '_' : (char)toupper((unsigned char)n[j]);
+        buf[8 + j] = '\0';
+        if (spank_getenv(sp, buf, value, sizeof(value)) != ESPANK_ENV_NOEXIST)
+            return 1;
     }
     return 0;
 }
@@ -676,13 +706,25 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         show_job_file(sp, CHARLIE_RUN_NOTICE);
     if (job_file(sp, CHARLIE_RUN_TASK_ENV, path, sizeof(path)) < 0 ||
         (f = fopen(path, "re")) == NULL) {
-        char marker[8];
+        char marker[8], marker_name[64];
         /* a charlie job whose prolog did not finish here must not run as if
          * it were a plain job */
         if (spank_getenv(sp, "SLURM_SPANK_CHARLIE", marker, sizeof(marker)) == ESPANK_SUCCESS) {
             fprintf(stderr, PFX ": error: this node was not prepared for the job "
                     "(%s missing)\n" PFX ": hint: the node's slurm-charlie log says "
                     "why\n", path);
+            return -1;
+        }
+        /* it asks for charlie but came by a path that never checked its
+         * options (slurmrestd, a login host without the shim, a step whose
+         * variables were set after the allocation): not on the bare host */
+        if (task_asks_charlie(sp, marker_name, sizeof(marker_name))) {
+            fprintf(stderr, PFX ": error: %s is set, but this job was not submitted as a "
+                    "charlie job (it came by the REST API, from a host without "
+                    "slurm-charlie, or the variable was set inside the allocation); "
+                    "refusing to run it on the bare host\n"
+                    PFX ": hint: submit with sbatch or salloc where slurm-charlie is "
+                    "installed, or unset %s\n", marker_name, marker_name);
             return -1;
         }
         return 0;  /* not a charlie job */

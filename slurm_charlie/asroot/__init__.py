@@ -13,7 +13,7 @@ not listed here.  docs/root-operations.rst is generated from this table
 
 Rooms: records (root's own record of a job), jobdir (the job directory and
 root's other directories), procs (spawn, wait, signal, stop), cgroup (the
-job's cgroups), vfio (a VM job's GPUs), node (drain), fuse (stalled FUSE
+job's cgroups), vfio (a VM job's GPUs), node (drain, accounting), fuse (stalled FUSE
 connections), jobnet (the job network), background (the
 prolog's lock file and its background child), warm (the node's warm hook
 server).
@@ -114,6 +114,9 @@ OPERATIONS: dict[str, tuple[str, str, str]] = {
     # the node
     "drain": ("node", "drain", "take the node out of service (scontrol) with a reason that "
               "says what to fix"),
+    "note_job": ("node", "note_job", "add the job's charlie(type, image, digest) part to its "
+                 "AdminComment (squeue --json, scontrol update), keeping other text; job's "
+                 "first node only"),
     # the job network
     "create_job_network": ("jobnet", "create", "make the job's VXLAN, bridge, TAP and nftables "
                            "rules, and the ssh relay's namespace"),

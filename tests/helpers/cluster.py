@@ -272,6 +272,20 @@ def build_gpu_image(path: str, probe: str, ldconfig: bool = True) -> str:
     return path
 
 
+def private_conf(cluster: Cluster, wd: str, validator_lines: list[str]) -> str:
+    """The user's own SLURM_CONF with the real shim but a validator of their
+    own, which hands slurmctld and the prolog whatever it likes."""
+    fake = cluster.write(os.path.join(wd, "validator"), "#!/bin/sh\n" + "".join(
+        f"echo '{line}'\n" for line in validator_lines))
+    plug = open(os.path.join(cluster.sb.state, "etc", "plugstack.conf")).read()
+    plug = re.sub(r"bin=\S+", f"bin={fake}", plug)
+    cluster.write(os.path.join(wd, "plugstack.conf"), plug, 0o644)
+    conf = open(cluster.sb.conf).read()
+    conf = re.sub(r"(?m)^PlugStackConfig=.*$",
+                  f"PlugStackConfig={wd}/plugstack.conf", conf)
+    return cluster.write(os.path.join(wd, "slurm.conf"), conf, 0o644)
+
+
 def make_cluster() -> Cluster:
     sb = sbmod.Sandbox()
     if not os.path.exists(sb.conf) or sb.status() != 0:

@@ -26,7 +26,7 @@ def _sources():
 #: user, the root side's spawn (QEMU, holder: long-lived, recorded), and the
 #: developer sandbox (daemons in network namespaces); and the task agent,
 #: which runs inside the guest (root there, stdlib only, no package to import)
-SUBPROCESS_OK = {"proc.py", "asroot/procs.py", "sandbox.py", "guest/agent.py"}
+SUBPROCESS_OK = {"proc.py", "asroot/procs.py", "sandbox.py", "sandboxdb.py", "guest/agent.py"}
 
 
 def test_one_gate_for_commands():
@@ -174,6 +174,7 @@ NOT_ROOT = {
     "guest/pmifence.py": "inside the guest",
     "guest/wire.py": "inside the guest and the job user's relay",
     "sandbox.py": "the developer's cluster (make demo, make test)",
+    "sandboxdb.py": "the developer's cluster: its MariaDB, slurmdbd and slurmrestd",
     "fakesys.py": "the sandbox's fake sysfs and its fake kernel (make demo, make test)",
     "install.py": "the admin installing the hooks (install-hooks)",
     "vmbuild.py": "the admin or developer building a guest initrd",
