@@ -277,8 +277,9 @@ def test_sandbox_up_is_idempotent(cluster):
     bin_ = cluster.sb.charlie_bin()
     p = cluster.run([bin_, "sandbox", "up", "--nodes", str(cluster.sb.nnodes)])
     assert p.returncode == 0, p.stderr
-    # slurmctld, the image registry, the slurmds, and with fake GPUs their
-    # fake sysfs's kernel (slurm_charlie/fakesys.py)
-    assert len(pids) == 2 + cluster.sb.nnodes + (1 if cluster.sb.gpus_per_node else 0), pids
+    # slurmctld, the image registry, the slurmds, MariaDB, slurmdbd and
+    # slurmrestd, and with fake GPUs their fake sysfs's kernel
+    # (slurm_charlie/fakesys.py)
+    assert len(pids) == 5 + cluster.sb.nnodes + (1 if cluster.sb.gpus_per_node else 0), pids
     assert {f: open(f).read().split()[0] for f in pids} == pids  # nothing restarted
     assert cluster.sb.leftovers() != []  # the check sees a running sandbox

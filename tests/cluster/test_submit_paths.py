@@ -29,19 +29,8 @@ UID = pwd.getpwnam(USER).pw_uid
 
 
 # -- helpers -------------------------------------------------------------------
-def admin_comment(cluster, jobid: str, timeout: float = 30) -> str:
-    """The job's AdminComment as slurmdbd has it, once the job's end is there
-    (slurmctld sends its records to slurmdbd in the background)."""
-    end = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < end:
-        last = cluster.run(["sacct", "-X", "-n", "-P", "-j", jobid,
-                            "-o", "State,AdminComment"]).stdout.strip()
-        state = last.split("|", 1)[0]
-        if state and state not in ("PENDING", "RUNNING") and "|" in last:
-            return last.split("|", 1)[1]
-        time.sleep(0.3)
-    raise AssertionError(f"job {jobid} not ended in sacct after {timeout} s: {last!r}")
+def admin_comment(cluster, jobid: str) -> str:
+    return cluster.admin_comment(jobid)
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,20 @@ class Cluster:
             time.sleep(0.2)
         raise AssertionError(f"job {jobid} not done after {timeout} s: {self.job(jobid)}")
 
+    def admin_comment(self, jobid: str, timeout: float = 30) -> str:
+        """The job's AdminComment as slurmdbd has it, once the job's end is
+        there (slurmctld sends its records to slurmdbd in the background)."""
+        end = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < end:
+            last = self.run(["sacct", "-X", "-n", "-P", "-j", jobid,
+                             "-o", "State,AdminComment"]).stdout.strip()
+            state = last.split("|", 1)[0]
+            if state and state not in ("PENDING", "RUNNING") and "|" in last:
+                return last.split("|", 1)[1]
+            time.sleep(0.3)
+        raise AssertionError(f"job {jobid} not ended in sacct after {timeout} s: {last!r}")
+
     def wait_nodes_idle(self, timeout: float = 30) -> dict:
         end = time.monotonic() + timeout
         while time.monotonic() < end:

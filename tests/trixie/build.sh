@@ -4,7 +4,7 @@
 # MPICH, Open MPI 5, PMIx and the Python the project needs from Debian, its
 # kernel (uncompressed for PVH boot) and initramfs.  The checkout is not in
 # the image: the lane shares it in read-only (tests/trixie/lane.py).
-# Rebuilt only when missing or when NODE_VERSION changes.  Root, network to
+# Rebuilt only when missing, when NODE_VERSION or the package list changes.  Root, network to
 # the Debian mirror the machine already uses.
 set -eu
 DIR=$1
@@ -13,18 +13,20 @@ SRC=$(cd "$(dirname "$0")/../.." && pwd)
 NODE_VERSION=5  # raise when the root disk's contents change
 mkdir -p "$DIR"
 cd "$DIR"
-if [ "$(cat node.version 2>/dev/null)" = "$NODE_VERSION" ] && [ -e node.qcow2 ] \
+# what `make deps` installs on a Debian 13 host, plus the node's kernel and
+# the Python packages the lane uses instead of a venv from PyPI
+PKGS=$(make -s --no-print-directory -C "$SRC" print-apt-packages | tr -s ' ' ',')
+PKGS=$PKGS,linux-image-amd64,initramfs-tools,procps,psmisc,fuse3
+PKGS=$PKGS,python3-jinja2,python3-filelock,python3-cryptography,python3-pytest,python3-setuptools
+# a new package in the list makes a new node too
+STAMP="$NODE_VERSION $(echo "$PKGS" | sha256sum | cut -c1-16)"
+if [ "$(cat node.version 2>/dev/null)" = "$STAMP" ] && [ -e node.qcow2 ] \
         && [ -e vmlinux ] && [ -e initrd.img ]; then
     exit 0
 fi
 rm -f node.qcow2 vmlinux initrd.img node.version
 mirror=$("$SRC/tests/debian-mirror.sh")
 rm -rf rootfs
-# what `make deps` installs on a Debian 13 host, plus the node's kernel and
-# the Python packages the lane uses instead of a venv from PyPI
-PKGS=$(make -s --no-print-directory -C "$SRC" print-apt-packages | tr -s ' ' ',')
-PKGS=$PKGS,linux-image-amd64,initramfs-tools,procps,psmisc,fuse3
-PKGS=$PKGS,python3-jinja2,python3-filelock,python3-cryptography,python3-pytest,python3-setuptools
 echo "trixie node: debootstrap trixie from $mirror, then apt-get install"
 debootstrap --variant=minbase trixie rootfs "$mirror" > debootstrap.log 2>&1 \
     || { tail -20 debootstrap.log; exit 1; }
@@ -87,6 +89,6 @@ qemu-img convert -f raw -O qcow2 node.raw node.qcow2.tmp
 rm -f node.raw
 rm -rf rootfs
 mv node.qcow2.tmp node.qcow2
-echo "$NODE_VERSION" > node.version
+echo "$STAMP" > node.version
 cat versions.txt
 ls -la vmlinux initrd.img node.qcow2

@@ -13,7 +13,16 @@ import pytest
 
 from slurm_charlie import gate, options
 
-LUA = shutil.which("lua5.1")
+#: Debian's job_submit_lua.so links Lua 5.1; other builds link 5.3 or 5.4
+LUAS = ("lua5.1", "lua5.4")
+
+
+@pytest.fixture(params=LUAS)
+def lua(request):
+    path = shutil.which(request.param)
+    if path is None:
+        pytest.fail(f"{request.param} is not installed (make deps installs it)")
+    return path
 
 
 def lua_str(s: str) -> str:
@@ -23,8 +32,6 @@ def lua_str(s: str) -> str:
 
 def run_gate(tmp_path, env=None, script=None, spank=None, cron=False,
              version=(22, 5)) -> str | None:
-    if LUA is None:
-        pytest.fail("lua5.1 is not installed (make deps installs it)")
     path = tmp_path / "gate.lua"
     path.write_text(gate.render_gate(version))
     env_t = "{" + ", ".join(f"[{lua_str(k)}] = {lua_str(v)}" for k, v in (env or {}).items()) + "}"
@@ -40,9 +47,17 @@ local jd = {{ script = {lua_str(script) if script is not None else "nil"},
 local r = gate.check(jd)
 if r == nil then io.write("ACCEPT") else io.write(r) end
 """
-    p = subprocess.run([LUA, "-"], input=prog, capture_output=True, text=True, timeout=30)
+    p = subprocess.run([_LUA[0], "-"], input=prog, capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
     return None if p.stdout == "ACCEPT" else p.stdout
+
+
+_LUA: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(lua):
+    _LUA[:] = [lua]
 
 
 SHIM = ["CHARLIE=1", "CHARLIE_IMAGE=/home/u/img.sqfs", "CHARLIE_TYPE=container"]
@@ -120,11 +135,17 @@ def test_forged_spank_values_are_refused_by_name(tmp_path, spank, says):
     assert msg is not None and says in msg, msg
 
 
-def test_every_name_the_prolog_accepts_is_known_to_the_gate():
+def test_a_z_in_a_value_is_not_taken_for_a_nul(tmp_path):
+    assert run_gate(tmp_path, spank=["CHARLIE=1", "CHARLIE_IMAGE=/home/u/zz.sqfs"]) is None
+    assert "contains a newline or NUL" in run_gate(
+        tmp_path, spank=["CHARLIE=1", "CHARLIE_IMAGE=/a\0b"])
+
+
+def test_every_name_the_prolog_accepts_is_known_to_the_gate(lua):
     assert {n for n, _ in gate.spank_kinds()} == options._known_names()
 
 
-def test_the_wrapper_calls_the_gate_and_a_sites_own_script_is_kept(tmp_path):
+def test_the_wrapper_calls_the_gate_and_a_sites_own_script_is_kept(tmp_path, lua):
     gate.install(str(tmp_path), (22, 5))
     assert gate.CALL_MARK in (tmp_path / "job_submit.lua").read_text()
     conf = "JobSubmitPlugins=lua\n"

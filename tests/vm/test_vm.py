@@ -82,6 +82,8 @@ def test_batch_job_three_guests(cluster, guest):
     assert len(sums[0]) == 8 and sums[0] == sums[1] == sums[2], sums
     for g in range(3):
         assert f"charlie: guest {g} ready" in saved(wd, job, f"{g}_console.out")
+    # its one accounting line (docs/portals.rst, "Accounting")
+    assert cluster.admin_comment(job) == f"charlie(type=vm image={img} digest=none)"
     assert_clean(cluster, job)
 
 
