@@ -23,6 +23,8 @@ _SAFE = "/:@._-+=,~"
 _PART_RE = re.compile(r"charlie\(type=(\S+) image=(\S+) digest=(\S+)\)")
 #: longest AdminComment we write (Slurm keeps it in a TEXT column)
 MAX_LEN = 4000
+#: longest image we record, quoted (a path may be 4096 bytes, quoted thrice that)
+MAX_IMAGE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,12 @@ def entry(opts: options.Options) -> Entry:
 
 def part(e: Entry) -> str:
     q = lambda s: urllib.parse.quote(s, safe=_SAFE) or "none"  # noqa: E731
-    return f"charlie(type={q(e.type)} image={q(e.image)} digest={q(e.digest)})"
+    image = q(e.image)
+    if len(image) > MAX_IMAGE:  # cut where no %XX is split; the end says so
+        cut = image[:MAX_IMAGE - 3]
+        cut = cut[:cut.rfind("%")] if "%" in cut[-2:] else cut
+        image = cut + "..."
+    return f"charlie(type={q(e.type)} image={image} digest={q(e.digest)})"
 
 
 def merge(existing: str | None, e: Entry) -> str:

@@ -895,5 +895,7 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "env":
         for k, v in sb.env().items():
             print(f"export {k}={v}")
+        print(f"# REST: $CHARLIE_SANDBOX_REST with X-SLURM-USER-TOKEN from `scontrol token` "
+              f"(as {USER}); accounting: sacct, slurm-charlie jobs (docs/sandbox.rst)")
         return 0
     return sb.status()

@@ -31,14 +31,14 @@ def note_job(job_id: str, entry: "accounting.Entry") -> None:
     if not job_id.isdigit():
         return
     try:
-        p = run([slurm_tool("squeue"), "--json", "-j", job_id], timeout=30)
+        p = run([slurm_tool("squeue"), "--json", "-j", job_id], timeout=10)
         jobs = json.loads(p.stdout or b"{}").get("jobs") or []
         old = next((j.get("admin_comment") for j in jobs
                     if str(j.get("job_id")) == job_id), None)
         text = accounting.merge(old if isinstance(old, str) else None, entry)
         if text != old:
             run([slurm_tool("scontrol"), "update", f"JobId={job_id}",
-                 f"AdminComment={text}"], timeout=30)
+                 f"AdminComment={text}"], timeout=10)
     except (CharlieError, ValueError) as e:
         log.warning("could not note job %s in accounting: %s", job_id,
                     e.line() if isinstance(e, CharlieError) else e)

@@ -147,7 +147,8 @@ def node_tmpdir(cfg: Config, node: str, quiet: bool = False) -> str | None:
 
 
 def _mkdir_hint(image: str) -> str:
-    return "create them once: mkdir -p " + " ".join(os.path.join(image, m)
+    import shlex  # a path with a space stays one word when pasted
+    return "create them once: mkdir -p " + " ".join(shlex.quote(os.path.join(image, m))
                                                     for m in MOUNT_POINTS)
 
 

@@ -6,6 +6,7 @@ a shell in their own job and files they own.  Every one ends with: the
 victim untouched, the job failed (or succeeded) with a clear message, no
 node drained, no job directory, record or process left behind."""
 
+import json
 import os
 import re
 import shutil
@@ -490,4 +491,26 @@ def test_planted_output_directory_is_not_followed(cluster):
         time.sleep(0.2)
     assert "from-the-guest" in open(os.path.join(saved, "0_job.out")).read()
     assert os.stat(saved).st_uid == int(cluster.run(["id", "-u", USER]).stdout)
+    settled(cluster)
+
+
+def test_an_image_name_cannot_forge_or_break_the_accounting_line(cluster):
+    """Root writes the job's AdminComment with the image's name in it: a
+    name built to close our part and open another, or to split sacct's
+    '|'-separated output, is written quoted; sacct shows one part, and
+    `slurm-charlie jobs` reads back the real path."""
+    from slurm_charlie import accounting
+    wd = cluster.workdir("adv-acct")
+    # (no ':' or ',': an overlay cannot take them, and the sandbox's images
+    # need one for the node's tmpdir mount point)
+    name = "img) charlie(type=vm image=|evil; digest=sha256=00 x"
+    img = build_busybox_image(os.path.join(wd, name), owner=USER)
+    p, job = cluster.sbatch(wd, ["-N1", f"--charlie-image={img}", "-o", "out",
+                                 "--wrap", "srun cat /MARKER"])
+    assert p.returncode == 0, (p.stderr, open(os.path.join(wd, "out")).read())
+    text = cluster.admin_comment(job)
+    assert text.count("charlie(") == 1 and "|" not in text and " x" not in text, text
+    assert accounting.parse(text) == accounting.Entry("container", img, "none")
+    q = cluster.as_user([cluster.sb.charlie_bin(), "jobs", "--json", "-j", job], wd)
+    assert [r["image"] for r in json.loads(q.stdout)] == [img], q.stdout
     settled(cluster)

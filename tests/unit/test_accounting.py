@@ -67,3 +67,12 @@ def test_sacct_lines_become_charlie_rows_only():
     assert table.splitlines()[0].split() == ["JOBID", "USER", "STATE", "START", "NODES",
                                              "TYPE", "DIGEST", "IMAGE"]
     assert table.splitlines()[1].split()[-1] == "/i|j"
+
+
+def test_a_huge_image_name_is_cut_whole_escapes_kept():
+    e = accounting.Entry("container", "/" + "é" * 2000, "none")
+    text = accounting.merge("site", e)
+    assert len(text) < accounting.MAX_LEN
+    got = accounting.parse(text)
+    assert got.image.endswith("...") and got.image.startswith("/é")
+    assert "%" not in got.image  # no half escape left behind
