@@ -151,7 +151,13 @@ class Services:
                          "-e", "SELECT 1"], check=False).returncode == 0
         self._wait(up, "MariaDB", 60, log)
         password = self._secret(self._p("etc", "db.password"), 16)
-        self._sql(f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+        # The database exists before slurmdbd first connects, as sites' guides
+        # make it.  Without it, slurmdbd 24.11's connect fails, makes the
+        # database and connects again on the same handle, and Debian 13's
+        # libmariadb3 (11.8) then fails its first query with error 5027
+        # ("Number of columns in result (=1) ... (=0)") and slurmdbd stops.
+        self._sql(f"CREATE DATABASE IF NOT EXISTS {DB_NAME}; "
+                  f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
                   f"ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
                   f"GRANT ALL ON {DB_NAME}.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;")
 
