@@ -40,6 +40,17 @@ def image(cluster):
 
 
 @pytest.fixture(scope="module")
+def busybox_ref(cluster):
+    """The sandbox registry's busybox image, pushed if it is not there yet
+    (`make sandbox-up` seeds it; the Debian 13 lane does not)."""
+    from helpers.registry import seed
+    from slurm_charlie.sandbox import REGISTRY
+    cache = os.path.join(os.path.dirname(cluster.sb.guest_dir), "images")
+    seed(REGISTRY, cache, os.path.join(cluster.sb.guest_dir, "debian.sqfs"), ("busybox",))
+    return f"docker://{REGISTRY}/charlie/busybox:latest"
+
+
+@pytest.fixture(scope="module")
 def noshim(cluster):
     """A login host without slurm-charlie: the user's SLURM_CONF names an
     empty plugstack.conf (the gate in slurmctld is the same)."""
@@ -104,7 +115,8 @@ def _job_ids(text: str) -> list[str]:
 
 
 # -- accounting ------------------------------------------------------------------
-def test_charlie_jobs_show_in_accounting_with_type_image_and_digest(cluster, image):
+def test_charlie_jobs_show_in_accounting_with_type_image_and_digest(cluster, image,
+                                                                   busybox_ref):
     """sbatch (a registry image, pinned at submit), salloc + srun (a
     directory image), srun alone (type none) and an archive: after each has
     ended, sacct's AdminComment says charlie, the type, the image and its
@@ -115,8 +127,7 @@ def test_charlie_jobs_show_in_accounting_with_type_image_and_digest(cluster, ima
     subprocess.run(["tar", "-C", image, "-cf", tar, "."], check=True)
     shutil.chown(tar, USER, USER)
     tar_sha = hashlib.sha256(open(tar, "rb").read()).hexdigest()
-    ref = f"docker://{REGISTRY}/charlie/busybox:latest"
-    p, sb_job = cluster.sbatch(wd, ["-N2", f"--charlie-image={ref}", "-o", "out",
+    p, sb_job = cluster.sbatch(wd, ["-N2", f"--charlie-image={busybox_ref}", "-o", "out",
                                     "--wrap", "srun cat /MARKER"])
     assert p.returncode == 0, (p.stderr, open(os.path.join(wd, "out")).read())
     runs = {}
@@ -262,7 +273,8 @@ def test_rest_submissions_either_run_as_asked_or_are_refused(cluster, rest, imag
     assert q.returncode == 0, q.stderr
     spank = json.loads(q.stdout)["spank_environment"]
     assert spank[:3] == ["CHARLIE=1", f"CHARLIE_IMAGE={image}", "CHARLIE_TYPE=container"]
-    status, body = rest.submit(wd, "#!/bin/sh\ncat /MARKER\n", spank_environment=spank)
+    # the batch script runs on the host; its srun in the container
+    status, body = rest.submit(wd, "#!/bin/sh\nsrun cat /MARKER\n", spank_environment=spank)
     if not REST_SPANK:
         assert status == 400 and any('Unknown key "spank_environment"' in str(e)
                                      for e in body.get("errors", [])), body
