@@ -102,8 +102,7 @@ def main(args: argparse.Namespace) -> int:
                f"CHARLIE_PYTHON={shlex.quote(python_of(bin_))}\n"
                f"SLURM_CHARLIE_CONF={shlex.quote(conf)}\n", 0o644)
         update_plugstack(args.plugstack, line)
-    gate_dir = None if args.no_gate else os.path.abspath(
-        args.job_submit_dir or os.path.dirname(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")))
+    gate_dir = None if args.no_gate else _gate_dir(args.job_submit_dir)
     if gate_dir is not None and args.apply:
         from . import gate
         for path in gate.install(gate_dir, gate.slurm_version()):
@@ -123,6 +122,19 @@ def main(args: argparse.Namespace) -> int:
         _print_gate(gate_dir, args.apply)
     print(f"# site config: {conf} ({'found' if os.path.exists(conf) else 'absent: defaults apply'})")
     return 0
+
+
+def _gate_dir(given: str | None) -> str | None:
+    """Where the gate goes: --job-submit-dir, else slurm.conf's directory
+    when there is a slurm.conf (not on a configless compute node)."""
+    if given:
+        return os.path.abspath(given)
+    conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+    if os.path.isfile(conf):
+        return os.path.dirname(os.path.abspath(conf))
+    print(f"# gate: no {conf} here, so no submit gate written: run install-hooks on "
+          "slurmctld's host, or give --job-submit-dir")
+    return None
 
 
 def _print_gate(gate_dir: str, applied: bool) -> None:

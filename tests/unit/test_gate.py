@@ -156,3 +156,26 @@ def test_the_wrapper_calls_the_gate_and_a_sites_own_script_is_kept(tmp_path, lua
     assert gate.install(str(tmp_path), (22, 5)) == [str(tmp_path / gate.GATE_FILE)]
     assert (tmp_path / "job_submit.lua").read_text() == site
     assert "does not call the gate" in gate.check_installed(str(tmp_path), conf)[0]
+
+
+def test_install_hooks_writes_the_gate_only_where_slurm_conf_is(tmp_path, monkeypatch, lua):
+    """A compute node without slurm.conf (configless) gets no gate and a
+    line saying so; the controller's directory gets it, and the check says
+    what is missing."""
+    from slurm_charlie import install
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "absent" / "slurm.conf"))
+    assert install._gate_dir(None) is None
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "slurm.conf").write_text("ClusterName=x\n")
+    monkeypatch.setenv("SLURM_CONF", str(etc / "slurm.conf"))
+    assert install._gate_dir(None) == str(etc)
+    assert install._gate_dir(str(tmp_path)) == str(tmp_path)
+    gate.install(str(etc), (24, 11))
+    assert gate.check_installed(str(etc), (etc / "slurm.conf").read_text()) == [
+        "slurm.conf has no JobSubmitPlugins=lua: add it and run `scontrol reconfigure`"]
+    text = (etc / gate.GATE_FILE).read_text().replace(
+        f'gate.VERSION = "{gate.__version__}"', 'gate.VERSION = "0.0.1"')
+    (etc / gate.GATE_FILE).write_text(text)
+    assert "made by slurm-charlie 0.0.1" in gate.check_installed(
+        str(etc), "JobSubmitPlugins=lua\n")[0]
