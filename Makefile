@@ -75,7 +75,7 @@ shim-other-slurm: $(OTHER_INC)/slurm/spank.h
 # The test guest (kernel, initrd, root disk), cached under $(CACHE)/vm
 VMC := $(CACHE)/vm
 guest: $(VMC)/guest.qcow2 $(VMC)/initrd.img $(VMC)/vmlinux $(VMC)/guest-boot.qcow2 $(VMC)/debian.sqfs
-$(VMC)/guest.qcow2 $(VMC)/initrd.img $(VMC)/vmlinux $(VMC)/guest-boot.qcow2 $(VMC)/debian.sqfs: tests/vm/build_guest.sh slurm_charlie/guest/initrd-init \
+$(VMC)/guest.qcow2 $(VMC)/initrd.img $(VMC)/vmlinux $(VMC)/guest-boot.qcow2 $(VMC)/debian.sqfs &: tests/vm/build_guest.sh slurm_charlie/guest/initrd-init \
 		slurm_charlie/vmbuild.py | venv
 	sh tests/vm/build_guest.sh $(VMC) $(abspath $(SB))
 
