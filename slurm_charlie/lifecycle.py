@@ -153,14 +153,10 @@ def prolog(env: jobenv.Environ, raw: options.Options | None, early: UserError | 
     ctx = dataclasses.replace(ctx, opts=opts, look=look if isinstance(look, dict) else None)
     backend = backends.get(opts.type)
     book.update(type=opts.type)
-    noting = None
     if ctx.guest_id == 0:  # one line in accounting per job, as checked here
         from . import accounting
-        noting = asroot.note_job_begin(job.job_id, accounting.entry(opts))
-    try:
-        started = backend.start(ctx)
-    finally:
-        asroot.note_job_end(noting)
+        asroot.note_job(job.job_id, accounting.entry(opts))
+    started = backend.start(ctx)
     warnings += started.pop("warnings", [])
     notes = started.pop("notes", [])
     user_files = started.pop("user_files", [])

@@ -186,57 +186,6 @@ def run_watched(argv: Sequence[str], timeout: float, tick: Callable[[float], Non
                                            err.read(1 << 20))
 
 
-@dataclasses.dataclass
-class Started:
-    """A program start() began and finish() collects."""
-    argv: list[str]
-    proc: subprocess.Popen
-    out: Any
-    err: Any
-    deadline: float
-
-
-def start(argv: Sequence[str], timeout: float) -> Started:
-    """Start argv (as this process's user) and return at once, for work
-    that may overlap other work (the accounting line beside the container's
-    start).  Output goes to files: it never blocks on a full pipe.  The
-    caller must finish() it; timeout counts from now."""
-    import tempfile
-    log.debug("run as %s (started): %s", _who(None), " ".join(argv))
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    try:
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-    except FileNotFoundError:
-        out.close()
-        err.close()
-        raise _not_found(argv[0]) from None
-    return Started(list(argv), proc, out, err, time.monotonic() + timeout)
-
-
-def finish(started: Started, check: bool = True) -> subprocess.CompletedProcess:
-    """Wait for what start() began (killing it at its deadline) -> its result."""
-    argv, proc = started.argv, started.proc
-    try:
-        try:
-            proc.wait(timeout=max(0.0, started.deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise NodeFault(argv[0], "did not finish in time", " ".join(argv)) from None
-        started.out.seek(0)
-        started.err.seek(0)
-        done = subprocess.CompletedProcess(argv, proc.returncode, started.out.read(1 << 20),
-                                           started.err.read(1 << 20))
-    finally:
-        started.out.close()
-        started.err.close()
-    if check and done.returncode != 0:
-        err = done.stderr.decode(errors="replace").strip()
-        raise NodeFault(argv[0], f"exited with {done.returncode}",
-                        err.splitlines()[-1] if err else None)
-    return done
-
-
 #: seconds a step as the user may take unless the caller says otherwise
 CALL_LIMIT = 120.0
 #: the most a step as the user may hand back (JSON bytes)

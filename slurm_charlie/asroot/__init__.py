@@ -114,11 +114,9 @@ OPERATIONS: dict[str, tuple[str, str, str]] = {
     # the node
     "drain": ("node", "drain", "take the node out of service (scontrol) with a reason that "
               "says what to fix"),
-    "note_job_begin": ("node", "note_job_begin", "start adding the job's charlie(type, image, "
-                       "digest) part to its AdminComment: ask squeue --json for the current "
-                       "text; job's first node only"),
-    "note_job_end": ("node", "note_job_end", "write the merged AdminComment (scontrol "
-                     "update), keeping other text"),
+    "note_job": ("node", "note_job", "add the job's charlie(type, image, digest) part to its "
+                 "AdminComment (squeue --json, scontrol update), keeping other text; job's "
+                 "first node only"),
     # the job network
     "create_job_network": ("jobnet", "create", "make the job's VXLAN, bridge, TAP and nftables "
                            "rules, and the ssh relay's namespace"),

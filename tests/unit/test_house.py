@@ -194,7 +194,7 @@ USER_METHODS = {"check"}
 
 #: the command gate ends the children it forked itself (run's timeout,
 #: call_as's limit): its own processes, not a job's
-OWN_CHILDREN = {"proc.py": {"_collect", "run_watched", "finish"}}
+OWN_CHILDREN = {"proc.py": {"_collect", "run_watched"}}
 
 #: what only root's package may do: calls ...
 ROOT_CALLS = {("os", n) for n in ("chown", "fchown", "lchown", "kill", "killpg", "unlink",
