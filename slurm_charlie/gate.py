@@ -62,13 +62,9 @@ def slurm_version() -> tuple[int, int]:
     slurmd -V or scontrol -V (which needs a reachable configuration)."""
     import shutil
     from .proc import run, slurm_tool
-    for name in ("slurmctld", "slurmd", "scontrol"):
-        prog = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}",)
-                                           if os.path.exists(p)), None)
-        if name == "scontrol":
-            prog = slurm_tool(name)
-        if prog is None:
-            continue
+    # a program that is missing is a NodeFault from run(): the next is tried
+    for prog in (shutil.which("slurmctld") or "/usr/sbin/slurmctld",
+                 shutil.which("slurmd") or "/usr/sbin/slurmd", slurm_tool("scontrol")):
         try:
             out = run([prog, "-V"], timeout=30, check=False).stdout.decode()
         except NodeFault:

@@ -29,6 +29,7 @@ import time
 from . import PROG
 from .errors import NodeFault
 from .procfs import is_zombie
+from .sandboxdb import _run, _spawn  # the daemons' helpers, shared with the DB and REST ones
 
 DEFAULT_DIR = "/run/slurm-charlie-sandbox"
 BRIDGE = "chsbx0"
@@ -61,11 +62,6 @@ def nodes_for(n: int) -> list[Node]:
             for i in range(1, n + 1)]
 
 
-def _run(argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, check=check, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, **kw)
-
-
 def _alive(pidfile: str) -> int | None:
     """The pid in pidfile if that process runs (a zombie does not: daemons
     outlive the `sandbox up` that started them, and nobody may reap them)."""
@@ -84,10 +80,13 @@ def _daemon(argv: list[str], log: str) -> None:
 
 
 def slurm_version() -> tuple[int, int]:
-    """(major, minor) of the installed slurmd, e.g. (24, 11)."""
-    out = _run(["slurmd", "-V"], check=False).stdout
-    m = re.search(r"(\d+)\.(\d+)\.\d+", out)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    """(major, minor) of the installed Slurm, e.g. (24, 11); (0, 0) when
+    there is none (the gate's lookup: slurmctld, slurmd, scontrol -V)."""
+    from .gate import slurm_version as installed
+    try:
+        return installed()
+    except NodeFault:
+        return (0, 0)
 
 
 class Sandbox:
@@ -558,10 +557,7 @@ class Sandbox:
         self._write(conf, "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n"
                     f"    rootdirectory: {self._p('registry')}\n"
                     f"http:\n  addr: {REGISTRY}\n")
-        with open(self._p("log", "registry.log"), "ab") as out:
-            proc = subprocess.Popen(["docker-registry", "serve", conf], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=out, start_new_session=True)
-        self._write(pidfile, f"{proc.pid}\n")
+        _spawn(["docker-registry", "serve", conf], self._p("log", "registry.log"), pidfile)
 
         def up() -> bool:
             import urllib.request
@@ -580,13 +576,10 @@ class Sandbox:
         pidfile = self._p("run", "fakesys.pid")
         if not self.gpus_per_node or _alive(pidfile):
             return
-        with open(self._p("log", "fakesys.log"), "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "slurm_charlie.fakesys",
-                                     *(self.fakesys_root(n.name) for n in self.nodes)],
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    start_new_session=True,
-                                    cwd=os.path.dirname(os.path.dirname(__file__)))
-        self._write(pidfile, f"{proc.pid}\n")
+        _spawn([sys.executable, "-m", "slurm_charlie.fakesys",
+                *(self.fakesys_root(n.name) for n in self.nodes)],
+               self._p("log", "fakesys.log"), pidfile,
+               cwd=os.path.dirname(os.path.dirname(__file__)))
 
     def start_slurm(self) -> None:
         ctl_pid = self._p("run", "slurmctld.pid")

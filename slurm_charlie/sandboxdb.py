@@ -1,4 +1,5 @@
-"""The sandbox's accounting and REST services, as a site runs them:
+"""The sandbox's accounting and REST services, as a site runs them (and the
+sandbox's helpers for running its programs and daemons):
 MariaDB (its own data directory in the sandbox's state, TCP on 127.0.0.1
 only, a random password), slurmdbd on it, and slurmrestd with JWT
 authentication.  Started by `sandbox up` before slurmctld, stopped by
@@ -29,13 +30,15 @@ def _run(argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProce
                           capture_output=True, text=True, **kw)
 
 
-def _spawn(argv: list[str], log: str, pidfile: str, **kw) -> None:
-    """A program that stays in the foreground, as a daemon of the sandbox."""
+def _spawn(argv: list[str], log: str, pidfile: str, **kw) -> int:
+    """A program that stays in the foreground, as a daemon of the sandbox:
+    its own session, output to log, its pid in pidfile."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, **kw)
     with open(pidfile, "w") as f:
         f.write(f"{proc.pid}\n")
+    return proc.pid
 
 
 class Services:
