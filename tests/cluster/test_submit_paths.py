@@ -29,10 +29,6 @@ UID = pwd.getpwnam(USER).pw_uid
 
 
 # -- helpers -------------------------------------------------------------------
-def admin_comment(cluster, jobid: str) -> str:
-    return cluster.admin_comment(jobid)
-
-
 @pytest.fixture(scope="module")
 def image(cluster):
     wd = cluster.workdir("paths-image")
@@ -143,19 +139,19 @@ def test_charlie_jobs_show_in_accounting_with_type_image_and_digest(cluster, ima
             jid = [cluster.run(["squeue", "-h", "-t", "all", "-u", USER, "-o", "%i",
                                 "--sort=-i"]).stdout.split()[0]]
         runs[name] = jid[0]
-    rec = admin_comment(cluster, sb_job)
+    rec = cluster.admin_comment(sb_job)
     m = re.fullmatch(r"charlie\(type=container image=docker://"
                      + re.escape(REGISTRY) + r"/charlie/busybox@sha256:([0-9a-f]{64}) "
                      r"digest=sha256:([0-9a-f]{64})\)", rec)
     assert m and m.group(1) == m.group(2), rec
     # written once, by the first node, for a two-node job
     assert rec.count("charlie(") == 1
-    assert admin_comment(cluster, runs["salloc"]) == \
+    assert cluster.admin_comment(runs["salloc"]) == \
         f"charlie(type=container image={image} digest=none)"
-    assert admin_comment(cluster, runs["srun"]) == "charlie(type=none image=none digest=none)"
-    assert admin_comment(cluster, runs["tar"]) == \
+    assert cluster.admin_comment(runs["srun"]) == "charlie(type=none image=none digest=none)"
+    assert cluster.admin_comment(runs["tar"]) == \
         f"charlie(type=container image={tar} digest=sha256:{tar_sha})"
-    assert admin_comment(cluster, runs["plain"]) == ""
+    assert cluster.admin_comment(runs["plain"]) == ""
     ids = [sb_job, runs["salloc"], runs["srun"], runs["tar"], runs["plain"]]
     q = cluster.as_user([cluster.sb.charlie_bin(), "jobs", "--json",
                          *[a for j in ids for a in ("-j", j)]], wd)
@@ -178,7 +174,7 @@ def test_accounting_keeps_what_an_admin_wrote(cluster, image):
                         "AdminComment=site: project 42 | billing"]).returncode == 0
     assert cluster.run(["scontrol", "release", jobid]).returncode == 0
     cluster.wait_done(jobid)
-    assert admin_comment(cluster, jobid) == \
+    assert cluster.admin_comment(jobid) == \
         f"site: project 42 | billing; charlie(type=container image={image} digest=none)"
 
 
@@ -206,11 +202,11 @@ def test_a_user_cannot_set_or_overwrite_the_record(cluster, image, rest):
     finally:
         cluster.write(os.path.join(wd, "go"), "")
     cluster.wait_done(jobid)
-    assert admin_comment(cluster, jobid) == genuine
+    assert cluster.admin_comment(jobid) == genuine
     # a plain job with a forged Comment is no charlie job to `jobs`
     p, plain = cluster.sbatch(wd, ["-N1", "-o", "/dev/null", "--comment",
                                    "charlie(type=vm image=/evil digest=none)", "--wrap", "true"])
-    admin_comment(cluster, plain)
+    cluster.admin_comment(plain)
     q = cluster.as_user([cluster.sb.charlie_bin(), "jobs", "--json", "-j", plain], wd)
     assert json.loads(q.stdout) == [], q.stdout
 
@@ -284,7 +280,7 @@ def test_rest_submissions_either_run_as_asked_or_are_refused(cluster, rest, imag
     info = cluster.wait_done(jobid)
     out = open(os.path.join(wd, "out")).read()
     assert info["JobState"] == "COMPLETED" and "inside-the-image" in out, (info, out)
-    assert admin_comment(cluster, jobid) == \
+    assert cluster.admin_comment(jobid) == \
         f"charlie(type=container image={image} digest=none)"
 
 
@@ -359,5 +355,5 @@ echo "server ended: $?"
     out = open(os.path.join(wd, "out")).read()
     assert open(os.path.join(wd, "served")).read() == "inside-the-image\n", out
     assert "server ended" in out, out
-    assert admin_comment(cluster, jobid) == \
+    assert cluster.admin_comment(jobid) == \
         f"charlie(type=container image={image} digest=none)"
